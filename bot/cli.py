@@ -1,0 +1,154 @@
+"""The ``chatbot`` command, and the composition root.
+
+This module is the one place that imports ``bot``, ``adapters`` and ``model`` together and
+wires them: adapters and the model service depend only on ``bot``'s conversation format.
+
+Usage::
+
+    chatbot run                 # every configured platform; the local chat when none is
+    chatbot chat [--json]       # the local chat (reads piped stdin line by line too)
+    chatbot db upgrade          # apply database migrations
+    chatbot model init [--force]  # build the default model into DATA_DIR/model
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from bot.config import ConfigurationError, Settings, load_settings
+from bot.storage import Database, StorageError, Store
+
+if TYPE_CHECKING:
+    from bot.service import ReplyPipeline
+
+logger = logging.getLogger("chatbot")
+
+
+class CommandError(Exception):
+    """A failure to report as one line, without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chatbot", description="A self-hosted chat bot.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("run", help="start every configured adapter (the local chat when none is)")
+    chat = commands.add_parser("chat", help="chat in the terminal; reads piped stdin too")
+    chat.add_argument("--json", action="store_true", help='print {"user", "agent"} JSON lines')
+    db = commands.add_parser("db", help="database maintenance")
+    db_commands = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
+    db_commands.add_parser("upgrade", help="apply every pending migration")
+    model = commands.add_parser("model", help="model maintenance")
+    model_commands = model.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+    init = model_commands.add_parser("init", help="build the default model")
+    init.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``chatbot`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        logging.basicConfig(
+            level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        return _dispatch(args, settings)
+    except (ConfigurationError, StorageError, CommandError) as error:
+        print(f"chatbot: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    command = args.command or "run"
+    if command == "db":
+        database = Database(settings.resolved_database_url)
+        database.upgrade()
+        print(f"database at {_describe_db(database)} is up to date")
+        return 0
+    if command == "model":
+        return _model_init(settings, force=args.force)
+    json_lines = bool(getattr(args, "json", False))
+    return asyncio.run(_serve(settings, chat_only=command == "chat", json_lines=json_lines))
+
+
+def _describe_db(database: Database) -> str:
+    return database.engine.url.render_as_string(hide_password=True)
+
+
+def _model_init(settings: Settings, *, force: bool) -> int:
+    from model.bootstrap import build_default_model
+
+    target = settings.default_model_dir
+    if target.exists() and not force:
+        print(f"the default model already exists at {target} (use --force to rebuild)")
+        return 0
+    build_default_model(target, progress=_progress)
+    print(f"default model saved to {target}")
+    return 0
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def load_generator(settings: Settings):  # type: ignore[no-untyped-def]
+    """Load the configured model, building the default one on first use."""
+    from model.service import LocalModel, ModelLoadError, ensure_default_model
+
+    try:
+        if settings.uses_default_model:
+            ensure_default_model(settings.default_model_dir, progress=_progress)
+        return LocalModel.load(settings.resolved_model_path)
+    except ModelLoadError as error:
+        raise CommandError(str(error)) from None
+
+
+def build_pipeline(settings: Settings, *, generator: object | None = None) -> ReplyPipeline:
+    """Wire storage, the model service and the pipeline from ``settings``."""
+    from bot.service import PipelineOptions, ReplyPipeline
+
+    database = Database(settings.resolved_database_url)
+    database.upgrade()
+    options = PipelineOptions(
+        system_prompt=settings.system_prompt,
+        max_new_tokens=settings.max_new_tokens,
+        history_turns=settings.history_turns,
+        max_message_chars=settings.max_message_chars,
+    )
+    return ReplyPipeline(
+        store=Store(database),
+        generator=generator if generator is not None else load_generator(settings),  # type: ignore[arg-type]
+        options=options,
+    )
+
+
+async def _serve(settings: Settings, *, chat_only: bool, json_lines: bool) -> int:
+    from adapters.console import ConsoleChat
+
+    pipeline = build_pipeline(settings)
+    _tolerant_console_streams()
+    try:
+        # Platform adapters (Slack, Discord) join here once configured; none are yet.
+        console = ConsoleChat(handler=pipeline, json_lines=json_lines)
+        return await console.run()
+    finally:
+        pipeline.store.database.dispose()
+
+
+def _tolerant_console_streams() -> None:
+    """Undecodable input bytes become U+FFFD instead of crashing the chat."""
+    for stream, errors in ((sys.stdin, "replace"), (sys.stdout, "backslashreplace")):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors=errors)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,75 @@
+"""Settings: read once from the environment and ``.env``, then passed down.
+
+Every variable is documented, with its default, in ``.env.example``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ConfigurationError(Exception):
+    """The configuration cannot work; the message says which setting and why."""
+
+
+class Settings(BaseSettings):
+    """All of the bot's configuration. Build once with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    data_dir: Path = Field(default=Path("data"), description="Where the database and model live.")
+    database_url: str = Field(
+        default="",
+        description="SQLAlchemy URL; empty means SQLite at DATA_DIR/chatbot.db.",
+    )
+    model_path: str = Field(
+        default="",
+        description="A Hugging Face causal-LM folder or hub id; empty means DATA_DIR/model, "
+        "built on first use.",
+    )
+    system_prompt: str = ""
+    max_new_tokens: int = Field(default=128, ge=1, le=4096)
+    history_turns: int = Field(default=20, ge=1, le=1000)
+    max_message_chars: int = Field(default=1_000_000, ge=1)
+    log_level: str = "WARNING"
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return level
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'chatbot.db').resolve()}"
+
+    @property
+    def default_model_dir(self) -> Path:
+        return self.data_dir / "model"
+
+    @property
+    def uses_default_model(self) -> bool:
+        return not self.model_path
+
+    @property
+    def resolved_model_path(self) -> str:
+        return self.model_path or str(self.default_model_dir)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings; validation errors become one readable :class:`ConfigurationError`."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']).upper() or 'settings'}: {e['msg']}"
+            for e in error.errors()
+        )
+        raise ConfigurationError(f"invalid configuration: {problems}") from None

@@ -1,0 +1,212 @@
+"""The reply pipeline every adapter uses.
+
+dedupe → store the incoming message → load the conversation history → format → generate →
+store the reply and the exchange → hand the reply to the adapter to send.
+
+The incoming message is committed before generation starts, so a failure later loses nothing:
+the user gets a short apology, one trace is logged, and the message stays marked unanswered.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+from bot.conversation import IncomingMessage, Role, to_chat_messages
+from bot.storage import (
+    AnsweredBy,
+    AnswerState,
+    DeliveryState,
+    StorageError,
+    Store,
+    conversation_history,
+    record_answer,
+    record_incoming,
+    set_answer_state,
+    set_delivery,
+)
+
+logger = logging.getLogger(__name__)
+
+APOLOGY = (
+    "Sorry, something went wrong while I was answering. "
+    "Your message is saved; please try again in a moment."
+)
+STORAGE_APOLOGY = (
+    "Sorry, I can't reach my database right now, so I can't answer. Please try again in a moment."
+)
+
+
+class ReplyGenerator(Protocol):
+    """Turns chat messages into the bot's reply (the model service implements this)."""
+
+    version: str
+
+    async def generate(
+        self, *, messages: Sequence[Mapping[str, str]], max_new_tokens: int
+    ) -> str: ...
+
+
+class ReplySender(Protocol):
+    """Sends text back to where ``in_reply_to`` came from; returns the platform's message id."""
+
+    async def __call__(self, *, text: str, in_reply_to: IncomingMessage) -> str | None: ...
+
+
+class Outcome(StrEnum):
+    ANSWERED = "answered"
+    DUPLICATE = "duplicate"  # already handled: no second reply
+    IGNORED = "ignored"  # nothing to answer
+    REFUSED = "refused"  # refused with a reason, told to the user
+    FAILED = "failed"  # apologised; the message stays unanswered
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineResult:
+    outcome: Outcome
+    reply: str | None = None
+    message_id: int | None = None  # our database id of the incoming message
+    exchange_id: int | None = None
+    delivered: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineOptions:
+    """The settings the pipeline needs (taken from :class:`bot.config.Settings`)."""
+
+    system_prompt: str = ""
+    max_new_tokens: int = 128
+    history_turns: int = 20
+    max_message_chars: int = 1_000_000
+    bot_id: str = "chatbot"
+    bot_name: str = "chatbot"
+
+
+class ReplyPipeline:
+    """One async pipeline shared by every adapter."""
+
+    def __init__(
+        self, *, store: Store, generator: ReplyGenerator, options: PipelineOptions
+    ) -> None:
+        self.store = store
+        self.generator = generator
+        self.options = options
+
+    async def handle(self, message: IncomingMessage, *, send: ReplySender) -> PipelineResult:
+        """Answer ``message`` once, however often it is delivered."""
+        if len(message.text) > self.options.max_message_chars:
+            reason = (
+                f"Sorry, your message is too long for me ({len(message.text):,} characters; "
+                f"the limit is {self.options.max_message_chars:,})."
+            )
+            logger.warning(
+                "refused a %d-character message from %s", len(message.text), message.platform
+            )
+            delivered = await self._send_quietly(send, reason, message)
+            return PipelineResult(Outcome.REFUSED, reply=reason, delivered=delivered)
+
+        # Dedupe and store, committed before anything can fail later.
+        try:
+            stored = await self.store.run(record_incoming, message=message)
+        except StorageError:
+            logger.exception("could not store an incoming %s message", message.platform)
+            delivered = await self._send_quietly(send, STORAGE_APOLOGY, message)
+            return PipelineResult(Outcome.FAILED, reply=STORAGE_APOLOGY, delivered=delivered)
+        if stored is None:
+            logger.info(
+                "duplicate delivery of %s message %s ignored", message.platform, message.message_id
+            )
+            return PipelineResult(Outcome.DUPLICATE)
+        assert stored.id is not None
+        if message.role != Role.USER or not message.text.strip():
+            return PipelineResult(Outcome.IGNORED, message_id=stored.id)
+
+        # History → prompt messages → generation.
+        try:
+            turns = await self.store.run(
+                conversation_history,
+                conversation_id=stored.conversation_id,
+                up_to_message_id=stored.id,
+                limit=self.options.history_turns,
+            )
+            chat = to_chat_messages(turns, system_prompt=self.options.system_prompt)
+            reply = (
+                await self.generator.generate(
+                    messages=chat, max_new_tokens=self.options.max_new_tokens
+                )
+            ).strip()
+            if not reply:
+                raise ValueError("the model produced an empty reply")
+            answer, exchange = await self.store.run(
+                record_answer,
+                user_message_id=stored.id,
+                text=reply,
+                answered_by=AnsweredBy.BOT,
+                author_id=self.options.bot_id,
+                author_name=self.options.bot_name,
+                model_version=self.generator.version,
+            )
+        except Exception:
+            logger.exception("failed to answer %s message %s", message.platform, message.message_id)
+            await self._mark_unanswered(stored.id)
+            delivered = await self._send_quietly(send, APOLOGY, message)
+            return PipelineResult(
+                Outcome.FAILED, reply=APOLOGY, message_id=stored.id, delivered=delivered
+            )
+
+        # Send; the reply is already stored, so a failed send can be retried later.
+        assert answer.id is not None
+        try:
+            platform_id = await send(text=reply, in_reply_to=message)
+        except Exception:
+            logger.exception(
+                "failed to send the reply to %s message %s", message.platform, message.message_id
+            )
+            await self._set_delivery(answer.id, DeliveryState.FAILED, None)
+            return PipelineResult(
+                Outcome.ANSWERED, reply=reply, message_id=stored.id, exchange_id=exchange.id
+            )
+        await self._set_delivery(answer.id, DeliveryState.SENT, platform_id)
+        return PipelineResult(
+            Outcome.ANSWERED,
+            reply=reply,
+            message_id=stored.id,
+            exchange_id=exchange.id,
+            delivered=True,
+        )
+
+    async def _send_quietly(self, send: ReplySender, text: str, message: IncomingMessage) -> bool:
+        try:
+            await send(text=text, in_reply_to=message)
+        except Exception:
+            logger.exception("failed to send a notice to %s", message.platform)
+            return False
+        return True
+
+    async def _mark_unanswered(self, message_id: int) -> None:
+        try:
+            await self.store.run(
+                set_answer_state, message_id=message_id, state=AnswerState.UNANSWERED
+            )
+        except StorageError:
+            logger.warning(
+                "could not mark message %d unanswered (database unavailable)", message_id
+            )
+
+    async def _set_delivery(
+        self, answer_id: int, state: DeliveryState, platform_id: str | None
+    ) -> None:
+        try:
+            await self.store.run(
+                set_delivery,
+                answer_message_id=answer_id,
+                state=state,
+                platform_message_id=platform_id,
+            )
+        except StorageError:
+            logger.warning(
+                "could not record delivery of reply %d (database unavailable)", answer_id
+            )

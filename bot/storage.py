@@ -1,0 +1,412 @@
+"""Storage: SQLModel tables and the functions that read and write them.
+
+SQLite (a file under the data directory, WAL mode, foreign keys on) is the embedded default;
+any SQLAlchemy URL works. The schema is managed by Alembic (``bot/migrations``).
+
+The functions take a keyword-only ``session`` and are synchronous; :class:`Store` runs them in
+worker threads so the event loop never waits on the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import Column, DateTime, Text, UniqueConstraint, event, func
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
+from sqlmodel import Field, Session, SQLModel, col, create_engine, select
+
+from bot.conversation import IncomingMessage, Role, Turn, storable_text, utcnow
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class StorageError(Exception):
+    """The database cannot be used; the message says why."""
+
+
+class AnswerState(StrEnum):
+    """Where a user message stands."""
+
+    PENDING = "pending"  # stored, reply not yet generated
+    ANSWERED = "answered"
+    UNANSWERED = "unanswered"  # generation or storage of the reply failed
+    IGNORED = "ignored"  # nothing to answer (empty text)
+
+
+class DeliveryState(StrEnum):
+    """Where a bot reply stands on its way to the platform."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"  # kept for a later retry
+
+
+class AnsweredBy(StrEnum):
+    BOT = "bot"
+    HUMAN_AGENT = "human_agent"
+
+
+def _timestamp(**kwargs: Any) -> Any:
+    return Field(sa_column=Column(DateTime(timezone=True), **kwargs))
+
+
+class ConversationRecord(SQLModel, table=True):
+    __tablename__ = "conversations"
+    __table_args__ = (
+        UniqueConstraint("platform", "workspace", "channel", "thread", name="uq_conversation_key"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    platform: str = Field(max_length=32)
+    workspace: str = Field(max_length=255)
+    channel: str = Field(max_length=255)
+    thread: str = Field(max_length=255)
+    created_at: datetime = _timestamp(nullable=False)
+
+
+class MessageRecord(SQLModel, table=True):
+    __tablename__ = "messages"
+    __table_args__ = (
+        # Duplicate deliveries (platform retries, one message sent as two event types) are
+        # refused by the database itself, so dedupe holds across restarts and instances.
+        UniqueConstraint("platform", "event_id", name="uq_message_event"),
+        UniqueConstraint(
+            "platform", "channel", "platform_message_id", name="uq_message_platform_id"
+        ),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    conversation_id: int = Field(foreign_key="conversations.id", index=True, ondelete="CASCADE")
+    platform: str = Field(max_length=32)
+    channel: str = Field(max_length=255)
+    platform_message_id: str | None = Field(default=None, max_length=255)
+    event_id: str | None = Field(default=None, max_length=255)
+    author_id: str = Field(max_length=255, index=True)
+    author_name: str = Field(default="", max_length=255)
+    role: str = Field(max_length=32)
+    text: str = Field(sa_column=Column(Text, nullable=False))
+    is_direct: bool = False
+    mentions_bot: bool = False
+    answer_state: str | None = Field(default=None, max_length=16)  # user messages
+    delivery_state: str | None = Field(default=None, max_length=16)  # bot replies
+    sent_at: datetime = _timestamp(nullable=False)  # when the author sent it
+    stored_at: datetime = _timestamp(nullable=False)
+    edited_at: datetime | None = _timestamp(nullable=True)
+    deleted_at: datetime | None = _timestamp(nullable=True)
+
+
+class ExchangeRecord(SQLModel, table=True):
+    """A user turn and the answer to it, from the bot or a human agent."""
+
+    __tablename__ = "exchanges"
+    __table_args__ = (
+        UniqueConstraint("user_message_id", "answer_message_id", name="uq_exchange_pair"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    conversation_id: int = Field(foreign_key="conversations.id", index=True, ondelete="CASCADE")
+    user_message_id: int = Field(foreign_key="messages.id", index=True, ondelete="CASCADE")
+    answer_message_id: int = Field(foreign_key="messages.id", index=True, ondelete="CASCADE")
+    answered_by: str = Field(max_length=16)
+    model_version: str | None = Field(default=None, max_length=255)
+    created_at: datetime = _timestamp(nullable=False)
+
+
+class RatingRecord(SQLModel, table=True):
+    __tablename__ = "ratings"
+    __table_args__ = (UniqueConstraint("exchange_id", "rater_id", name="uq_rating_rater"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    exchange_id: int = Field(foreign_key="exchanges.id", index=True, ondelete="CASCADE")
+    rater_id: str = Field(max_length=255)
+    value: int  # +1 or -1
+    created_at: datetime = _timestamp(nullable=False)
+
+
+# --------------------------------------------------------------------------- engine
+
+
+def _is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
+
+
+def create_database_engine(url: str) -> Engine:
+    """An engine for ``url``; for SQLite, creates the file's folder and turns on WAL and FKs."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise StorageError(f"DATABASE_URL is not a valid SQLAlchemy URL: {url!r}") from None
+    if _is_sqlite(url):
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+        return engine
+    try:
+        return create_engine(url, pool_pre_ping=True)
+    except (ArgumentError, ImportError) as error:
+        raise StorageError(
+            f"cannot use DATABASE_URL {parsed.render_as_string()}: {error}"
+        ) from None
+
+
+def _describe(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)
+
+
+class Database:
+    """Owns the engine; hands out sessions; upgrades the schema."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = create_database_engine(url)
+
+    def check_connection(self) -> None:
+        """Raise :class:`StorageError` with a one-line reason when the database is unreachable."""
+        try:
+            with self.engine.connect() as connection:
+                connection.exec_driver_sql("SELECT 1")
+        except SQLAlchemyError as error:
+            reason = str(getattr(error, "orig", error)).strip().splitlines()[0]
+            raise StorageError(
+                f"cannot reach the database at {_describe(self.url)}: {reason}"
+            ) from None
+
+    def upgrade(self) -> None:
+        """Bring the schema to the newest Alembic revision."""
+        from bot.migrations import upgrade_to_head
+
+        self.check_connection()
+        upgrade_to_head(self.engine)
+
+    def session(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+# --------------------------------------------------------------------------- queries
+
+
+def get_or_create_conversation(*, session: Session, message: IncomingMessage) -> ConversationRecord:
+    """The conversation ``message`` belongs to, created when new (safe against races)."""
+    query = select(ConversationRecord).where(
+        ConversationRecord.platform == message.platform,
+        ConversationRecord.workspace == message.workspace,
+        ConversationRecord.channel == message.channel,
+        ConversationRecord.thread == message.thread,
+    )
+    found = session.exec(query).first()
+    if found is not None:
+        return found
+    record = ConversationRecord(
+        platform=message.platform,
+        workspace=message.workspace,
+        channel=message.channel,
+        thread=message.thread,
+        created_at=utcnow(),
+    )
+    try:
+        with session.begin_nested():
+            session.add(record)
+    except IntegrityError:
+        # Another instance created it between our select and insert.
+        return session.exec(query).one()
+    return record
+
+
+def record_incoming(*, session: Session, message: IncomingMessage) -> MessageRecord | None:
+    """Store ``message`` and commit; return ``None`` when it is a duplicate delivery."""
+    text = storable_text(message.text)
+    conversation = get_or_create_conversation(session=session, message=message)
+    record = MessageRecord(
+        conversation_id=conversation.id,  # type: ignore[arg-type]
+        platform=message.platform,
+        channel=message.channel,
+        platform_message_id=message.message_id,
+        event_id=message.event_id,
+        author_id=message.author_id,
+        author_name=message.author_name,
+        role=message.role.value,
+        text=text,
+        is_direct=message.is_direct,
+        mentions_bot=message.mentions_bot,
+        answer_state=(
+            (AnswerState.PENDING if text.strip() else AnswerState.IGNORED).value
+            if message.role == Role.USER
+            else None
+        ),
+        sent_at=message.timestamp,
+        stored_at=utcnow(),
+    )
+    try:
+        with session.begin_nested():
+            session.add(record)
+    except IntegrityError:
+        # The savepoint is rolled back; what came before it (nothing, or the conversation)
+        # stays valid, and returned records are not expired.
+        session.commit()
+        return None
+    session.commit()
+    return record
+
+
+def conversation_history(
+    *, session: Session, conversation_id: int, up_to_message_id: int, limit: int
+) -> list[Turn]:
+    """The newest ``limit`` live messages up to and including one, oldest first."""
+    query = (
+        select(MessageRecord.role, MessageRecord.text)
+        .where(
+            MessageRecord.conversation_id == conversation_id,
+            col(MessageRecord.id) <= up_to_message_id,
+            col(MessageRecord.deleted_at).is_(None),
+        )
+        .order_by(col(MessageRecord.id).desc())
+        .limit(limit)
+    )
+    rows = session.exec(query).all()
+    return [Turn(role=Role(role), text=text) for role, text in reversed(rows)]
+
+
+def set_answer_state(*, session: Session, message_id: int, state: AnswerState) -> None:
+    record = session.get(MessageRecord, message_id)
+    if record is not None:
+        record.answer_state = state.value
+        session.add(record)
+        session.commit()
+
+
+def record_answer(
+    *,
+    session: Session,
+    user_message_id: int,
+    text: str,
+    answered_by: AnsweredBy,
+    author_id: str,
+    author_name: str,
+    model_version: str | None,
+    platform_message_id: str | None = None,
+) -> tuple[MessageRecord, ExchangeRecord]:
+    """Store an answer to a user message and the exchange they form, in one transaction."""
+    question = session.get(MessageRecord, user_message_id)
+    if question is None:
+        raise StorageError(f"message {user_message_id} no longer exists")
+    now = utcnow()
+    answer = MessageRecord(
+        conversation_id=question.conversation_id,
+        platform=question.platform,
+        channel=question.channel,
+        platform_message_id=platform_message_id,
+        author_id=author_id,
+        author_name=author_name,
+        role=(Role.ASSISTANT if answered_by == AnsweredBy.BOT else Role.HUMAN_AGENT).value,
+        text=storable_text(text),
+        delivery_state=(
+            DeliveryState.PENDING if answered_by == AnsweredBy.BOT else DeliveryState.SENT
+        ).value,
+        sent_at=now,
+        stored_at=now,
+    )
+    session.add(answer)
+    session.flush()
+    exchange = ExchangeRecord(
+        conversation_id=question.conversation_id,
+        user_message_id=user_message_id,
+        answer_message_id=answer.id,  # type: ignore[arg-type]
+        answered_by=answered_by.value,
+        model_version=model_version,
+        created_at=now,
+    )
+    session.add(exchange)
+    question.answer_state = AnswerState.ANSWERED.value
+    session.add(question)
+    session.commit()
+    return answer, exchange
+
+
+def set_delivery(
+    *,
+    session: Session,
+    answer_message_id: int,
+    state: DeliveryState,
+    platform_message_id: str | None = None,
+) -> None:
+    record = session.get(MessageRecord, answer_message_id)
+    if record is None:
+        return
+    record.delivery_state = state.value
+    if platform_message_id is not None:
+        record.platform_message_id = platform_message_id
+    session.add(record)
+    session.commit()
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    conversations: int
+    messages: int
+    exchanges: int
+    unanswered: int
+
+
+def counts(*, session: Session) -> Counts:
+    def count(model: type[SQLModel], *where: Any) -> int:
+        query = select(func.count()).select_from(model)
+        for clause in where:
+            query = query.where(clause)
+        return int(session.exec(query).one())
+
+    return Counts(
+        conversations=count(ConversationRecord),
+        messages=count(MessageRecord),
+        exchanges=count(ExchangeRecord),
+        unanswered=count(MessageRecord, MessageRecord.answer_state == AnswerState.UNANSWERED.value),
+    )
+
+
+# --------------------------------------------------------------------------- async facade
+
+
+class Store:
+    """Runs the storage functions in worker threads, one session per call."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    async def run(self, function: Callable[..., T], /, **kwargs: Any) -> T:
+        """Call ``function(session=..., **kwargs)`` in a worker thread.
+
+        Raises:
+            StorageError: the database failed (unreachable, locked, schema missing).
+        """
+        return await asyncio.to_thread(self._call, function, kwargs)
+
+    def _call(self, function: Callable[..., T], kwargs: dict[str, Any]) -> T:
+        try:
+            with self.database.session() as session:
+                return function(session=session, **kwargs)
+        except (OperationalError, SQLAlchemyError) as error:
+            if isinstance(error, IntegrityError):
+                raise
+            reason = str(getattr(error, "orig", error)).strip().splitlines()[0]
+            raise StorageError(f"database error: {reason}") from error

@@ -1,0 +1,104 @@
+"""Shared fixtures: a real database (SQLite and PostgreSQL) and messages in the shared format."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
+
+from bot.conversation import IncomingMessage, Platform, Role
+from bot.storage import Database
+
+#: The machine's PostgreSQL (trust auth). Storage tests run on it and on SQLite.
+POSTGRES_URL = os.environ.get(
+    "TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, dropped at the end."""
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    name = f"chatbot_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+    except OperationalError as error:
+        admin.dispose()
+        if IN_CI:
+            raise
+        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_URL}: {error.orig}")
+    url = make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    try:
+        yield url
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_database(postgres_url: str) -> Iterator[Database]:
+    database = Database(postgres_url)
+    database.upgrade()
+    yield database
+    database.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """A migrated, empty database: a SQLite file, then the real PostgreSQL."""
+    if request.param == "sqlite":
+        db = Database(f"sqlite:///{tmp_path / 'chatbot.db'}")
+        db.upgrade()
+        yield db
+        db.dispose()
+        return
+    db = request.getfixturevalue("postgres_database")
+    with db.engine.begin() as connection:
+        connection.execute(
+            text("TRUNCATE ratings, exchanges, messages, conversations RESTART IDENTITY CASCADE")
+        )
+    yield db
+
+
+_counter = iter(range(1, 10**9))
+
+
+def make_message(
+    text: str = "How do I reset my password?",
+    *,
+    platform: str = Platform.CONSOLE.value,
+    channel: str = "C1",
+    thread: str = "T1",
+    author_id: str = "U1",
+    role: Role = Role.USER,
+    message_id: str | None = None,
+    event_id: str | None = None,
+    is_direct: bool = False,
+) -> IncomingMessage:
+    """An incoming message in the shared format, with fresh ids unless given."""
+    n = next(_counter)
+    return IncomingMessage(
+        platform=platform,
+        workspace="W1",
+        channel=channel,
+        thread=thread,
+        author_id=author_id,
+        author_name=f"name-{author_id}",
+        role=role,
+        text=text,
+        timestamp=datetime(2026, 11, 28, 12, 0, tzinfo=UTC),
+        message_id=message_id or f"m{n}",
+        event_id=event_id,
+        is_direct=is_direct,
+        mentions_bot=True,
+    )
