@@ -1,0 +1,157 @@
+"""The ``chatbot`` command end to end, as a user runs it (a real process, database and model)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from model.corpus import SEED_EXCHANGES
+
+REPO = Path(__file__).resolve().parents[2]
+QUESTIONS = "".join(q + "\n" for q, _ in SEED_EXCHANGES)
+ANSWERS = [a for _, a in SEED_EXCHANGES]
+
+
+def chatbot(
+    *args: str, cwd: Path, stdin: str | bytes = b"", **env: str
+) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "MODEL_PATH"}}
+    environment.update(PYTHONPATH=str(REPO), **env)
+    data = stdin.encode() if isinstance(stdin, str) else stdin
+    completed = subprocess.run(
+        [sys.executable, "-m", "bot", *args],
+        input=data,
+        capture_output=True,
+        cwd=cwd,  # away from the repo's own .env
+        env=environment,
+        timeout=120,
+        check=False,
+    )
+    return subprocess.CompletedProcess(
+        completed.args,
+        completed.returncode,
+        completed.stdout.decode("utf-8", "replace"),
+        completed.stderr.decode("utf-8", "replace"),
+    )
+
+
+def exchange_count(db_file: Path) -> int:
+    with sqlite3.connect(db_file) as connection:
+        return int(connection.execute("SELECT count(*) FROM exchanges").fetchone()[0])
+
+
+def test_piped_chat_prints_each_answer_and_stores_each_exchange(tmp_path, tiny_model_dir) -> None:
+    result = chatbot("chat", cwd=tmp_path, stdin=QUESTIONS, MODEL_PATH=str(tiny_model_dir))
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ANSWERS
+    assert exchange_count(tmp_path / "data" / "chatbot.db") == 2
+
+
+def test_run_without_credentials_opens_the_local_chat(tmp_path, tiny_model_dir) -> None:
+    result = chatbot("run", cwd=tmp_path, stdin=QUESTIONS, MODEL_PATH=str(tiny_model_dir))
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ANSWERS
+
+
+def test_json_lines_pair_each_user_turn_with_the_answer(tmp_path, tiny_model_dir) -> None:
+    result = chatbot(
+        "chat", "--json", cwd=tmp_path, stdin=QUESTIONS, MODEL_PATH=str(tiny_model_dir)
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line) for line in result.stdout.splitlines()] == [
+        {"user": q, "agent": a} for q, a in SEED_EXCHANGES
+    ]
+
+
+def test_new_starts_a_fresh_conversation(tmp_path, tiny_model_dir) -> None:
+    stdin = f"{SEED_EXCHANGES[0][0]}\n/new\n{SEED_EXCHANGES[1][0]}\n\n"
+    result = chatbot("chat", cwd=tmp_path, stdin=stdin, MODEL_PATH=str(tiny_model_dir))
+
+    assert result.returncode == 0, result.stderr
+    with sqlite3.connect(tmp_path / "data" / "chatbot.db") as connection:
+        conversations = connection.execute("SELECT count(*) FROM conversations").fetchone()[0]
+        user_turns = connection.execute(
+            "SELECT count(*) FROM messages WHERE role='user'"
+        ).fetchone()[0]
+    assert (conversations, user_turns) == (2, 2)  # the blank line is no turn
+
+
+def test_undecodable_input_bytes_do_not_crash_the_chat(tmp_path, tiny_model_dir) -> None:
+    stdin = b"\xff\xfe\x00 broken bytes\n" + QUESTIONS.encode()
+    result = chatbot("chat", cwd=tmp_path, stdin=stdin, MODEL_PATH=str(tiny_model_dir))
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1:] == ANSWERS
+    assert exchange_count(tmp_path / "data" / "chatbot.db") == 3
+
+
+def test_chat_on_postgresql(tmp_path, tiny_model_dir, postgres_url) -> None:
+    engine = create_engine(postgres_url)
+    with engine.connect() as connection:
+        before = connection.execute(text("SELECT count(*) FROM exchanges")).scalar_one()
+    result = chatbot(
+        "chat",
+        cwd=tmp_path,
+        stdin=QUESTIONS,
+        MODEL_PATH=str(tiny_model_dir),
+        DATABASE_URL=postgres_url,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ANSWERS
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM exchanges")).scalar_one() == before + 2
+    engine.dispose()
+
+
+def test_db_upgrade_by_hand(tmp_path) -> None:
+    result = chatbot("db", "upgrade", cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert "up to date" in result.stdout
+    with sqlite3.connect(tmp_path / "data" / "chatbot.db") as connection:
+        assert connection.execute("SELECT version_num FROM alembic_version").fetchone() == ("0001",)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"DATABASE_URL": "postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=2"},
+            "cannot reach the database",
+        ),
+        ({"DATABASE_URL": "not a url"}, "not a valid SQLAlchemy URL"),
+        ({"DATABASE_URL": "mysql+nodriver://x@127.0.0.1/db"}, "cannot use DATABASE_URL"),
+        ({"MODEL_PATH": "/nonexistent/model"}, "/nonexistent/model"),
+        ({"MAX_NEW_TOKENS": "lots"}, "MAX_NEW_TOKENS"),
+        ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+    ],
+)
+def test_bad_configuration_is_one_clear_line(tmp_path, env: dict[str, str], message: str) -> None:
+    result = chatbot("chat", cwd=tmp_path, stdin=QUESTIONS, **env)
+
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("chatbot: error: ") and message in line
+
+
+def test_a_model_folder_that_is_not_a_model_is_one_clear_line(tmp_path) -> None:
+    (tmp_path / "empty-model").mkdir()
+    result = chatbot(
+        "chat", cwd=tmp_path, stdin=QUESTIONS, MODEL_PATH=str(tmp_path / "empty-model")
+    )
+
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("chatbot: error: ")
