@@ -410,3 +410,236 @@ class Store:
                 raise
             reason = str(getattr(error, "orig", error)).strip().splitlines()[0]
             raise StorageError(f"database error: {reason}") from error
+
+
+# --------------------------------------------------------------------------- platform events
+
+
+def _find_message(
+    *, session: Session, platform: str, channel: str, platform_message_id: str
+) -> MessageRecord | None:
+    return session.exec(
+        select(MessageRecord).where(
+            MessageRecord.platform == platform,
+            MessageRecord.channel == channel,
+            MessageRecord.platform_message_id == platform_message_id,
+        )
+    ).first()
+
+
+def update_message_text(
+    *, session: Session, platform: str, channel: str, platform_message_id: str, text: str
+) -> bool:
+    """Apply a platform edit to a stored message; ``False`` when we never stored it."""
+    record = _find_message(
+        session=session, platform=platform, channel=channel, platform_message_id=platform_message_id
+    )
+    if record is None or record.deleted_at is not None:
+        return False
+    record.text = storable_text(text)
+    record.edited_at = utcnow()
+    session.add(record)
+    session.commit()
+    return True
+
+
+def mark_message_deleted(
+    *, session: Session, platform: str, channel: str, platform_message_id: str
+) -> bool:
+    """A message deleted on the platform leaves the history and every future export.
+
+    Its text is erased too: a person who deleted a message expects it gone.
+    """
+    record = _find_message(
+        session=session, platform=platform, channel=channel, platform_message_id=platform_message_id
+    )
+    if record is None or record.deleted_at is not None:
+        return False
+    record.text = ""
+    record.deleted_at = utcnow()
+    session.add(record)
+    session.commit()
+    return True
+
+
+def set_rating(
+    *,
+    session: Session,
+    platform: str,
+    channel: str,
+    answer_message_id: str,
+    rater_id: str,
+    value: int,
+) -> bool:
+    """Rate the exchange whose answer is the given platform message (+1 or -1).
+
+    One rating per rater: a new value replaces the old. ``False`` when the message is not an
+    answer we stored.
+    """
+    if value not in (1, -1):
+        raise ValueError("a rating is +1 or -1")
+    exchange = _exchange_for_answer(
+        session=session, platform=platform, channel=channel, answer_message_id=answer_message_id
+    )
+    if exchange is None:
+        return False
+    existing = session.exec(
+        select(RatingRecord).where(
+            RatingRecord.exchange_id == exchange.id, RatingRecord.rater_id == rater_id
+        )
+    ).first()
+    if existing is None:
+        existing = RatingRecord(
+            exchange_id=exchange.id,  # type: ignore[arg-type]
+            rater_id=rater_id,
+            value=value,
+            created_at=utcnow(),
+        )
+    existing.value = value
+    session.add(existing)
+    session.commit()
+    return True
+
+
+def remove_rating(
+    *,
+    session: Session,
+    platform: str,
+    channel: str,
+    answer_message_id: str,
+    rater_id: str,
+    value: int,
+) -> bool:
+    """Undo ``set_rating`` (a removed reaction); only removes a rating of that value."""
+    exchange = _exchange_for_answer(
+        session=session, platform=platform, channel=channel, answer_message_id=answer_message_id
+    )
+    if exchange is None:
+        return False
+    rating = session.exec(
+        select(RatingRecord).where(
+            RatingRecord.exchange_id == exchange.id,
+            RatingRecord.rater_id == rater_id,
+            RatingRecord.value == value,
+        )
+    ).first()
+    if rating is None:
+        return False
+    session.delete(rating)
+    session.commit()
+    return True
+
+
+def _exchange_for_answer(
+    *, session: Session, platform: str, channel: str, answer_message_id: str
+) -> ExchangeRecord | None:
+    answer = _find_message(
+        session=session, platform=platform, channel=channel, platform_message_id=answer_message_id
+    )
+    if answer is None:
+        return None
+    return session.exec(
+        select(ExchangeRecord).where(ExchangeRecord.answer_message_id == answer.id)
+    ).first()
+
+
+def bot_is_in_conversation(*, session: Session, message: IncomingMessage) -> bool:
+    """Whether the bot has answered in ``message``'s conversation (a thread it is part of)."""
+    conversation = session.exec(
+        select(ConversationRecord.id).where(
+            ConversationRecord.platform == message.platform,
+            ConversationRecord.workspace == message.workspace,
+            ConversationRecord.channel == message.channel,
+            ConversationRecord.thread == message.thread,
+        )
+    ).first()
+    if conversation is None:
+        return False
+    answered = session.exec(
+        select(MessageRecord.id).where(
+            MessageRecord.conversation_id == conversation,
+            MessageRecord.role == Role.ASSISTANT.value,
+        )
+    ).first()
+    return answered is not None
+
+
+def record_agent_answer(*, session: Session, message: IncomingMessage) -> ExchangeRecord | None:
+    """Store a human agent's reply as the answer to the newest earlier user message.
+
+    Returns ``None`` for a duplicate delivery or when there is no user message to answer.
+    """
+    stored = record_incoming(session=session, message=message)
+    if stored is None or stored.id is None:
+        return None
+    question = session.exec(
+        select(MessageRecord)
+        .where(
+            MessageRecord.conversation_id == stored.conversation_id,
+            MessageRecord.role == Role.USER.value,
+            col(MessageRecord.id) < stored.id,
+            col(MessageRecord.deleted_at).is_(None),
+        )
+        .order_by(col(MessageRecord.id).desc())
+    ).first()
+    if question is None or question.id is None:
+        return None
+    exchange = ExchangeRecord(
+        conversation_id=stored.conversation_id,
+        user_message_id=question.id,
+        answer_message_id=stored.id,
+        answered_by=AnsweredBy.HUMAN_AGENT.value,
+        created_at=utcnow(),
+    )
+    session.add(exchange)
+    if question.answer_state in {AnswerState.PENDING.value, AnswerState.UNANSWERED.value}:
+        question.answer_state = AnswerState.ANSWERED.value
+        session.add(question)
+    session.commit()
+    return exchange
+
+
+@dataclass(frozen=True, slots=True)
+class UndeliveredReply:
+    """A stored bot reply that never reached the platform, with where it belongs."""
+
+    answer_id: int
+    platform: str
+    workspace: str
+    channel: str
+    thread: str
+    in_reply_to: str | None  # the platform id of the user message it answers
+    text: str
+
+
+def undelivered_replies(
+    *, session: Session, platform: str, limit: int = 100
+) -> list[UndeliveredReply]:
+    """Bot replies of ``platform`` whose sending failed, oldest first (the retry queue)."""
+    rows = session.exec(
+        select(MessageRecord, ConversationRecord, ExchangeRecord)
+        .join(ConversationRecord, col(ConversationRecord.id) == MessageRecord.conversation_id)
+        .join(ExchangeRecord, col(ExchangeRecord.answer_message_id) == MessageRecord.id)
+        .where(
+            MessageRecord.platform == platform,
+            MessageRecord.delivery_state == DeliveryState.FAILED.value,
+            col(MessageRecord.deleted_at).is_(None),
+        )
+        .order_by(col(MessageRecord.id))
+        .limit(limit)
+    ).all()
+    replies = []
+    for answer, conversation, exchange in rows:
+        question = session.get(MessageRecord, exchange.user_message_id)
+        replies.append(
+            UndeliveredReply(
+                answer_id=answer.id,  # type: ignore[arg-type]
+                platform=conversation.platform,
+                workspace=conversation.workspace,
+                channel=conversation.channel,
+                thread=conversation.thread,
+                in_reply_to=question.platform_message_id if question is not None else None,
+                text=answer.text,
+            )
+        )
+    return replies

@@ -21,11 +21,18 @@ from bot.storage import (
     RatingRecord,
     StorageError,
     Store,
+    bot_is_in_conversation,
     conversation_history,
     counts,
+    mark_message_deleted,
+    record_agent_answer,
     record_answer,
     record_incoming,
+    remove_rating,
     set_delivery,
+    set_rating,
+    undelivered_replies,
+    update_message_text,
 )
 from tests.conftest import make_message
 
@@ -259,3 +266,119 @@ def test_a_database_that_goes_away_mid_session(postgres_database: Database) -> N
     with database.session() as session:
         assert record_incoming(session=session, message=make_message("after")) is not None
         assert counts(session=session).messages == before + 1
+
+
+def _answered(database: Database, *, answer_platform_id: str = "bot-1"):
+    with database.session() as session:
+        question = record_incoming(session=session, message=make_message(message_id="q-1"))
+        assert question is not None and question.id is not None
+        answer, exchange = record_answer(
+            session=session,
+            user_message_id=question.id,
+            text="an answer",
+            answered_by=AnsweredBy.BOT,
+            author_id="bot",
+            author_name="bot",
+            model_version="v1",
+            platform_message_id=answer_platform_id,
+        )
+    return question, answer, exchange
+
+
+def test_edits_update_text_and_deletes_erase_it(database: Database) -> None:
+    question, _, _ = _answered(database)
+    where = {
+        "platform": question.platform,
+        "channel": question.channel,
+        "platform_message_id": "q-1",
+    }
+    with database.session() as session:
+        assert update_message_text(session=session, text="edited text", **where)
+        assert not update_message_text(
+            session=session, text="x", platform="console", channel="C1", platform_message_id="nope"
+        )
+        edited = session.get(MessageRecord, question.id)
+        assert edited is not None and edited.text == "edited text" and edited.edited_at is not None
+        assert mark_message_deleted(session=session, **where)
+        assert not mark_message_deleted(session=session, **where)  # already gone
+        assert not update_message_text(session=session, text="resurrected", **where)
+        gone = session.get(MessageRecord, question.id)
+        assert gone is not None and gone.text == "" and gone.deleted_at is not None
+        turns = conversation_history(
+            session=session, conversation_id=gone.conversation_id, up_to_message_id=10**9, limit=10
+        )
+    assert [t.text for t in turns] == ["an answer"]
+
+
+def test_ratings_follow_reactions(database: Database) -> None:
+    question, _, exchange = _answered(database)
+    target = {
+        "platform": question.platform,
+        "channel": question.channel,
+        "answer_message_id": "bot-1",
+    }
+
+    def ratings() -> list[tuple[str, int]]:
+        with database.session() as session:
+            rows = session.exec(select(RatingRecord).where(RatingRecord.exchange_id == exchange.id))
+            return sorted((r.rater_id, r.value) for r in rows)
+
+    with database.session() as session:
+        assert set_rating(session=session, rater_id="U1", value=1, **target)
+        assert set_rating(session=session, rater_id="U2", value=-1, **target)
+        assert not set_rating(
+            session=session,
+            rater_id="U1",
+            value=1,
+            platform="console",
+            channel="C1",
+            answer_message_id="q-1",
+        )  # a user message is no answer
+    assert ratings() == [("U1", 1), ("U2", -1)]
+    with database.session() as session:
+        assert set_rating(session=session, rater_id="U1", value=-1, **target)  # changed their mind
+        assert not remove_rating(session=session, rater_id="U2", value=1, **target)  # not that one
+        assert remove_rating(session=session, rater_id="U2", value=-1, **target)
+    assert ratings() == [("U1", -1)]
+    with pytest.raises(ValueError, match=r"\+1 or -1"), database.session() as session:
+        set_rating(session=session, rater_id="U1", value=5, **target)
+
+
+def test_human_agent_replies_answer_the_newest_user_message(database: Database) -> None:
+    with database.session() as session:
+        record_incoming(session=session, message=make_message("first question"))
+        second = record_incoming(session=session, message=make_message("second question"))
+        agent_reply = make_message("Here is how.", author_id="AGENT", role=Role.HUMAN_AGENT)
+        exchange = record_agent_answer(session=session, message=agent_reply)
+        assert record_agent_answer(session=session, message=agent_reply) is None  # redelivered
+        lonely = record_agent_answer(
+            session=session, message=make_message("hello?", thread="empty", role=Role.HUMAN_AGENT)
+        )
+    assert exchange is not None and second is not None
+    assert exchange.user_message_id == second.id
+    assert exchange.answered_by == AnsweredBy.HUMAN_AGENT
+    assert lonely is None
+
+
+def test_the_bot_is_in_a_conversation_once_it_answered_there(database: Database) -> None:
+    _question, _, _ = _answered(database)
+    with database.session() as session:
+        assert bot_is_in_conversation(session=session, message=make_message("follow-up"))
+        assert not bot_is_in_conversation(session=session, message=make_message("x", thread="T9"))
+
+
+def test_failed_deliveries_form_the_retry_queue(database: Database) -> None:
+    _, answer, _ = _answered(database, answer_platform_id=None)  # type: ignore[arg-type]
+    assert answer.id is not None
+    with database.session() as session:
+        assert undelivered_replies(session=session, platform="console") == []
+        set_delivery(session=session, answer_message_id=answer.id, state=DeliveryState.FAILED)
+        [queued] = undelivered_replies(session=session, platform="console")
+        assert undelivered_replies(session=session, platform="slack") == []
+    assert (queued.answer_id, queued.channel, queued.thread, queued.in_reply_to, queued.text) == (
+        answer.id,
+        "C1",
+        "T1",
+        "q-1",
+        "an answer",
+    )

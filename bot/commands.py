@@ -1,0 +1,128 @@
+"""Chat commands, shared by every platform.
+
+Admins: ``retrain``, ``export``, ``status``, ``rollback``. Everyone: ``forget-me``, ``help``.
+Adapters parse the platform's form (a slash command, or a ``!word`` message to the bot), decide
+whether the user is an admin (each platform has its own rules) and call :meth:`Commands.run`.
+Features that later work adds (export, forget-me, retrain, rollback) register an action; until
+then the command answers that it is not available yet.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+from bot.storage import Store, counts
+
+logger = logging.getLogger(__name__)
+
+
+class Command(StrEnum):
+    RETRAIN = "retrain"
+    EXPORT = "export"
+    STATUS = "status"
+    ROLLBACK = "rollback"
+    FORGET_ME = "forget-me"
+    HELP = "help"
+
+
+ADMIN_ONLY = frozenset({Command.RETRAIN, Command.EXPORT, Command.STATUS, Command.ROLLBACK})
+
+DESCRIPTIONS = {
+    Command.HELP: "show this help",
+    Command.FORGET_ME: "delete everything you have said to me",
+    Command.STATUS: "model version, message counts, last export (admins)",
+    Command.EXPORT: "export new training data now (admins)",
+    Command.RETRAIN: "train a new model on the exported data (admins)",
+    Command.ROLLBACK: "go back to the previous model (admins)",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class CommandRequest:
+    """A command as any platform delivered it."""
+
+    command: str
+    arguments: str
+    platform: str
+    workspace: str
+    channel: str
+    user_id: str
+    user_name: str
+    user_is_admin: bool
+
+
+class CommandAction(Protocol):
+    """What a command does once allowed; returns the text to show the user."""
+
+    async def __call__(self, request: CommandRequest) -> str: ...
+
+
+def parse_bang_command(text: str) -> tuple[str, str] | None:
+    """``"!status now"`` → ``("status", "now")``; ``None`` when ``text`` is no ``!`` command."""
+    stripped = text.strip()
+    if not stripped.startswith("!") or len(stripped) == 1:
+        return None
+    word, _, rest = stripped[1:].partition(" ")
+    if not word or word.startswith("!"):
+        return None
+    return word.lower(), rest.strip()
+
+
+class Commands:
+    """Runs commands: checks permission, then the registered action."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        model_version: Callable[[], str],
+        actions: Mapping[Command, CommandAction] | None = None,
+        last_export: Callable[[], str | None] = lambda: None,
+    ) -> None:
+        self.store = store
+        self.model_version = model_version
+        self.actions = dict(actions or {})
+        self.last_export = last_export
+
+    async def run(self, request: CommandRequest) -> str:
+        """Run ``request`` and return the reply text (never raises for a user's mistake)."""
+        try:
+            command = Command(request.command.lower())
+        except ValueError:
+            return f"I don't know the command `{request.command}`. {self.help_text()}"
+        if command in ADMIN_ONLY and not request.user_is_admin:
+            logger.warning(
+                "refused admin command %s from %s user %s (%s)",
+                command.value,
+                request.platform,
+                request.user_id,
+                request.user_name,
+            )
+            return f"Sorry, only admins can use `{command.value}`."
+        if command == Command.HELP:
+            return self.help_text()
+        if command == Command.STATUS:
+            return await self.status()
+        action = self.actions.get(command)
+        if action is None:
+            return f"`{command.value}` is not available yet."
+        logger.info("%s user %s runs %s", request.platform, request.user_id, command.value)
+        return await action(request)
+
+    def help_text(self) -> str:
+        lines = [f"`{command.value}`: {text}" for command, text in DESCRIPTIONS.items()]
+        return "Commands:\n" + "\n".join(lines)
+
+    async def status(self) -> str:
+        numbers = await self.store.run(counts)
+        last_export = self.last_export() or "never"
+        return (
+            f"Model: {self.model_version()}\n"
+            f"Conversations: {numbers.conversations}, messages: {numbers.messages}, "
+            f"exchanges: {numbers.exchanges}, unanswered: {numbers.unanswered}\n"
+            f"Last export: {last_export}"
+        )
