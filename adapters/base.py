@@ -10,13 +10,42 @@ from __future__ import annotations
 from typing import Protocol
 
 from bot.conversation import IncomingMessage
-from bot.service import PipelineResult, ReplySender
+from bot.service import PipelineResult, ProgressSink, ReplySender
+from bot.storage import UndeliveredReply
 
 
 class MessageHandler(Protocol):
-    """What adapters call for every incoming message (``bot.service.ReplyPipeline``)."""
+    """What adapters call for platform events (``bot.service.ReplyPipeline`` implements it)."""
 
-    async def handle(self, message: IncomingMessage, *, send: ReplySender) -> PipelineResult: ...
+    async def handle(
+        self,
+        message: IncomingMessage,
+        *,
+        send: ReplySender,
+        progress: ProgressSink | None = None,
+    ) -> PipelineResult: ...
+
+    async def message_edited(
+        self, *, platform: str, channel: str, message_id: str, text: str
+    ) -> bool: ...
+
+    async def message_deleted(self, *, platform: str, channel: str, message_id: str) -> bool: ...
+
+    async def rating_added(
+        self, *, platform: str, channel: str, answer_message_id: str, rater_id: str, value: int
+    ) -> bool: ...
+
+    async def rating_removed(
+        self, *, platform: str, channel: str, answer_message_id: str, rater_id: str, value: int
+    ) -> bool: ...
+
+    async def agent_answered(self, message: IncomingMessage) -> bool: ...
+
+    async def bot_is_in_conversation(self, message: IncomingMessage) -> bool: ...
+
+    async def undelivered_replies(self, *, platform: str) -> list[UndeliveredReply]: ...
+
+    async def reply_delivered(self, *, answer_id: int, platform_message_id: str | None) -> None: ...
 
 
 class Adapter(Protocol):

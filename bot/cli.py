@@ -24,7 +24,9 @@ from bot.config import ConfigurationError, Settings, load_settings
 from bot.storage import Database, StorageError, Store
 
 if TYPE_CHECKING:
-    from bot.service import ReplyPipeline
+    from adapters.base import Adapter
+    from bot.commands import Commands
+    from bot.service import ReplyGenerator, ReplyPipeline
 
 logger = logging.getLogger("chatbot")
 
@@ -98,7 +100,7 @@ def _progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def load_generator(settings: Settings):  # type: ignore[no-untyped-def]
+def load_generator(settings: Settings) -> ReplyGenerator:
     """Load the configured model, building the default one on first use."""
     from model.service import LocalModel, ModelLoadError, ensure_default_model
 
@@ -110,7 +112,7 @@ def load_generator(settings: Settings):  # type: ignore[no-untyped-def]
         raise CommandError(str(error)) from None
 
 
-def build_pipeline(settings: Settings, *, generator: object | None = None) -> ReplyPipeline:
+def build_pipeline(settings: Settings, *, generator: ReplyGenerator | None = None) -> ReplyPipeline:
     """Wire storage, the model service and the pipeline from ``settings``."""
     from bot.service import PipelineOptions, ReplyPipeline
 
@@ -124,20 +126,49 @@ def build_pipeline(settings: Settings, *, generator: object | None = None) -> Re
     )
     return ReplyPipeline(
         store=Store(database),
-        generator=generator if generator is not None else load_generator(settings),  # type: ignore[arg-type]
+        generator=generator if generator is not None else load_generator(settings),
         options=options,
     )
+
+
+def build_commands(pipeline: ReplyPipeline) -> Commands:
+    """The chat commands, reporting on the pipeline's store and model."""
+    from bot.commands import Commands
+
+    return Commands(store=pipeline.store, model_version=lambda: pipeline.generator.version)
+
+
+def platform_adapters(
+    settings: Settings, *, pipeline: ReplyPipeline, commands: Commands
+) -> list[Adapter]:
+    """An adapter for every platform whose credentials are configured."""
+    adapters: list[Adapter] = []
+    if settings.slack_configured:
+        from adapters.slack_adapter import SlackAdapter
+
+        adapters.append(SlackAdapter(settings=settings, handler=pipeline, commands=commands))
+    if settings.discord_configured:
+        from adapters.discord_adapter import DiscordAdapter
+
+        adapters.append(DiscordAdapter(settings=settings, handler=pipeline, commands=commands))
+    return adapters
 
 
 async def _serve(settings: Settings, *, chat_only: bool, json_lines: bool) -> int:
     from adapters.console import ConsoleChat
 
     pipeline = build_pipeline(settings)
-    _tolerant_console_streams()
     try:
-        # Platform adapters (Slack, Discord) join here once configured; none are yet.
-        console = ConsoleChat(handler=pipeline, json_lines=json_lines)
-        return await console.run()
+        commands = build_commands(pipeline)
+        adapters = (
+            [] if chat_only else platform_adapters(settings, pipeline=pipeline, commands=commands)
+        )
+        if not adapters:
+            _tolerant_console_streams()
+            return await ConsoleChat(handler=pipeline, json_lines=json_lines).run()
+        logger.warning("serving %s", ", ".join(adapter.name for adapter in adapters))
+        statuses = await asyncio.gather(*(adapter.run() for adapter in adapters))
+        return max(statuses, default=0)
     finally:
         pipeline.store.database.dispose()
 

@@ -6,9 +6,13 @@ Every variable is documented, with its default, in ``.env.example``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+#: A list setting written as comma-separated values: ``SLACK_ADMIN_IDS=U01,U02``.
+IdList = Annotated[list[str], NoDecode]
 
 
 class ConfigurationError(Exception):
@@ -35,6 +39,47 @@ class Settings(BaseSettings):
     history_turns: int = Field(default=20, ge=1, le=1000)
     max_message_chars: int = Field(default=1_000_000, ge=1)
     log_level: str = "WARNING"
+
+    # Slack (adapters/slack_adapter.py). Socket Mode when SLACK_APP_TOKEN is set, else HTTP mode.
+    slack_bot_token: str = ""
+    slack_app_token: str = ""
+    slack_signing_secret: str = ""
+    slack_port: int = Field(default=3000, ge=0, le=65535)
+    slack_api_url: str = "https://slack.com/api/"
+    slack_admin_ids: IdList = Field(default_factory=list)
+    slack_agent_ids: IdList = Field(default_factory=list)
+
+    # Discord (adapters/discord_adapter.py).
+    discord_bot_token: str = ""
+    discord_api_url: str = "https://discord.com/api/v10"
+    discord_gateway_url: str = "wss://gateway.discord.gg/"
+    discord_admin_ids: IdList = Field(default_factory=list)
+    discord_admin_role_ids: IdList = Field(default_factory=list)
+    discord_agent_ids: IdList = Field(default_factory=list)
+    discord_agent_role_ids: IdList = Field(default_factory=list)
+
+    @field_validator(
+        "slack_admin_ids",
+        "slack_agent_ids",
+        "discord_admin_ids",
+        "discord_admin_role_ids",
+        "discord_agent_ids",
+        "discord_agent_role_ids",
+        mode="before",
+    )
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @property
+    def slack_configured(self) -> bool:
+        return bool(self.slack_bot_token)
+
+    @property
+    def discord_configured(self) -> bool:
+        return bool(self.discord_bot_token)
 
     @field_validator("log_level")
     @classmethod

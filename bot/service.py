@@ -10,10 +10,11 @@ the user gets a short apology, one trace is logged, and the message stays marked
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from bot.conversation import IncomingMessage, Role, to_chat_messages
 from bot.storage import (
@@ -22,11 +23,19 @@ from bot.storage import (
     DeliveryState,
     StorageError,
     Store,
+    UndeliveredReply,
+    bot_is_in_conversation,
     conversation_history,
+    mark_message_deleted,
+    record_agent_answer,
     record_answer,
     record_incoming,
+    remove_rating,
     set_answer_state,
     set_delivery,
+    set_rating,
+    undelivered_replies,
+    update_message_text,
 )
 
 logger = logging.getLogger(__name__)
@@ -50,10 +59,29 @@ class ReplyGenerator(Protocol):
     ) -> str: ...
 
 
+@runtime_checkable
+class StreamingReplyGenerator(ReplyGenerator, Protocol):
+    """A generator that can also yield its reply piece by piece as it is produced."""
+
+    def stream(
+        self, *, messages: Sequence[Mapping[str, str]], max_new_tokens: int
+    ) -> AsyncIterator[str]: ...
+
+
 class ReplySender(Protocol):
     """Sends text back to where ``in_reply_to`` came from; returns the platform's message id."""
 
     async def __call__(self, *, text: str, in_reply_to: IncomingMessage) -> str | None: ...
+
+
+class ProgressSink(Protocol):
+    """Shows a reply while it is generated (a placeholder, then edits).
+
+    Called once with ``text=""`` before generation starts, then with the text so far at most
+    once per ``PipelineOptions.progress_interval`` seconds; the final text goes to the sender.
+    """
+
+    async def __call__(self, *, text: str, in_reply_to: IncomingMessage) -> None: ...
 
 
 class Outcome(StrEnum):
@@ -83,6 +111,7 @@ class PipelineOptions:
     max_message_chars: int = 1_000_000
     bot_id: str = "chatbot"
     bot_name: str = "chatbot"
+    progress_interval: float = 1.0  # seconds between streamed edits (platform rate limits)
 
 
 class ReplyPipeline:
@@ -95,8 +124,18 @@ class ReplyPipeline:
         self.generator = generator
         self.options = options
 
-    async def handle(self, message: IncomingMessage, *, send: ReplySender) -> PipelineResult:
-        """Answer ``message`` once, however often it is delivered."""
+    async def handle(
+        self,
+        message: IncomingMessage,
+        *,
+        send: ReplySender,
+        progress: ProgressSink | None = None,
+    ) -> PipelineResult:
+        """Answer ``message`` once, however often it is delivered.
+
+        With ``progress``, the reply is streamed to it while it is generated (when the model
+        can stream); ``send`` always gets the final text.
+        """
         if len(message.text) > self.options.max_message_chars:
             reason = (
                 f"Sorry, your message is too long for me ({len(message.text):,} characters; "
@@ -133,11 +172,7 @@ class ReplyPipeline:
                 limit=self.options.history_turns,
             )
             chat = to_chat_messages(turns, system_prompt=self.options.system_prompt)
-            reply = (
-                await self.generator.generate(
-                    messages=chat, max_new_tokens=self.options.max_new_tokens
-                )
-            ).strip()
+            reply = (await self._generate(chat, message, progress)).strip()
             if not reply:
                 raise ValueError("the model produced an empty reply")
             answer, exchange = await self.store.run(
@@ -177,6 +212,99 @@ class ReplyPipeline:
             exchange_id=exchange.id,
             delivered=True,
         )
+
+    async def _generate(
+        self,
+        chat: list[dict[str, str]],
+        message: IncomingMessage,
+        progress: ProgressSink | None,
+    ) -> str:
+        limit = self.options.max_new_tokens
+        if progress is None:
+            return await self.generator.generate(messages=chat, max_new_tokens=limit)
+        await self._progress_quietly(progress, "", message)
+        if not isinstance(self.generator, StreamingReplyGenerator):
+            return await self.generator.generate(messages=chat, max_new_tokens=limit)
+        text = ""
+        shown = ""
+        last_update = time.monotonic()
+        async for piece in self.generator.stream(messages=chat, max_new_tokens=limit):
+            text += piece
+            now = time.monotonic()
+            if now - last_update >= self.options.progress_interval and text.strip() != shown:
+                shown = text.strip()
+                last_update = now
+                await self._progress_quietly(progress, shown, message)
+        return text
+
+    async def _progress_quietly(
+        self, progress: ProgressSink, text: str, message: IncomingMessage
+    ) -> None:
+        # A failed placeholder or edit must not cost the reply itself.
+        try:
+            await progress(text=text, in_reply_to=message)
+        except Exception as error:
+            logger.warning("could not show reply progress on %s: %s", message.platform, error)
+
+    # ------------------------------------------------------------------ other platform events
+
+    async def message_edited(
+        self, *, platform: str, channel: str, message_id: str, text: str
+    ) -> bool:
+        """A platform edit; ``False`` when the message was never stored."""
+        return await self.store.run(
+            update_message_text,
+            platform=platform,
+            channel=channel,
+            platform_message_id=message_id,
+            text=text,
+        )
+
+    async def message_deleted(self, *, platform: str, channel: str, message_id: str) -> bool:
+        """A platform deletion: the message leaves the history and every future export."""
+        return await self.store.run(
+            mark_message_deleted, platform=platform, channel=channel, platform_message_id=message_id
+        )
+
+    async def rating_added(
+        self, *, platform: str, channel: str, answer_message_id: str, rater_id: str, value: int
+    ) -> bool:
+        """A 👍 (+1) or 👎 (-1) on a bot reply; ``False`` when it is not a stored answer."""
+        return await self.store.run(
+            set_rating,
+            platform=platform,
+            channel=channel,
+            answer_message_id=answer_message_id,
+            rater_id=rater_id,
+            value=value,
+        )
+
+    async def rating_removed(
+        self, *, platform: str, channel: str, answer_message_id: str, rater_id: str, value: int
+    ) -> bool:
+        return await self.store.run(
+            remove_rating,
+            platform=platform,
+            channel=channel,
+            answer_message_id=answer_message_id,
+            rater_id=rater_id,
+            value=value,
+        )
+
+    async def agent_answered(self, message: IncomingMessage) -> bool:
+        """A human agent's reply in a bot conversation, stored as the answer it gives."""
+        return await self.store.run(record_agent_answer, message=message) is not None
+
+    async def bot_is_in_conversation(self, message: IncomingMessage) -> bool:
+        """Whether the bot already answered in ``message``'s thread / reply chain."""
+        return await self.store.run(bot_is_in_conversation, message=message)
+
+    async def undelivered_replies(self, *, platform: str) -> list[UndeliveredReply]:
+        """Stored replies whose sending failed, for the adapter to send again."""
+        return await self.store.run(undelivered_replies, platform=platform)
+
+    async def reply_delivered(self, *, answer_id: int, platform_message_id: str | None) -> None:
+        await self._set_delivery(answer_id, DeliveryState.SENT, platform_message_id)
 
     async def _send_quietly(self, send: ReplySender, text: str, message: IncomingMessage) -> bool:
         try:

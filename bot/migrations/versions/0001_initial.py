@@ -36,9 +36,7 @@ def upgrade() -> None:
         sa.Column("conversation_id", sa.Integer(), nullable=False),
         sa.Column("platform", sa.String(length=32), nullable=False),
         sa.Column("channel", sa.String(length=255), nullable=False),
-        sa.Column(
-            "platform_message_id", sa.String(length=255), nullable=True
-        ),
+        sa.Column("platform_message_id", sa.String(length=255), nullable=True),
         sa.Column("event_id", sa.String(length=255), nullable=True),
         sa.Column("author_id", sa.String(length=255), nullable=False),
         sa.Column("author_name", sa.String(length=255), nullable=False),
