@@ -10,7 +10,9 @@ worker threads so the event loop never waits on the database.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,7 +20,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Column, DateTime, Text, UniqueConstraint, event, func
+from sqlalchemy import BigInteger, Column, DateTime, Text, UniqueConstraint, event, func
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select
@@ -54,6 +56,7 @@ class DeliveryState(StrEnum):
 class AnsweredBy(StrEnum):
     BOT = "bot"
     HUMAN_AGENT = "human_agent"
+    CORRECTION = "correction"  # an admin's better answer to a bot reply (``!correct``)
 
 
 def _timestamp(**kwargs: Any) -> Any:
@@ -97,6 +100,8 @@ class MessageRecord(SQLModel, table=True):
     text: str = Field(sa_column=Column(Text, nullable=False))
     is_direct: bool = False
     mentions_bot: bool = False
+    # A 64-bit key of the normalised text (see ``text_key``): near-duplicate questions share it.
+    text_key: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
     answer_state: str | None = Field(default=None, max_length=16)  # user messages
     delivery_state: str | None = Field(default=None, max_length=16)  # bot replies
     sent_at: datetime = _timestamp(nullable=False)  # when the author sent it
@@ -120,6 +125,13 @@ class ExchangeRecord(SQLModel, table=True):
     answered_by: str = Field(max_length=16)
     model_version: str | None = Field(default=None, max_length=255)
     created_at: datetime = _timestamp(nullable=False)
+    # False when the channel had training turned off at the time: never exported.
+    for_training: bool = True
+    # The export shard that consumed this exchange (written, or superseded by a newer
+    # near-duplicate); NULL until then.
+    export_shard_id: int | None = Field(
+        default=None, foreign_key="export_shards.id", index=True, ondelete="SET NULL"
+    )
 
 
 class RatingRecord(SQLModel, table=True):
@@ -131,6 +143,73 @@ class RatingRecord(SQLModel, table=True):
     rater_id: str = Field(max_length=255)
     value: int  # +1 or -1
     created_at: datetime = _timestamp(nullable=False)
+
+
+class ChannelSettingRecord(SQLModel, table=True):
+    """Per-channel switches set by admins."""
+
+    __tablename__ = "channel_settings"
+    __table_args__ = (UniqueConstraint("platform", "channel", name="uq_channel_setting"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    platform: str = Field(max_length=32)
+    channel: str = Field(max_length=255)
+    training_opt_out: bool = False
+    updated_by: str = Field(default="", max_length=255)
+    updated_at: datetime = _timestamp(nullable=False)
+
+
+class ExportShardRecord(SQLModel, table=True):
+    """One committed export shard; its files live in a folder named ``name``."""
+
+    __tablename__ = "export_shards"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=64, unique=True)
+    created_at: datetime = _timestamp(nullable=False)
+    exchange_count: int
+    superseded_count: int
+    first_exchange_at: datetime | None = _timestamp(nullable=True)
+    last_exchange_at: datetime | None = _timestamp(nullable=True)
+    schema_version: int
+    content_hash: str = Field(max_length=64)
+
+
+class DeletionRecord(SQLModel, table=True):
+    """A forget-me request: kept so that training can drop earlier shards' lines of the user."""
+
+    __tablename__ = "deletions"
+
+    id: int | None = Field(default=None, primary_key=True)
+    platform: str = Field(max_length=32)
+    user_pseudonym: str = Field(max_length=64, index=True)
+    requested_at: datetime = _timestamp(nullable=False)
+    messages_deleted: int
+    exchanges_deleted: int
+
+
+class LeaseRecord(SQLModel, table=True):
+    """A named lease: one holder at a time across every instance sharing the database."""
+
+    __tablename__ = "leases"
+
+    name: str = Field(primary_key=True, max_length=64)
+    holder: str = Field(max_length=128)
+    expires_at: datetime = _timestamp(nullable=False)
+
+
+_NOT_WORD = re.compile(r"[\W_]+", re.UNICODE)
+
+
+def text_key(text: str) -> int:
+    """A signed 64-bit key of ``text`` with case, punctuation and spacing ignored.
+
+    "How do I reset my password?" and "how do i reset my password" share a key; the export
+    uses it to send near-duplicate questions once.
+    """
+    normalised = " ".join(_NOT_WORD.sub(" ", text.casefold()).split())
+    digest = hashlib.blake2b(normalised.encode("utf-8", "replace"), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 # --------------------------------------------------------------------------- engine
@@ -248,6 +327,7 @@ def record_incoming(*, session: Session, message: IncomingMessage) -> MessageRec
         author_name=message.author_name,
         role=message.role.value,
         text=text,
+        text_key=text_key(text),
         is_direct=message.is_direct,
         mentions_bot=message.mentions_bot,
         answer_state=(
@@ -288,6 +368,34 @@ def conversation_history(
     return [Turn(role=Role(role), text=text) for role, text in reversed(rows)]
 
 
+def training_allowed(*, session: Session, platform: str, channel: str) -> bool:
+    """Whether exchanges in this channel may become training data (no admin opt-out)."""
+    opted_out = session.exec(
+        select(ChannelSettingRecord.training_opt_out).where(
+            ChannelSettingRecord.platform == platform, ChannelSettingRecord.channel == channel
+        )
+    ).first()
+    return not opted_out
+
+
+def set_training_opt_out(
+    *, session: Session, platform: str, channel: str, opt_out: bool, updated_by: str
+) -> None:
+    """Turn training-data logging off (or back on) for a channel; the bot still answers."""
+    record = session.exec(
+        select(ChannelSettingRecord).where(
+            ChannelSettingRecord.platform == platform, ChannelSettingRecord.channel == channel
+        )
+    ).first()
+    if record is None:
+        record = ChannelSettingRecord(platform=platform, channel=channel, updated_at=utcnow())
+    record.training_opt_out = opt_out
+    record.updated_by = updated_by
+    record.updated_at = utcnow()
+    session.add(record)
+    session.commit()
+
+
 def set_answer_state(*, session: Session, message_id: int, state: AnswerState) -> None:
     record = session.get(MessageRecord, message_id)
     if record is not None:
@@ -321,6 +429,7 @@ def record_answer(
         author_name=author_name,
         role=(Role.ASSISTANT if answered_by == AnsweredBy.BOT else Role.HUMAN_AGENT).value,
         text=storable_text(text),
+        text_key=text_key(text),
         delivery_state=(
             DeliveryState.PENDING if answered_by == AnsweredBy.BOT else DeliveryState.SENT
         ).value,
@@ -336,6 +445,9 @@ def record_answer(
         answered_by=answered_by.value,
         model_version=model_version,
         created_at=now,
+        for_training=training_allowed(
+            session=session, platform=question.platform, channel=question.channel
+        ),
     )
     session.add(exchange)
     question.answer_state = AnswerState.ANSWERED.value
@@ -437,6 +549,7 @@ def update_message_text(
     if record is None or record.deleted_at is not None:
         return False
     record.text = storable_text(text)
+    record.text_key = text_key(record.text)
     record.edited_at = utcnow()
     session.add(record)
     session.commit()
@@ -456,6 +569,7 @@ def mark_message_deleted(
     if record is None or record.deleted_at is not None:
         return False
     record.text = ""
+    record.text_key = None
     record.deleted_at = utcnow()
     session.add(record)
     session.commit()
@@ -590,6 +704,9 @@ def record_agent_answer(*, session: Session, message: IncomingMessage) -> Exchan
         answer_message_id=stored.id,
         answered_by=AnsweredBy.HUMAN_AGENT.value,
         created_at=utcnow(),
+        for_training=training_allowed(
+            session=session, platform=stored.platform, channel=stored.channel
+        ),
     )
     session.add(exchange)
     if question.answer_state in {AnswerState.PENDING.value, AnswerState.UNANSWERED.value}:

@@ -65,7 +65,10 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Databas
     db = request.getfixturevalue("postgres_database")
     with db.engine.begin() as connection:
         connection.execute(
-            text("TRUNCATE ratings, exchanges, messages, conversations RESTART IDENTITY CASCADE")
+            text(
+                "TRUNCATE ratings, exchanges, messages, conversations, export_shards, "
+                "channel_settings, deletions, leases RESTART IDENTITY CASCADE"
+            )
         )
     yield db
 

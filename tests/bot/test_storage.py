@@ -36,13 +36,15 @@ from bot.storage import (
 )
 from tests.conftest import make_message
 
+HEAD_REVISION = "0002"
+
 
 def test_upgrade_creates_every_table_and_is_idempotent(database: Database) -> None:
     tables = set(inspect(database.engine).get_table_names())
     assert {"conversations", "messages", "exchanges", "ratings", "alembic_version"} <= tables
-    assert current_revision(database.engine) == "0001"
+    assert current_revision(database.engine) == HEAD_REVISION
     database.upgrade()  # a second run applies nothing and fails nothing
-    assert current_revision(database.engine) == "0001"
+    assert current_revision(database.engine) == HEAD_REVISION
 
 
 def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path) -> None:
