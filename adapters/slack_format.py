@@ -1,0 +1,85 @@
+"""Slack's message format, converted at the edge: pure functions, no network.
+
+Slack writes mentions, channel links and URLs in angle brackets (``<@U123>``, ``<#C1|general>``,
+``<https://x|label>``) and escapes ``&``, ``<`` and ``>``. The model and the database see plain
+text instead; replies go back escaped.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime
+
+#: Characters per posted message. Slack accepts up to 40,000 characters in ``text`` but
+#: truncates what it shows and recommends about 4,000 for readability; 3,000 keeps every chunk
+#: well inside that, even after ``&``, ``<`` and ``>`` are escaped.
+SLACK_MESSAGE_LIMIT = 3_000
+
+#: Reaction names that rate a reply (skin-tone variants are reduced to these first).
+RATING_REACTIONS: Mapping[str, int] = {"+1": 1, "thumbsup": 1, "-1": -1, "thumbsdown": -1}
+
+_ANGLE = re.compile(r"<([^<>]*)>")
+_USER_MENTION = re.compile(r"<@([A-Z0-9]+)(?:\|[^<>]*)?>")
+
+
+def mentioned_user_ids(text: str) -> list[str]:
+    """The user ids mentioned in ``text`` (``<@U123>``), in order, without repeats."""
+    return list(dict.fromkeys(_USER_MENTION.findall(text)))
+
+
+def mentions_user(text: str, user_id: str) -> bool:
+    return user_id in mentioned_user_ids(text)
+
+
+def without_leading_mention(text: str, user_id: str) -> str:
+    """``"<@BOT>: !status"`` → ``"!status"``: the address, and the punctuation after it, go."""
+    match = re.match(rf"\s*<@{re.escape(user_id)}(?:\|[^<>]*)?>[\s,:;]*", text)
+    return text[match.end() :] if match else text
+
+
+def to_plain_text(text: str, *, names: Mapping[str, str]) -> str:
+    """Slack markup to plain text: ``<@U1>`` → ``@name``, ``<url|label>`` → ``label (url)``.
+
+    ``names`` maps user ids to display names; unknown ids stay as they are.
+    """
+
+    def replace(match: re.Match[str]) -> str:
+        inner = match.group(1)
+        target, _, label = inner.partition("|")
+        if target.startswith("@"):
+            return "@" + names.get(target[1:], label or target[1:])
+        if target.startswith("#"):
+            return "#" + (label or target[1:])
+        if target.startswith("!"):
+            # <!here>, <!channel>, <!subteam^S1|@team>, <!date^…|fallback>
+            return label or "@" + target[1:].split("^")[0]
+        if target.startswith("mailto:"):
+            return label or target.removeprefix("mailto:")
+        if label and label != target:
+            return f"{label} ({target})"
+        return target
+
+    return _unescape(_ANGLE.sub(replace, text))
+
+
+def escape(text: str) -> str:
+    """Plain text to Slack's ``text`` field: ``&``, ``<`` and ``>`` must be escaped."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _unescape(text: str) -> str:
+    return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+
+
+def rating_of(reaction: str) -> int | None:
+    """``+1`` / ``thumbsup`` (any skin tone) → 1, ``-1`` / ``thumbsdown`` → -1, else ``None``."""
+    return RATING_REACTIONS.get(reaction.split("::", 1)[0])
+
+
+def timestamp_of(ts: str) -> datetime:
+    """A Slack ``ts`` (``"1700000000.000100"``) as an aware datetime; now when unreadable."""
+    try:
+        return datetime.fromtimestamp(float(ts), UTC)
+    except (TypeError, ValueError, OverflowError, OSError):
+        return datetime.now(UTC)

@@ -1,0 +1,789 @@
+"""The Slack adapter end to end: the real Bolt app and slack_sdk client against a fake Slack.
+
+HTTP mode is driven by signed requests on loopback, Socket Mode by a fake websocket server; the
+replies come from the real tiny model through the real pipeline and database (SQLite and
+PostgreSQL). Nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+from sqlmodel import select
+
+from adapters.slack_adapter import PLACEHOLDER, SlackAdapter, ThreadReply
+from adapters.slack_format import SLACK_MESSAGE_LIMIT
+from bot.commands import Commands
+from bot.config import ConfigurationError, Settings
+from bot.service import APOLOGY, PipelineOptions, ReplyGenerator, ReplyPipeline
+from bot.storage import (
+    AnsweredBy,
+    Database,
+    DeliveryState,
+    ExchangeRecord,
+    MessageRecord,
+    RatingRecord,
+    Store,
+)
+from model.corpus import SEED_EXCHANGES
+from tests.conftest import make_message
+from tests.fakes.slack_api import (
+    BOT_ID,
+    BOT_USER_ID,
+    FakeSlackWebApi,
+    FakeSocketModeServer,
+    event_callback,
+    signed_headers,
+    slash_command_form,
+)
+
+RESET_QUESTION, RESET_ANSWER = SEED_EXCHANGES[0]
+REFUND_QUESTION, REFUND_ANSWER = SEED_EXCHANGES[1]
+SECRET = "test-signing-secret"
+ADMIN = "UADMIN"
+AGENT = "UAGENT"
+USER = "U1"
+CHANNEL = "C1"
+
+
+# --------------------------------------------------------------------------- harness
+
+
+def slack_settings(api: FakeSlackWebApi, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "slack_bot_token": "xoxb-test",
+        "slack_app_token": "",
+        "slack_signing_secret": SECRET,
+        "slack_port": 0,
+        "slack_api_url": api.url,
+        "slack_admin_ids": [ADMIN],
+        "slack_agent_ids": [AGENT],
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+def build_pipeline(
+    database: Database, generator: ReplyGenerator, *, progress_interval: float = 1.0
+) -> ReplyPipeline:
+    return ReplyPipeline(
+        store=Store(database),
+        generator=generator,
+        options=PipelineOptions(max_new_tokens=64, progress_interval=progress_interval),
+    )
+
+
+@dataclass
+class SlackHarness:
+    """A started adapter in HTTP mode, the fake Web API it talks to, and a way to post to it."""
+
+    adapter: SlackAdapter
+    api: FakeSlackWebApi
+    pipeline: ReplyPipeline
+    http: aiohttp.ClientSession
+
+    @property
+    def events_url(self) -> str:
+        return f"http://127.0.0.1:{self.adapter.port}/slack/events"
+
+    async def post(
+        self, body: str | bytes, *, headers: Mapping[str, str] | None = None, **signing: Any
+    ) -> tuple[int, str]:
+        all_headers = signed_headers(body, secret=SECRET, **signing)
+        all_headers.update(headers or {})
+        async with self.http.post(self.events_url, data=body, headers=all_headers) as response:
+            return response.status, await response.text()
+
+    async def event(
+        self, event: dict[str, Any], *, event_id: str | None = None, retry: int = 0
+    ) -> int:
+        """Deliver one event the way Slack does; returns the HTTP status of the ack."""
+        body = json.dumps(event_callback(event, event_id=event_id))
+        headers = {"X-Slack-Retry-Num": str(retry), "X-Slack-Retry-Reason": "http_timeout"}
+        status, _ = await self.post(body, headers=headers if retry else None)
+        return status
+
+    async def command(self, text: str, *, user_id: str) -> int:
+        body = slash_command_form(text=text, user_id=user_id, response_url=self.api.response_url)
+        status, _ = await self.post(body, content_type="application/x-www-form-urlencoded")
+        return status
+
+    async def settled(self) -> None:
+        await self.adapter.drain()
+
+    def rows(self, model: Any) -> list[Any]:
+        with self.pipeline.store.database.session() as session:
+            return list(session.exec(select(model)).all())
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[FakeSlackWebApi]:
+    fake = FakeSlackWebApi()
+    await fake.start()
+    yield fake
+    await fake.close()
+
+
+@pytest.fixture
+async def http_session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def start_adapter(
+    api: FakeSlackWebApi, pipeline: ReplyPipeline, **settings: Any
+) -> SlackAdapter:
+    adapter = SlackAdapter(
+        settings=slack_settings(api, **settings),
+        handler=pipeline,
+        commands=Commands(store=pipeline.store, model_version=lambda: pipeline.generator.version),
+        host="127.0.0.1",
+        retry_interval=0.2,
+    )
+    await adapter.start()
+    return adapter
+
+
+@pytest.fixture
+async def slack(
+    database: Database,
+    tiny_model: ReplyGenerator,
+    api: FakeSlackWebApi,
+    http_session: aiohttp.ClientSession,
+) -> AsyncIterator[SlackHarness]:
+    pipeline = build_pipeline(database, tiny_model)
+    adapter = await start_adapter(api, pipeline)
+    yield SlackHarness(adapter=adapter, api=api, pipeline=pipeline, http=http_session)
+    await adapter.stop()
+
+
+def mention(text: str, *, ts: str, user: str = USER, thread_ts: str | None = None) -> dict:
+    event = {
+        "type": "app_mention",
+        "user": user,
+        "text": f"<@{BOT_USER_ID}> {text}",
+        "ts": ts,
+        "channel": CHANNEL,
+    }
+    if thread_ts:
+        event["thread_ts"] = thread_ts
+    return event
+
+
+def channel_message(
+    text: str, *, ts: str, user: str = USER, thread_ts: str | None = None, channel: str = CHANNEL
+) -> dict:
+    event = {
+        "type": "message",
+        "user": user,
+        "text": text,
+        "ts": ts,
+        "channel": channel,
+        "channel_type": "im" if channel.startswith("D") else "channel",
+    }
+    if thread_ts:
+        event["thread_ts"] = thread_ts
+    return event
+
+
+# --------------------------------------------------------------------------- conversations
+
+
+async def test_a_mention_gets_one_reply_in_its_thread(slack: SlackHarness) -> None:
+    assert await slack.event(mention(RESET_QUESTION, ts="1700000001.000100")) == 200
+    await slack.settled()
+
+    (reply,) = slack.api.posted()
+    assert reply["channel"] == CHANNEL
+    assert reply["thread_ts"] == "1700000001.000100"
+    # A placeholder went up first and was edited into the reply.
+    assert reply["posted_text"] == PLACEHOLDER
+    assert reply["text"] == RESET_ANSWER
+    stored = {row.role: row for row in slack.rows(MessageRecord)}
+    assert stored["user"].text == RESET_QUESTION  # the @-mention is not part of the question
+    assert stored["user"].author_name == f"Person {USER}"
+    assert stored["assistant"].delivery_state == DeliveryState.SENT.value
+    assert stored["assistant"].platform_message_id == reply["ts"]
+
+
+async def test_the_ack_does_not_wait_for_generation(
+    database: Database,
+    tiny_model: ReplyGenerator,
+    api: FakeSlackWebApi,
+    http_session: aiohttp.ClientSession,
+) -> None:
+    gate = asyncio.Event()
+
+    class GatedModel:
+        """The tiny model, held back until the test opens the gate."""
+
+        version = tiny_model.version
+
+        async def generate(
+            self, *, messages: Sequence[Mapping[str, str]], max_new_tokens: int
+        ) -> str:
+            await gate.wait()
+            return await tiny_model.generate(messages=messages, max_new_tokens=max_new_tokens)
+
+    pipeline = build_pipeline(database, GatedModel())
+    adapter = await start_adapter(api, pipeline)
+    harness = SlackHarness(adapter=adapter, api=api, pipeline=pipeline, http=http_session)
+    try:
+        started = time.monotonic()
+        assert await harness.event(mention(RESET_QUESTION, ts="1700000002.000100")) == 200
+        assert time.monotonic() - started < 3.0
+        await api.wait_for(lambda: len(api.posted()) == 1, what="the placeholder")
+        assert api.posted()[0]["text"] == PLACEHOLDER  # acked, still generating
+        gate.set()
+        await harness.settled()
+        assert [m["text"] for m in api.posted()] == [RESET_ANSWER]
+    finally:
+        gate.set()
+        await adapter.stop()
+
+
+async def test_a_follow_up_in_the_thread_needs_no_mention(slack: SlackHarness) -> None:
+    root = "1700000010.000100"
+    await slack.event(mention(RESET_QUESTION, ts=root))
+    await slack.settled()
+    # Channel chatter outside the thread is not for the bot.
+    await slack.event(channel_message(REFUND_QUESTION, ts="1700000011.000100"))
+    await slack.event(channel_message(REFUND_QUESTION, ts="1700000012.000100", thread_ts=root))
+    await slack.settled()
+
+    replies = slack.api.posted()
+    assert [reply["thread_ts"] for reply in replies] == [root, root]
+    assert [reply["text"] for reply in replies] == [RESET_ANSWER, REFUND_ANSWER]
+    user_texts = [row.text for row in slack.rows(MessageRecord) if row.role == "user"]
+    assert user_texts == [RESET_QUESTION, REFUND_QUESTION]
+
+
+async def test_a_direct_message_is_a_conversation_of_its_own(slack: SlackHarness) -> None:
+    await slack.event(channel_message(RESET_QUESTION, ts="1700000020.000100", channel="D9"))
+    await slack.settled()
+
+    (reply,) = slack.api.posted()
+    assert reply["channel"] == "D9"
+    assert "thread_ts" not in reply  # a DM answer goes in the DM, not in a thread
+    assert reply["text"] == RESET_ANSWER
+    (user_message,) = [row for row in slack.rows(MessageRecord) if row.role == "user"]
+    assert user_message.is_direct
+
+
+# --------------------------------------------------------------------------- exactly once
+
+
+async def test_a_retried_event_gets_one_reply(slack: SlackHarness) -> None:
+    event = mention(RESET_QUESTION, ts="1700000030.000100")
+    assert await slack.event(event, event_id="EvRETRY1") == 200
+    await slack.settled()
+    # Slack did not see the ack in time and sends it again, twice.
+    assert await slack.event(event, event_id="EvRETRY1", retry=1) == 200
+    assert await slack.event(event, event_id="EvRETRY1", retry=2) == 200
+    await slack.settled()
+
+    assert [reply["text"] for reply in slack.api.posted()] == [RESET_ANSWER]
+    assert len(slack.rows(MessageRecord)) == 2  # the question and the answer
+
+
+async def test_a_mention_delivered_as_app_mention_and_message_gets_one_reply(
+    slack: SlackHarness,
+) -> None:
+    as_mention = mention(RESET_QUESTION, ts="1700000040.000100")
+    as_message = {**as_mention, "type": "message", "channel_type": "channel"}
+    statuses = await asyncio.gather(slack.event(as_mention), slack.event(as_message))
+    await slack.settled()
+
+    assert statuses == [200, 200]
+    assert [reply["text"] for reply in slack.api.posted()] == [RESET_ANSWER]
+
+
+async def test_a_restarted_instance_does_not_answer_a_redelivery(
+    slack: SlackHarness, tiny_model: ReplyGenerator
+) -> None:
+    event = mention(RESET_QUESTION, ts="1700000045.000100")
+    await slack.event(event, event_id="EvRESTART")
+    await slack.settled()
+    await slack.adapter.stop()
+
+    # A second instance on the same database, as after a restart or behind a load balancer.
+    pipeline = build_pipeline(slack.pipeline.store.database, tiny_model)
+    other = SlackHarness(
+        adapter=await start_adapter(slack.api, pipeline),
+        api=slack.api,
+        pipeline=pipeline,
+        http=slack.http,
+    )
+    try:
+        await other.event(event, event_id="EvRESTART", retry=1)
+        await other.settled()
+    finally:
+        await other.adapter.stop()
+    assert len(slack.api.posted()) == 1
+
+
+async def test_the_bots_own_and_other_bots_messages_get_no_reply(slack: SlackHarness) -> None:
+    own = {**mention(RESET_QUESTION, ts="1700000050.000100"), "user": BOT_USER_ID}
+    own_dm = {
+        **channel_message(RESET_QUESTION, ts="1700000051.000100", channel="D9"),
+        "user": BOT_USER_ID,
+        "bot_id": BOT_ID,
+    }
+    other_bot = {
+        **channel_message(f"<@{BOT_USER_ID}> {RESET_QUESTION}", ts="1700000052.000100"),
+        "subtype": "bot_message",
+        "bot_id": "B0OTHER",
+        "username": "another bot",
+    }
+    app_user_bot = {**mention(RESET_QUESTION, ts="1700000053.000100"), "bot_id": "B0OTHER"}
+    for event in (own, own_dm, other_bot, app_user_bot):
+        assert await slack.event(event) == 200
+    await slack.settled()
+
+    assert slack.api.posted() == []
+    assert slack.rows(MessageRecord) == []
+
+
+# --------------------------------------------------------------------------- edits, deletions
+
+
+async def test_edits_update_and_deletions_remove_the_stored_text(slack: SlackHarness) -> None:
+    ts = "1700000060.000100"
+    await slack.event(mention(RESET_QUESTION, ts=ts))
+    await slack.settled()
+    edit = {
+        "type": "message",
+        "subtype": "message_changed",
+        "channel": CHANNEL,
+        "ts": "1700000061.000100",
+        "message": {
+            "type": "message",
+            "user": USER,
+            "text": f"<@{BOT_USER_ID}> {RESET_QUESTION[:-1]} on <https://example.com|the site>?",
+            "ts": ts,
+            "edited": {"user": USER, "ts": "1700000061.000000"},
+        },
+        "previous_message": {"type": "message", "user": USER, "text": RESET_QUESTION, "ts": ts},
+    }
+    assert await slack.event(edit) == 200
+    await slack.settled()
+    (question,) = [row for row in slack.rows(MessageRecord) if row.role == "user"]
+    assert question.text == "How do I reset my password on the site (https://example.com)?"
+    assert question.edited_at is not None
+
+    deletion = {
+        "type": "message",
+        "subtype": "message_deleted",
+        "channel": CHANNEL,
+        "ts": "1700000062.000100",
+        "deleted_ts": ts,
+        "previous_message": edit["message"],
+    }
+    assert await slack.event(deletion) == 200
+    await slack.settled()
+    (question,) = [row for row in slack.rows(MessageRecord) if row.role == "user"]
+    assert question.deleted_at is not None
+    assert question.text == ""
+    assert len(slack.api.posted()) == 1  # neither event is a turn to answer
+
+
+async def test_an_unfurl_or_thread_update_is_not_an_edit(slack: SlackHarness) -> None:
+    ts = "1700000065.000100"
+    await slack.event(mention(RESET_QUESTION, ts=ts))
+    await slack.settled()
+    text = f"<@{BOT_USER_ID}> {RESET_QUESTION}"
+    unfurl = {
+        "type": "message",
+        "subtype": "message_changed",
+        "channel": CHANNEL,
+        "ts": "1700000066.000100",
+        "message": {"type": "message", "user": USER, "text": text, "ts": ts, "reply_count": 1},
+        "previous_message": {"type": "message", "user": USER, "text": text, "ts": ts},
+    }
+    await slack.event(unfurl)
+    await slack.settled()
+    (question,) = [row for row in slack.rows(MessageRecord) if row.role == "user"]
+    assert question.edited_at is None
+
+
+# --------------------------------------------------------------------------- feedback
+
+
+def reaction(kind: str, name: str, *, ts: str, user: str = USER) -> dict:
+    return {
+        "type": kind,
+        "user": user,
+        "reaction": name,
+        "item_user": BOT_USER_ID,
+        "item": {"type": "message", "channel": CHANNEL, "ts": ts},
+        "event_ts": "1700000099.000100",
+    }
+
+
+async def test_thumbs_on_a_reply_rate_the_exchange_and_removing_them_unrates(
+    slack: SlackHarness,
+) -> None:
+    await slack.event(mention(RESET_QUESTION, ts="1700000070.000100"))
+    await slack.settled()
+    (reply,) = slack.api.posted()
+
+    await slack.event(reaction("reaction_added", "+1", ts=reply["ts"]))
+    await slack.event(reaction("reaction_added", "-1::skin-tone-3", ts=reply["ts"], user="U2"))
+    await slack.event(reaction("reaction_added", "tada", ts=reply["ts"], user="U3"))
+    await slack.settled()
+    ratings = {row.rater_id: row.value for row in slack.rows(RatingRecord)}
+    assert ratings == {USER: 1, "U2": -1}
+    (exchange,) = slack.rows(ExchangeRecord)
+    assert {row.exchange_id for row in slack.rows(RatingRecord)} == {exchange.id}
+
+    await slack.event(reaction("reaction_removed", "+1", ts=reply["ts"]))
+    await slack.settled()
+    assert {row.rater_id: row.value for row in slack.rows(RatingRecord)} == {"U2": -1}
+
+
+async def test_a_reaction_on_a_user_message_rates_nothing(slack: SlackHarness) -> None:
+    ts = "1700000075.000100"
+    await slack.event(mention(RESET_QUESTION, ts=ts))
+    await slack.settled()
+    on_question = {**reaction("reaction_added", "+1", ts=ts, user="U2"), "item_user": USER}
+    await slack.event(on_question)
+    await slack.settled()
+    assert slack.rows(RatingRecord) == []
+
+
+# --------------------------------------------------------------------------- human agents
+
+
+async def test_an_agent_reply_in_a_bot_thread_is_stored_as_the_answer(slack: SlackHarness) -> None:
+    root = "1700000080.000100"
+    await slack.event(mention(RESET_QUESTION, ts=root))
+    await slack.settled()
+    await slack.event(channel_message(REFUND_QUESTION, ts="1700000081.000100", thread_ts=root))
+    await slack.settled()
+    agent_text = "Refunds within 30 days; write to billing and mention your order number."
+    await slack.event(
+        channel_message(agent_text, ts="1700000082.000100", thread_ts=root, user=AGENT)
+    )
+    await slack.settled()
+
+    assert len(slack.api.posted()) == 2  # the bot did not answer the agent
+    agent_exchanges = [
+        row for row in slack.rows(ExchangeRecord) if row.answered_by == AnsweredBy.HUMAN_AGENT
+    ]
+    assert len(agent_exchanges) == 1
+    messages = {row.id: row for row in slack.rows(MessageRecord)}
+    assert messages[agent_exchanges[0].user_message_id].text == REFUND_QUESTION
+    assert messages[agent_exchanges[0].answer_message_id].text == agent_text
+    assert messages[agent_exchanges[0].answer_message_id].role == "human_agent"
+
+
+# --------------------------------------------------------------------------- commands
+
+
+async def test_slash_commands_answer_admins_and_refuse_others(
+    slack: SlackHarness, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert await slack.command("status", user_id=ADMIN) == 200
+    assert await slack.command("retrain", user_id=USER) == 200
+    assert await slack.command("forget-me", user_id=USER) == 200
+    assert await slack.command("", user_id=USER) == 200
+    await slack.settled()
+
+    answers = [call.params for call in slack.api.calls_of("response_url")]
+    assert len(answers) == 4
+    assert all(answer["response_type"] == "ephemeral" for answer in answers)
+    texts = sorted(answer["text"] for answer in answers)
+    status = next(text for text in texts if text.startswith("Model:"))
+    assert slack.pipeline.generator.version in status
+    assert "messages: 0" in status
+    assert any("only admins" in text and "retrain" in text for text in texts)
+    assert any("not available yet" in text and "forget-me" in text for text in texts)
+    assert any(text.startswith("Commands:") for text in texts)  # no word: the help
+    assert any("refused admin command retrain" in r.getMessage() for r in caplog.records)
+    assert slack.api.posted() == []  # nothing public
+
+
+async def test_bang_commands_to_the_bot_are_answered_in_the_thread(slack: SlackHarness) -> None:
+    admin_status = mention("!status", ts="1700000090.000100", user=ADMIN)
+    await asyncio.gather(
+        slack.event(admin_status),
+        # The same message again as a `message` event: still one answer.
+        slack.event({**admin_status, "type": "message", "channel_type": "channel"}),
+        slack.event(mention("!rollback", ts="1700000091.000100")),
+        slack.event(channel_message("!help", ts="1700000092.000100", channel="D9")),
+    )
+    await slack.settled()
+
+    replies = {
+        reply["thread_ts"] if "thread_ts" in reply else reply["channel"]: reply["text"]
+        for reply in slack.api.posted()
+    }
+    assert len(slack.api.posted()) == 3
+    assert replies["1700000090.000100"].startswith("Model:")
+    assert "only admins" in replies["1700000091.000100"]
+    assert replies["D9"].startswith("Commands:")
+    assert slack.rows(MessageRecord) == []  # commands are not conversation turns
+
+
+# --------------------------------------------------------------------------- delivery
+
+
+async def test_a_rate_limited_post_is_retried_by_the_sdk(slack: SlackHarness) -> None:
+    slack.api.rate_limit("chat.postMessage", times=1, retry_after="0")
+    await slack.event(mention(RESET_QUESTION, ts="1700000100.000100"))
+    await slack.settled()
+
+    statuses = [call.status for call in slack.api.calls_of("chat.postMessage", ok_only=False)]
+    assert statuses == [429, 200]
+    assert [reply["text"] for reply in slack.api.posted()] == [RESET_ANSWER]
+
+
+async def test_a_reply_that_cannot_be_posted_is_posted_from_the_queue_after_a_restart(
+    slack: SlackHarness, tiny_model: ReplyGenerator
+) -> None:
+    root = "1700000110.000100"
+    slack.api.fail("chat.postMessage", times=100, status=500, error="internal_error")
+    await slack.event(mention(RESET_QUESTION, ts=root))
+    await slack.settled()
+    await slack.adapter.stop()
+    assert slack.api.posted() == []
+    (answer,) = [row for row in slack.rows(MessageRecord) if row.role == "assistant"]
+    assert answer.delivery_state == DeliveryState.FAILED.value
+
+    # Slack is back; a new instance on the same database posts the queued reply once.
+    slack.api.fail("chat.postMessage", times=0)
+    database = slack.pipeline.store.database
+    for _ in range(2):
+        adapter = await start_adapter(slack.api, build_pipeline(database, tiny_model))
+        await slack.api.wait_for(lambda: len(slack.api.posted()) == 1, what="the queued reply")
+        await asyncio.sleep(0.3)  # more than one retry_interval: a second pass posts nothing
+        await adapter.stop()
+
+    (reply,) = slack.api.posted()
+    assert reply["thread_ts"] == root
+    assert reply["text"] == RESET_ANSWER
+    (answer,) = [row for row in slack.rows(MessageRecord) if row.role == "assistant"]
+    assert answer.delivery_state == DeliveryState.SENT.value
+    assert answer.platform_message_id == reply["ts"]
+
+
+async def test_a_long_reply_is_split_at_slacks_limit(slack: SlackHarness) -> None:
+    sentence = "Open the settings page and choose the security tab to change it. "
+    long_text = sentence * (2 * SLACK_MESSAGE_LIMIT // len(sentence) + 5)
+    question = make_message(platform="slack", channel=CHANNEL, thread="1.2")
+    writer = ThreadReply(client=slack.adapter.client, channel=CHANNEL, thread_ts="1.2")
+    await writer.progress(text="", in_reply_to=question)
+    first_ts = await writer.send(text=long_text, in_reply_to=question)
+
+    chunks = slack.api.posted()
+    assert len(chunks) == 3
+    assert chunks[0]["ts"] == first_ts
+    assert all(chunk["thread_ts"] == "1.2" for chunk in chunks)
+    assert all(len(chunk["text"]) <= SLACK_MESSAGE_LIMIT for chunk in chunks)
+    assert all(chunk["text"].endswith(".") for chunk in chunks)  # cut at sentence ends
+    assert " ".join(chunk["text"] for chunk in chunks) == long_text.strip()
+
+
+async def test_the_reply_streams_into_the_placeholder(
+    database: Database,
+    tiny_model: ReplyGenerator,
+    api: FakeSlackWebApi,
+    http_session: aiohttp.ClientSession,
+) -> None:
+    pipeline = build_pipeline(database, tiny_model, progress_interval=0.0)
+    adapter = await start_adapter(api, pipeline)
+    harness = SlackHarness(adapter=adapter, api=api, pipeline=pipeline, http=http_session)
+    try:
+        await harness.event(mention(RESET_QUESTION, ts="1700000120.000100"))
+        await harness.settled()
+    finally:
+        await adapter.stop()
+
+    (reply,) = api.posted()
+    assert reply["posted_text"] == PLACEHOLDER
+    edits = [call.params["text"] for call in api.calls_of("chat.update")]
+    assert len(edits) >= 2
+    assert edits[-1] == RESET_ANSWER
+    for partial in edits[:-1]:
+        assert partial.endswith(" …")
+        assert RESET_ANSWER.startswith(partial.removesuffix(" …"))
+
+
+async def test_a_model_failure_gets_an_apology_in_the_thread(
+    database: Database, api: FakeSlackWebApi, http_session: aiohttp.ClientSession
+) -> None:
+    class BrokenModel:
+        version = "broken"
+
+        async def generate(
+            self, *, messages: Sequence[Mapping[str, str]], max_new_tokens: int
+        ) -> str:
+            raise RuntimeError("out of memory")
+
+    pipeline = build_pipeline(database, BrokenModel())
+    adapter = await start_adapter(api, pipeline)
+    harness = SlackHarness(adapter=adapter, api=api, pipeline=pipeline, http=http_session)
+    try:
+        await harness.event(mention(RESET_QUESTION, ts="1700000130.000100"))
+        await harness.settled()
+    finally:
+        await adapter.stop()
+    (reply,) = api.posted()
+    assert reply["thread_ts"] == "1700000130.000100"
+    assert reply["text"] == APOLOGY
+
+
+async def test_display_names_are_looked_up_once(slack: SlackHarness) -> None:
+    slack.api.users["U7"] = {"id": "U7", "name": "ada", "profile": {"display_name": "Ada L."}}
+    root = "1700000140.000100"
+    await slack.event(mention(RESET_QUESTION, ts=root, user="U7"))
+    await slack.settled()
+    await slack.event(
+        channel_message(f"<@U7> asks: {REFUND_QUESTION}", ts="1700000141.0001", thread_ts=root)
+    )
+    await slack.settled()
+
+    looked_up = [call.params["user"] for call in slack.api.calls_of("users.info")]
+    assert sorted(looked_up) == sorted(["U7", USER])
+    texts = [row.text for row in slack.rows(MessageRecord) if row.role == "user"]
+    assert texts[1] == f"@Ada L. asks: {REFUND_QUESTION}"
+    assert [row.author_name for row in slack.rows(MessageRecord) if row.role == "user"] == [
+        "Ada L.",
+        f"Person {USER}",
+    ]
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+async def test_bad_signatures_and_stale_timestamps_get_401(slack: SlackHarness) -> None:
+    body = json.dumps(event_callback(mention(RESET_QUESTION, ts="1700000150.000100")))
+    forged = {"X-Slack-Signature": "v0=" + "0" * 64}
+    assert (await slack.post(body, headers=forged))[0] == 401
+    six_minutes_ago = int(time.time()) - 6 * 60
+    assert (await slack.post(body, timestamp=six_minutes_ago))[0] == 401
+    assert (await slack.post(body, headers={"X-Slack-Request-Timestamp": "soon"}))[0] == 401
+    unsigned = await slack.http.post(slack.events_url, data=body)
+    assert unsigned.status == 401
+    unsigned.release()
+    await slack.settled()
+    assert slack.api.posted() == []
+    assert slack.rows(MessageRecord) == []
+
+
+async def test_malformed_and_unknown_requests_are_refused_and_the_app_keeps_serving(
+    slack: SlackHarness, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    status, _ = await slack.post('{"type": "event_callback", "event": ')
+    assert status == 400
+    assert (await slack.post(b"\xff\xfe not utf-8"))[0] == 400
+    unknown = event_callback({"type": "made_up_event", "ts": "1700000160.000100"})
+    status, _ = await slack.post(json.dumps(unknown))
+    assert 400 <= status < 500
+    no_user = {"type": "message", "channel": CHANNEL, "ts": "1700000161.000100", "text": "hi"}
+    assert await slack.event({**no_user, "channel_type": "im"}) == 200
+    await slack.settled()
+    logged = " ".join(record.getMessage() for record in caplog.records)
+    assert "malformed" in logged
+    assert "made_up_event" in logged or "Unhandled" in logged
+
+    # Still serving.
+    await slack.event(mention(RESET_QUESTION, ts="1700000162.000100"))
+    await slack.settled()
+    assert [reply["text"] for reply in slack.api.posted()] == [RESET_ANSWER]
+
+
+async def test_the_url_verification_challenge_is_answered(slack: SlackHarness) -> None:
+    challenge = {"token": "t", "challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P"}
+    status, body = await slack.post(json.dumps({**challenge, "type": "url_verification"}))
+    assert status == 200
+    assert challenge["challenge"] in body
+
+
+async def test_a_100_kb_message_is_answered(slack: SlackHarness) -> None:
+    filler = "Some context about my account. " * (100_000 // 31)
+    text = f"{filler}{RESET_QUESTION}"
+    assert len(text) >= 100_000
+    assert await slack.event(mention(text, ts="1700000170.000100")) == 200
+    await slack.settled()
+
+    (reply,) = slack.api.posted()
+    assert reply["thread_ts"] == "1700000170.000100"
+    assert reply["text"] not in ("", PLACEHOLDER)
+    (question,) = [row for row in slack.rows(MessageRecord) if row.role == "user"]
+    assert question.text == text
+
+
+def test_missing_credentials_are_a_clear_configuration_error() -> None:
+    api = FakeSlackWebApi()
+    with pytest.raises(ConfigurationError, match="SLACK_APP_TOKEN"):
+        SlackAdapter(
+            settings=slack_settings(api, slack_signing_secret=""),
+            handler=None,  # type: ignore[arg-type]
+            commands=None,  # type: ignore[arg-type]
+        )
+
+
+async def test_a_rejected_token_is_a_clear_configuration_error(
+    database: Database, tiny_model: ReplyGenerator, api: FakeSlackWebApi
+) -> None:
+    api.fail("auth.test", times=1, error="invalid_auth")
+    with pytest.raises(ConfigurationError, match="invalid_auth"):
+        await start_adapter(api, build_pipeline(database, tiny_model))
+
+
+# --------------------------------------------------------------------------- Socket Mode
+
+
+async def test_socket_mode_end_to_end(
+    database: Database, tiny_model: ReplyGenerator, api: FakeSlackWebApi
+) -> None:
+    socket_server = FakeSocketModeServer()
+    await socket_server.start()
+    api.socket_url = socket_server.url
+    pipeline = build_pipeline(database, tiny_model)
+    adapter = await start_adapter(
+        api, pipeline, slack_app_token="xapp-test", slack_signing_secret=""
+    )
+    try:
+        await socket_server.wait_connected()
+        assert api.calls_of("apps.connections.open")
+        root = "1700000180.000100"
+        event = event_callback(mention(RESET_QUESTION, ts=root), event_id="EvSOCKET")
+        first = await socket_server.send(kind="events_api", payload=event)
+        await socket_server.wait_for_ack(first)
+        # Slack redelivers over the socket when an ack is late: still one reply.
+        again = await socket_server.send(kind="events_api", payload=event, retry_attempt=1)
+        await socket_server.wait_for_ack(again)
+        await api.wait_for(
+            lambda: [m["text"] for m in api.posted()] == [RESET_ANSWER], what="the reply"
+        )
+        command = {
+            "command": "/chatbot",
+            "text": "status",
+            "user_id": ADMIN,
+            "user_name": "admin",
+            "team_id": "T0TEAM",
+            "channel_id": CHANNEL,
+            "response_url": api.response_url,
+        }
+        envelope = await socket_server.send(kind="slash_commands", payload=command)
+        await socket_server.wait_for_ack(envelope)
+        await api.wait_for(lambda: bool(api.calls_of("response_url")), what="the status")
+        await adapter.drain()
+    finally:
+        await adapter.stop()
+        await socket_server.close()
+
+    (reply,) = api.posted()
+    assert reply["thread_ts"] == root
+    assert api.calls_of("response_url")[0].params["text"].startswith("Model:")

@@ -1,0 +1,336 @@
+"""A fake Slack: the Web API and a Socket Mode websocket server, on loopback.
+
+The real ``slack_sdk`` client talks to :class:`FakeSlackWebApi` through ``SLACK_API_URL``; it
+records every call and answers the way Slack does. It can be told to answer a method with 429
+(``Retry-After``) or with an error a number of times. ``apps.connections.open`` returns the URL
+of a :class:`FakeSocketModeServer`, which says ``hello``, sends envelopes and records the acks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import itertools
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode
+
+import aiohttp
+from aiohttp import web
+
+BOT_USER_ID = "UBOT"
+BOT_ID = "BBOT"
+TEAM_ID = "T0TEAM"
+BOT_NAME = "chatbot"
+
+
+@dataclass(frozen=True)
+class ApiCall:
+    """One request the fake received: the Web API method and its parameters."""
+
+    method: str
+    params: dict[str, Any]
+    status: int  # the HTTP status the fake answered with
+
+
+@dataclass
+class _Failure:
+    times: int
+    status: int
+    error: str
+    retry_after: str | None
+
+
+@dataclass
+class FakeSlackWebApi:
+    """Slack's Web API on ``http://127.0.0.1:<ephemeral>/api/``."""
+
+    users: dict[str, dict[str, Any]] = field(default_factory=dict)
+    socket_url: str = ""
+    calls: list[ApiCall] = field(default_factory=list)
+    #: Each posted message by ts, with the text it shows now (after edits).
+    messages: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._failures: dict[str, _Failure] = {}
+        self._ts = itertools.count(1)
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/"
+
+    @property
+    def response_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/respond/{uuid.uuid4().hex}"
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=8 * 1024 * 1024)
+        app.router.add_post("/api/{method}", self._api)
+        app.router.add_get("/api/{method}", self._api)  # users.info and a few others are GETs
+        app.router.add_post("/respond/{token}", self._respond)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # ----------------------------------------------------------------- scripting
+
+    def fail(
+        self,
+        method: str,
+        *,
+        times: int,
+        status: int = 200,
+        error: str = "internal_error",
+        retry_after: str | None = None,
+    ) -> None:
+        """Answer the next ``times`` calls of ``method`` with an error (429 with Retry-After)."""
+        self._failures[method] = _Failure(times, status, error, retry_after)
+
+    def rate_limit(self, method: str, *, times: int, retry_after: str = "0") -> None:
+        self.fail(method, times=times, status=429, error="ratelimited", retry_after=retry_after)
+
+    # ----------------------------------------------------------------- inspection
+
+    def calls_of(self, method: str, *, ok_only: bool = True) -> list[ApiCall]:
+        return [
+            call
+            for call in self.calls
+            if call.method == method and (call.status == 200 or not ok_only)
+        ]
+
+    def posted(self) -> list[dict[str, Any]]:
+        """Every message posted, oldest first: ts, channel, thread_ts (when threaded), the
+        ``text`` it shows now (after edits) and the ``posted_text`` it was posted with."""
+        return list(self.messages.values())
+
+    async def wait_for(
+        self, condition: Callable[[], bool], *, within: float = 20.0, what: str = "condition"
+    ) -> None:
+        """Poll ``condition`` until it holds; fail the test after ``within`` seconds."""
+        deadline = time.monotonic() + within
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; calls: {self.calls}")
+            await asyncio.sleep(0.02)
+
+    # ----------------------------------------------------------------- handlers
+
+    async def _api(self, request: web.Request) -> web.Response:
+        method = request.match_info["method"]
+        params = await _params(request)
+        failure = self._failures.get(method)
+        if failure is not None and failure.times > 0:
+            failure.times -= 1
+            self.calls.append(ApiCall(method, params, failure.status))
+            headers = {"Retry-After": failure.retry_after} if failure.retry_after else None
+            return web.json_response(
+                {"ok": False, "error": failure.error}, status=failure.status, headers=headers
+            )
+        self.calls.append(ApiCall(method, params, 200))
+        return web.json_response(self._answer(method, params))
+
+    async def _respond(self, request: web.Request) -> web.Response:
+        self.calls.append(ApiCall("response_url", await _params(request), 200))
+        return web.Response(text="ok")
+
+    def _answer(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        if method == "auth.test":
+            return {
+                "ok": True,
+                "url": "https://test.slack.com/",
+                "team": "Test",
+                "user": BOT_NAME,
+                "team_id": TEAM_ID,
+                "user_id": BOT_USER_ID,
+                "bot_id": BOT_ID,
+            }
+        if method == "users.info":
+            user_id = str(params.get("user"))
+            user = self.users.get(user_id)
+            if user is None:
+                user = {"id": user_id, "name": f"user-{user_id.lower()}"}
+                user["profile"] = {"display_name": f"Person {user_id}", "real_name": ""}
+            return {"ok": True, "user": user}
+        if method == "chat.postMessage":
+            ts = f"{1_800_000_000 + next(self._ts)}.000100"
+            message = {"ts": ts, "text": params.get("text", ""), "user": BOT_USER_ID}
+            if params.get("thread_ts"):
+                message["thread_ts"] = params["thread_ts"]
+            self.messages[ts] = {
+                **message,
+                "channel": params.get("channel"),
+                "posted_text": message["text"],
+            }
+            return {"ok": True, "channel": params.get("channel"), "ts": ts, "message": message}
+        if method == "chat.update":
+            ts = str(params.get("ts"))
+            if ts not in self.messages:
+                return {"ok": False, "error": "message_not_found"}
+            self.messages[ts]["text"] = params.get("text", "")
+            return {"ok": True, "channel": params.get("channel"), "ts": ts, "text": params["text"]}
+        if method == "chat.postEphemeral":
+            return {"ok": True, "message_ts": f"{1_800_000_000 + next(self._ts)}.000200"}
+        if method == "apps.connections.open":
+            return {"ok": True, "url": self.socket_url}
+        return {"ok": False, "error": "unknown_method"}
+
+
+async def _params(request: web.Request) -> dict[str, Any]:
+    if request.method == "GET":
+        return dict(request.query)
+    if request.content_type == "application/json":
+        body = await request.json()
+        return dict(body) if isinstance(body, dict) else {"body": body}
+    return dict(await request.post())
+
+
+# --------------------------------------------------------------------------- Socket Mode
+
+
+@dataclass
+class FakeSocketModeServer:
+    """Slack's Socket Mode websocket on ``ws://127.0.0.1:<ephemeral>/link``."""
+
+    acks: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._runner: web.AppRunner | None = None
+        self._socket: web.WebSocketResponse | None = None
+        self._connected = asyncio.Event()
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/link"
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/link", self._link)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def close(self) -> None:
+        if self._socket is not None:
+            await self._socket.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def wait_connected(self, *, within: float = 10.0) -> None:
+        await asyncio.wait_for(self._connected.wait(), within)
+
+    async def send(self, *, kind: str, payload: dict[str, Any], retry_attempt: int = 0) -> str:
+        """Send one envelope (``events_api``, ``slash_commands``, …); returns its id."""
+        assert self._socket is not None, "no client connected"
+        envelope_id = uuid.uuid4().hex
+        await self._socket.send_json(
+            {
+                "envelope_id": envelope_id,
+                "type": kind,
+                "payload": payload,
+                "accepts_response_payload": kind != "events_api",
+                "retry_attempt": retry_attempt,
+                "retry_reason": "timeout" if retry_attempt else "",
+            }
+        )
+        return envelope_id
+
+    async def wait_for_ack(self, envelope_id: str, *, within: float = 10.0) -> dict[str, Any]:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            for ack in self.acks:
+                if ack.get("envelope_id") == envelope_id:
+                    return ack
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"no ack for envelope {envelope_id}; acks: {self.acks}")
+
+    async def _link(self, request: web.Request) -> web.WebSocketResponse:
+        socket = web.WebSocketResponse()
+        await socket.prepare(request)
+        self._socket = socket
+        await socket.send_json(
+            {
+                "type": "hello",
+                "num_connections": 1,
+                "connection_info": {"app_id": "A0APP"},
+                "debug_info": {"host": "fake", "approximate_connection_time": 3600},
+            }
+        )
+        self._connected.set()
+        async for frame in socket:
+            if frame.type == aiohttp.WSMsgType.TEXT:
+                self.acks.append(json.loads(frame.data))
+        return socket
+
+
+# --------------------------------------------------------------------------- requests from Slack
+
+
+def event_callback(
+    event: dict[str, Any], *, event_id: str | None = None, team_id: str = TEAM_ID
+) -> dict[str, Any]:
+    """An Events API ``event_callback`` body around ``event``."""
+    return {
+        "token": "legacy-verification-token",
+        "team_id": team_id,
+        "api_app_id": "A0APP",
+        "event": {"event_ts": event.get("ts", "1700000000.000100"), **event},
+        "type": "event_callback",
+        "event_id": event_id or f"Ev{uuid.uuid4().hex[:10].upper()}",
+        "event_time": int(time.time()),
+        "authorizations": [
+            {"team_id": team_id, "user_id": BOT_USER_ID, "is_bot": True, "enterprise_id": None}
+        ],
+    }
+
+
+def slash_command_form(*, text: str, user_id: str, response_url: str, channel: str = "C1") -> str:
+    """A ``/chatbot`` slash command body, form-encoded the way Slack posts it."""
+    return urlencode(
+        {
+            "token": "legacy-verification-token",
+            "team_id": TEAM_ID,
+            "channel_id": channel,
+            "channel_name": "general",
+            "user_id": user_id,
+            "user_name": f"user-{user_id.lower()}",
+            "command": "/chatbot",
+            "text": text,
+            "api_app_id": "A0APP",
+            "response_url": response_url,
+            "trigger_id": "1.2.3",
+        }
+    )
+
+
+def signed_headers(
+    body: str | bytes,
+    *,
+    secret: str,
+    timestamp: int | None = None,
+    content_type: str = "application/json",
+) -> dict[str, str]:
+    """The headers Slack sends: ``v0=`` HMAC-SHA256 of ``v0:{timestamp}:{body}``."""
+    stamp = str(int(time.time()) if timestamp is None else timestamp)
+    raw = body.encode() if isinstance(body, str) else body
+    digest = hmac.new(secret.encode(), b"v0:" + stamp.encode() + b":" + raw, hashlib.sha256)
+    return {
+        "Content-Type": content_type,
+        "X-Slack-Request-Timestamp": stamp,
+        "X-Slack-Signature": "v0=" + digest.hexdigest(),
+    }
