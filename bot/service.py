@@ -291,6 +291,22 @@ class ReplyPipeline:
             value=value,
         )
 
+    async def remember(self, message: IncomingMessage) -> bool:
+        """Store ``message`` as context without answering it; ``False`` for a duplicate.
+
+        For messages the bot was not asked about but should see, such as the earlier messages
+        of a reply chain or thread it is then called into.
+        """
+        stored = await self.store.run(record_incoming, message=message)
+        if stored is None or stored.id is None:
+            return False
+        if stored.answer_state == AnswerState.PENDING.value:
+            # Not addressed to the bot: nothing is waiting for an answer.
+            await self.store.run(
+                set_answer_state, message_id=stored.id, state=AnswerState.IGNORED
+            )
+        return True
+
     async def agent_answered(self, message: IncomingMessage) -> bool:
         """A human agent's reply in a bot conversation, stored as the answer it gives."""
         return await self.store.run(record_agent_answer, message=message) is not None

@@ -1,0 +1,673 @@
+"""The Discord adapter end to end: the real discord.py client against a fake Discord.
+
+The fake REST API and gateway run on loopback (tests/fakes/discord_server.py) and speak the real
+protocol; replies come from the real tiny model through the real pipeline and database (SQLite
+and PostgreSQL). Nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+import pytest
+from sqlmodel import col, select
+
+from adapters.discord_adapter import MESSAGE_LIMIT, DiscordAdapter
+from bot.commands import Commands
+from bot.config import Settings
+from bot.conversation import Role
+from bot.service import APOLOGY, PipelineOptions, ReplyGenerator, ReplyPipeline
+from bot.storage import (
+    AnsweredBy,
+    AnswerState,
+    Database,
+    DeliveryState,
+    ExchangeRecord,
+    MessageRecord,
+    RatingRecord,
+    Store,
+    record_answer,
+    record_incoming,
+    set_delivery,
+)
+from model.corpus import SEED_EXCHANGES
+from tests.conftest import make_message
+from tests.fakes.discord_server import (
+    ADMIN_ROLE_ID,
+    BOT_ID,
+    GENERAL_CHANNEL_ID,
+    GUILD_ID,
+    MANAGE_GUILD,
+    THREAD_ID,
+    FakeDiscord,
+    Json,
+    snowflake,
+)
+
+RESET_QUESTION, RESET_ANSWER = SEED_EXCHANGES[0]
+REFUND_QUESTION, REFUND_ANSWER = SEED_EXCHANGES[1]
+ADMIN_ID = "500000000000000001"
+AGENT_ID = "700000000000000001"
+
+ALICE = FakeDiscord.make_user("300000000000000001", "alice")
+BOB = FakeDiscord.make_user("300000000000000002", "bob")
+ADMIN = FakeDiscord.make_user(ADMIN_ID, "admin")
+AGENT = FakeDiscord.make_user(AGENT_ID, "agent")
+OTHER_BOT = FakeDiscord.make_user("800000000000000001", "otherbot", bot=True)
+
+
+# --------------------------------------------------------------------------- harness
+
+
+class RecordingModel:
+    """The real tiny model, keeping the chat messages it was asked to answer."""
+
+    def __init__(self, inner: ReplyGenerator) -> None:
+        self.inner = inner
+        self.version = inner.version
+        self.prompts: list[list[dict[str, str]]] = []
+
+    async def generate(self, *, messages: Sequence[Mapping[str, str]], max_new_tokens: int) -> str:
+        self.prompts.append([dict(m) for m in messages])
+        return await self.inner.generate(messages=messages, max_new_tokens=max_new_tokens)
+
+
+class BrokenModel:
+    """A model whose generation fails."""
+
+    version = "broken"
+
+    async def generate(self, *, messages: Sequence[Mapping[str, str]], max_new_tokens: int) -> str:
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+
+@pytest.fixture
+async def discord() -> AsyncIterator[FakeDiscord]:
+    server = FakeDiscord()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+def model(tiny_model: ReplyGenerator) -> RecordingModel:
+    return RecordingModel(tiny_model)
+
+
+@contextlib.asynccontextmanager
+async def running_bot(
+    discord: FakeDiscord, database: Database, generator: ReplyGenerator, **settings: Any
+) -> AsyncIterator[DiscordAdapter]:
+    """The adapter connected to the fake Discord; closed (and checked) on the way out."""
+    pipeline = ReplyPipeline(
+        store=Store(database),
+        generator=generator,
+        options=PipelineOptions(max_new_tokens=64, progress_interval=0.05),
+    )
+    values: dict[str, Any] = {
+        "discord_bot_token": "test-token",
+        "discord_api_url": discord.api_url,
+        "discord_gateway_url": discord.gateway_url,
+        "discord_admin_ids": [ADMIN_ID],
+        "discord_admin_role_ids": [ADMIN_ROLE_ID],
+        "discord_agent_ids": [AGENT_ID],
+        **settings,
+    }
+    adapter = DiscordAdapter(
+        settings=Settings(_env_file=None, **values),  # type: ignore[call-arg]
+        handler=pipeline,
+        commands=Commands(store=pipeline.store, model_version=lambda: generator.version),
+        guild_ready_timeout=0.05,
+    )
+    run = asyncio.create_task(adapter.run())
+    ready = asyncio.create_task(adapter.wait_until_ready())
+    try:
+        done, _ = await asyncio.wait({run, ready}, timeout=15, return_when="FIRST_COMPLETED")
+        assert ready in done, "the client did not become ready"
+        yield adapter
+    finally:
+        ready.cancel()
+        await adapter.close()
+        assert await asyncio.wait_for(run, 15) == 0
+
+
+def mention(text: str) -> str:
+    return f"<@{BOT_ID}> {text}"
+
+
+async def say(
+    discord: FakeDiscord,
+    text: str,
+    *,
+    author: Json = ALICE,
+    channel_id: str = GENERAL_CHANNEL_ID,
+    mentions_bot: bool = False,
+    **options: Any,
+) -> Json:
+    """Post a user message through the gateway; returns its payload."""
+    message = discord.user_message(
+        channel_id=channel_id,
+        author=author,
+        content=mention(text) if mentions_bot else text,
+        mentions=(discord.bot_user,) if mentions_bot else (),
+        **options,
+    )
+    await discord.dispatch("MESSAGE_CREATE", message)
+    return message
+
+
+async def reply_to(discord: FakeDiscord, message: Json, *, count: int = 1) -> list[Json]:
+    """Wait for the bot's replies to ``message``."""
+    return await discord.wait_for(
+        lambda: (r := discord.replies_to(message["id"])) and len(r) >= count and r,
+        what=f"a reply to {message['content'][:40]!r}",
+    )
+
+
+def stored(database: Database) -> list[MessageRecord]:
+    with database.session() as session:
+        return list(session.exec(select(MessageRecord).order_by(col(MessageRecord.id))).all())
+
+
+def exchanges(database: Database) -> list[ExchangeRecord]:
+    with database.session() as session:
+        return list(session.exec(select(ExchangeRecord).order_by(col(ExchangeRecord.id))).all())
+
+
+def ratings(database: Database) -> list[tuple[str, int]]:
+    with database.session() as session:
+        return [(r.rater_id, r.value) for r in session.exec(select(RatingRecord)).all()]
+
+
+# --------------------------------------------------------------------------- conversations
+
+
+async def test_answers_a_direct_message(
+    discord: FakeDiscord, database: Database, model: RecordingModel
+) -> None:
+    async with running_bot(discord, database, model):
+        dm = discord.dm_channel(ALICE)
+        question = await say(discord, RESET_QUESTION, channel_id=dm["id"])
+        (reply,) = await reply_to(discord, question)
+
+    assert reply["content"] == RESET_ANSWER
+    assert discord.requests_to("POST", f"/channels/{dm['id']}/typing"), "no typing indicator"
+    user, answer = stored(database)
+    assert (user.role, user.text, user.is_direct, user.answer_state) == (
+        Role.USER,
+        RESET_QUESTION,
+        True,
+        AnswerState.ANSWERED,
+    )
+    assert (answer.role, answer.text, answer.delivery_state) == (
+        Role.ASSISTANT,
+        RESET_ANSWER,
+        DeliveryState.SENT,
+    )
+    assert answer.platform_message_id == reply["id"]
+
+
+async def test_answers_a_mention_in_a_guild_channel_and_nothing_else(
+    discord: FakeDiscord, database: Database, model: RecordingModel
+) -> None:
+    async with running_bot(discord, database, model) as bot:
+        chatter = await say(discord, "anyone around for lunch?", author=BOB)
+        question = await say(discord, RESET_QUESTION, mentions_bot=True)
+        (reply,) = await reply_to(discord, question)
+        await bot.wait_until_idle()
+
+    assert reply["content"] == RESET_ANSWER
+    assert reply["message_reference"]["message_id"] == question["id"]
+    assert discord.replies_to(chatter["id"]) == []
+    assert len(discord.bot_messages(GENERAL_CHANNEL_ID)) == 1
+    user, _answer = stored(database)
+    assert user.text == RESET_QUESTION, "the bot's mention is not part of the text"
+    assert model.prompts == [[{"role": "user", "content": RESET_QUESTION}]]
+
+
+async def test_a_reply_chain_of_four_messages_is_the_models_history(
+    discord: FakeDiscord, database: Database, model: RecordingModel
+) -> None:
+    # The chain starts before the bot connected: the client has never seen those two.
+    first = discord.user_message(
+        channel_id=GENERAL_CHANNEL_ID, author=ALICE, content="My account is locked."
+    )
+    second = discord.user_message(
+        channel_id=GENERAL_CHANNEL_ID,
+        author=BOB,
+        content="Did you try logging in again?",
+        reply_to=first["id"],
+    )
+    async with running_bot(discord, database, model):
+        third = await say(discord, "Yes, it still fails.", author=ALICE, reply_to=second["id"])
+        fourth = await say(
+            discord, RESET_QUESTION, author=BOB, reply_to=third["id"], mentions_bot=True
+        )
+        (reply,) = await reply_to(discord, fourth)
+
+    # Discord resolves one level; the older messages were fetched over REST.
+    fetches = discord.requests_to("GET", r"/channels/\d+/messages/\d+")
+    assert {r.path.rsplit("/", 1)[1] for r in fetches} == {first["id"], second["id"]}
+    texts = [first["content"], second["content"], third["content"], RESET_QUESTION]
+    assert model.prompts[-1] == [{"role": "user", "content": "\n".join(texts)}]
+    assert reply["content"]
+    # All four belong to one conversation, keyed by the chain's root.
+    rows = stored(database)
+    assert [r.platform_message_id for r in rows[:4]] == [
+        first["id"],
+        second["id"],
+        third["id"],
+        fourth["id"],
+    ]
+    assert len({r.conversation_id for r in rows}) == 1
+    assert [r.answer_state for r in rows[:3]] == [AnswerState.IGNORED] * 3
+
+
+async def test_a_reply_to_the_bot_continues_its_conversation(
+    discord: FakeDiscord, database: Database, model: RecordingModel
+) -> None:
+    async with running_bot(discord, database, model):
+        question = await say(discord, RESET_QUESTION, mentions_bot=True)
+        (answer,) = await reply_to(discord, question)
+        follow_up = await say(discord, REFUND_QUESTION, reply_to=answer["id"])
+        await reply_to(discord, follow_up)
+
+    assert model.prompts[-1] == [
+        {"role": "user", "content": RESET_QUESTION},
+        {"role": "assistant", "content": RESET_ANSWER},
+        {"role": "user", "content": REFUND_QUESTION},
+    ]
+
+
+async def test_a_broken_reply_chain_leaves_a_partial_history(
+    discord: FakeDiscord,
+    database: Database,
+    model: RecordingModel,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with running_bot(discord, database, model):
+        middle = await say(discord, "Still locked out.", author=ALICE, reply_to=snowflake())
+        question = await say(
+            discord, RESET_QUESTION, author=BOB, reply_to=middle["id"], mentions_bot=True
+        )
+        await reply_to(discord, question)
+
+    assert model.prompts[-1] == [
+        {"role": "user", "content": "Still locked out.\n" + RESET_QUESTION}
+    ]
+    assert "reply chain of Discord message" in caplog.text
+
+
+async def test_thread_conversations(
+    discord: FakeDiscord, database: Database, model: RecordingModel
+) -> None:
+    async with running_bot(discord, database, model) as bot:
+        before = await say(discord, "I need help with my login.", channel_id=THREAD_ID)
+        question = await say(discord, RESET_QUESTION, channel_id=THREAD_ID, mentions_bot=True)
+        await reply_to(discord, question)
+        # Once the bot is in the thread, it answers without being mentioned.
+        follow_up = await say(discord, REFUND_QUESTION, channel_id=THREAD_ID, author=BOB)
+        await reply_to(discord, follow_up)
+
+        # A thread the bot started: answered without a mention.
+        own_thread = discord.add_channel(
+            discord.thread_payload(snowflake(), owner_id=BOT_ID, name="bot thread")
+        )
+        await discord.dispatch("THREAD_CREATE", {**own_thread, "newly_created": True})
+        in_own = await say(discord, RESET_QUESTION, channel_id=own_thread["id"])
+        await reply_to(discord, in_own)
+
+        # Someone else's thread the bot never joined: ignored.
+        other = discord.add_channel(
+            discord.thread_payload(snowflake(), owner_id=BOB["id"], name="chat")
+        )
+        await discord.dispatch("THREAD_CREATE", {**other, "newly_created": True})
+        ignored = await say(discord, RESET_QUESTION, channel_id=other["id"])
+        last = await say(discord, RESET_QUESTION, channel_id=own_thread["id"])
+        await reply_to(discord, last)
+        await bot.wait_until_idle()
+
+    assert discord.replies_to(ignored["id"]) == []
+    # The thread's earlier message was fetched and is part of the first prompt.
+    assert model.prompts[0] == [
+        {"role": "user", "content": f"{before['content']}\n{RESET_QUESTION}"}
+    ]
+    thread_rows = [r for r in stored(database) if r.channel == THREAD_ID]
+    assert len({r.conversation_id for r in thread_rows}) == 1
+    assert [r.role for r in thread_rows] == [
+        Role.USER,
+        Role.USER,
+        Role.ASSISTANT,
+        Role.USER,
+        Role.ASSISTANT,
+    ]
+
+
+async def test_own_and_other_bots_messages_are_ignored(
+    discord: FakeDiscord, database: Database, model: RecordingModel
+) -> None:
+    async with running_bot(discord, database, model) as bot:
+        from_bot = await say(discord, RESET_QUESTION, author=OTHER_BOT, mentions_bot=True)
+        dm = discord.dm_channel(OTHER_BOT)
+        dm_from_bot = await say(discord, RESET_QUESTION, author=OTHER_BOT, channel_id=dm["id"])
+        question = await say(discord, RESET_QUESTION, mentions_bot=True)
+        await reply_to(discord, question)
+        await bot.wait_until_idle()
+
+    assert discord.replies_to(from_bot["id"]) == discord.replies_to(dm_from_bot["id"]) == []
+    # The fake gateway echoes the bot's own reply back; it must not be answered or stored twice.
+    assert len(discord.bot_messages(GENERAL_CHANNEL_ID)) == 1
+    assert [r.role for r in stored(database)] == [Role.USER, Role.ASSISTANT]
+
+
+async def test_a_reconnect_mid_conversation_gives_exactly_one_reply_each(
+    discord: FakeDiscord, database: Database, model: RecordingModel
+) -> None:
+    async with running_bot(discord, database, model):
+        first = await say(discord, RESET_QUESTION, mentions_bot=True)
+        await reply_to(discord, first)
+
+        await discord.drop_connection(code=4000)
+        # Sent while the bot is away: replayed on RESUME. The replay also repeats the first
+        # message, as if the bot's last sequence number had been lost.
+        second = await say(discord, REFUND_QUESTION, mentions_bot=True)
+        discord.replay_from(0)
+        await reply_to(discord, second)
+        third = await say(discord, RESET_QUESTION, author=BOB, mentions_bot=True)
+        await reply_to(discord, third)
+
+    assert discord.resumes == 1 and discord.identifies == 1
+    for message in (first, second, third):
+        assert len(discord.replies_to(message["id"])) == 1
+    assert len(exchanges(database)) == 3
+
+
+async def test_a_rate_limited_reply_is_retried_and_arrives_once(
+    discord: FakeDiscord, database: Database, model: RecordingModel
+) -> None:
+    discord.rate_limit("POST", f"/channels/{GENERAL_CHANNEL_ID}/messages", times=1)
+    async with running_bot(discord, database, model):
+        question = await say(discord, RESET_QUESTION, mentions_bot=True)
+        (reply,) = await reply_to(discord, question)
+
+    assert len(discord.bot_posts(GENERAL_CHANNEL_ID)) == 2, "one 429, then the retry"
+    assert len(discord.bot_messages(GENERAL_CHANNEL_ID)) == 1
+    answer = stored(database)[-1]
+    assert (answer.delivery_state, answer.platform_message_id) == (DeliveryState.SENT, reply["id"])
+
+
+async def test_a_model_failure_gets_an_apology(discord: FakeDiscord, database: Database) -> None:
+    async with running_bot(discord, database, BrokenModel()):
+        question = await say(discord, RESET_QUESTION, mentions_bot=True)
+        (reply,) = await reply_to(discord, question)
+
+    assert reply["content"] == APOLOGY
+    assert stored(database)[0].answer_state == AnswerState.UNANSWERED
+
+
+# --------------------------------------------------------------------------- events
+
+
+async def test_edits_and_deletions_update_the_history(
+    discord: FakeDiscord, database: Database, model: RecordingModel
+) -> None:
+    async with running_bot(discord, database, model) as bot:
+        question = await say(discord, "How do I reset my pasword?", mentions_bot=True)
+        (answer_message,) = await reply_to(discord, question)
+        edited = {**question, "content": mention(RESET_QUESTION), "edited_timestamp": "2026-01-01"}
+        await discord.dispatch("MESSAGE_UPDATE", edited)
+        await discord.wait_for(
+            lambda: stored(database)[0].text == RESET_QUESTION, what="the edit to be stored"
+        )
+
+        await discord.dispatch(
+            "MESSAGE_DELETE",
+            {"id": question["id"], "channel_id": GENERAL_CHANNEL_ID, "guild_id": GUILD_ID},
+        )
+        await discord.wait_for(
+            lambda: stored(database)[0].deleted_at is not None, what="the deletion"
+        )
+        await bot.wait_until_idle()
+
+    user, answer = stored(database)
+    assert user.text == "" and user.deleted_at is not None
+    assert answer.text == answer_message["content"] and answer.deleted_at is None
+
+
+async def test_thumbs_reactions_on_a_reply_are_ratings(
+    discord: FakeDiscord, database: Database, model: RecordingModel
+) -> None:
+    def reaction(message: Json, user: Json, emoji: str) -> Json:
+        return {
+            "user_id": user["id"],
+            "channel_id": GENERAL_CHANNEL_ID,
+            "message_id": message["id"],
+            "guild_id": GUILD_ID,
+            "emoji": {"id": None, "name": emoji},
+            "message_author_id": message["author"]["id"],
+            "burst": False,
+            "type": 0,
+        }
+
+    async with running_bot(discord, database, model) as bot:
+        question = await say(discord, RESET_QUESTION, mentions_bot=True)
+        (reply,) = await reply_to(discord, question)
+
+        await discord.dispatch("MESSAGE_REACTION_ADD", reaction(reply, ALICE, "👍🏽"))
+        await discord.dispatch("MESSAGE_REACTION_ADD", reaction(reply, BOB, "👎"))
+        await discord.dispatch("MESSAGE_REACTION_ADD", reaction(reply, ADMIN, "🎉"))
+        await discord.dispatch("MESSAGE_REACTION_ADD", reaction(question, BOB, "👍"))
+        await discord.wait_for(lambda: len(ratings(database)) == 2, what="two ratings")
+        await bot.wait_until_idle()
+        assert sorted(ratings(database)) == sorted([(ALICE["id"], 1), (BOB["id"], -1)])
+
+        await discord.dispatch("MESSAGE_REACTION_REMOVE", reaction(reply, ALICE, "👍🏽"))
+        await discord.wait_for(lambda: len(ratings(database)) == 1, what="the removal")
+
+    assert ratings(database) == [(BOB["id"], -1)]
+
+
+async def test_a_human_agent_reply_is_stored_as_the_answer(
+    discord: FakeDiscord, database: Database, model: RecordingModel
+) -> None:
+    async with running_bot(discord, database, model) as bot:
+        question = await say(discord, RESET_QUESTION, mentions_bot=True)
+        (reply,) = await reply_to(discord, question)
+        follow_up = await say(discord, "That link does not work for me.", reply_to=reply["id"])
+        await reply_to(discord, follow_up)
+        agent = await say(
+            discord,
+            "I have reset it for you, check your mail.",
+            author=AGENT,
+            reply_to=follow_up["id"],
+        )
+        await discord.wait_for(lambda: len(exchanges(database)) == 3, what="the agent answer")
+        await bot.wait_until_idle()
+
+    assert discord.replies_to(agent["id"]) == []
+    last = exchanges(database)[-1]
+    assert last.answered_by == AnsweredBy.HUMAN_AGENT
+    answer = stored(database)[-1]
+    assert (answer.role, answer.platform_message_id) == (Role.HUMAN_AGENT, agent["id"])
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def interaction_text(discord: FakeDiscord, token: str) -> str:
+    edits = discord.requests_to("PATCH", rf"/webhooks/\d+/{token}/messages/@original")
+    return edits[-1].body["content"] if edits else ""
+
+
+async def run_slash(
+    discord: FakeDiscord, user: Json, group: str, subcommand: str, **options: Any
+) -> str:
+    interaction = discord.interaction(user=user, group=group, subcommand=subcommand, **options)
+    await discord.dispatch("INTERACTION_CREATE", interaction)
+    token = interaction["token"]
+    return await discord.wait_for(
+        lambda: interaction_text(discord, token), what=f"/{group} {subcommand}"
+    )
+
+
+async def test_slash_commands_check_admins_twice(
+    discord: FakeDiscord,
+    database: Database,
+    model: RecordingModel,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with running_bot(discord, database, model):
+        refused = await run_slash(discord, ALICE, "chatbot-admin", "status")
+        by_permission = await run_slash(
+            discord, BOB, "chatbot-admin", "status", permissions=MANAGE_GUILD
+        )
+        by_role = await run_slash(discord, BOB, "chatbot-admin", "status", roles=(ADMIN_ROLE_ID,))
+        by_id = await run_slash(discord, ADMIN, "chatbot-admin", "retrain")
+        help_text = await run_slash(discord, ALICE, "chatbot", "help")
+
+    assert refused == "Sorry, only admins can use `status`."
+    assert "refused admin command status" in caplog.text
+    assert by_permission.startswith(f"Model: {model.version}")
+    assert by_role.startswith("Model: ")
+    assert by_id == "`retrain` is not available yet."
+    assert "`forget-me`" in help_text
+    # Deferred privately first, so slow commands do not time out.
+    callbacks = discord.requests_to("POST", r"/interactions/\d+/[^/]+/callback")
+    assert all(c.body["type"] == 5 and c.body["data"]["flags"] == 64 for c in callbacks)
+    # Discord hides the admin group from members without Manage Server.
+    (sync,) = discord.requests_to("PUT", r"/applications/\d+/commands")
+    groups = {command["name"]: command for command in sync.body}
+    assert str(groups["chatbot-admin"]["default_member_permissions"]) == str(MANAGE_GUILD)
+    assert groups["chatbot"]["default_member_permissions"] is None
+    assert {o["name"] for o in groups["chatbot-admin"]["options"]} == {
+        "retrain",
+        "export",
+        "status",
+        "rollback",
+    }
+    assert {o["name"] for o in groups["chatbot"]["options"]} == {"help", "forget-me"}
+    assert stored(database) == [], "commands are not conversation turns"
+
+
+async def test_bang_commands_check_admins(
+    discord: FakeDiscord,
+    database: Database,
+    model: RecordingModel,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with running_bot(discord, database, model):
+        refused = await say(discord, "!status", author=ALICE, mentions_bot=True)
+        allowed = await say(
+            discord, "!status", author=ADMIN, channel_id=discord.dm_channel(ADMIN)["id"]
+        )
+        by_role = await say(
+            discord, "!export", author=BOB, mentions_bot=True, roles=(ADMIN_ROLE_ID,)
+        )
+        help_asked = await say(
+            discord, "!help", author=ALICE, channel_id=discord.dm_channel(ALICE)["id"]
+        )
+        (refusal,) = await reply_to(discord, refused)
+        (status,) = await reply_to(discord, allowed)
+        (export,) = await reply_to(discord, by_role)
+        (help_reply,) = await reply_to(discord, help_asked)
+
+    assert refusal["content"] == "Sorry, only admins can use `status`."
+    assert "refused admin command status" in caplog.text
+    assert status["content"].startswith(f"Model: {model.version}")
+    assert export["content"] == "`export` is not available yet."
+    assert "`forget-me`" in help_reply["content"]
+    assert stored(database) == [] and model.prompts == []
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+async def test_bad_input_is_logged_and_survived(
+    discord: FakeDiscord,
+    database: Database,
+    model: RecordingModel,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with running_bot(discord, database, model) as bot:
+        attachment = {
+            "id": snowflake(),
+            "filename": "screenshot.png",
+            "size": 1024,
+            "url": "https://cdn.example/screenshot.png",
+            "proxy_url": "https://cdn.example/screenshot.png",
+        }
+        only_attachment = await say(discord, "", mentions_bot=True, attachments=(attachment,))
+        await discord.dispatch("SOMETHING_NEW", {"whatever": 1})
+        broken = {
+            k: v
+            for k, v in discord.user_message(
+                channel_id=GENERAL_CHANNEL_ID, author=ALICE, content="x"
+            ).items()
+            if k not in {"content", "author"}
+        }
+        await discord.dispatch("MESSAGE_CREATE", broken)
+        await discord.dispatch("MESSAGE_CREATE", None)
+        await discord.dispatch("MESSAGE_REACTION_ADD", {"emoji": "not an object"})
+        await discord.send_raw("{this is not json")
+        await discord.send_raw(json.dumps([1, 2, 3]))
+
+        huge = "Please help. " * 8_000  # about 100 KB
+        big = await say(discord, huge, mentions_bot=True)
+        (reply,) = await reply_to(discord, big)
+        await bot.wait_until_idle()
+
+    assert discord.replies_to(only_attachment["id"]) == []
+    assert reply["content"]
+    assert discord.connections == 1, "the client never had to reconnect"
+    assert "malformed Discord gateway payload" in caplog.text
+    rows = stored(database)
+    assert rows[0].answer_state == AnswerState.IGNORED
+    assert len(rows[1].text) == len(huge.strip())
+
+
+async def test_a_long_failed_reply_is_split_and_delivered_after_a_restart(
+    discord: FakeDiscord, database: Database, model: RecordingModel
+) -> None:
+    # A reply that was generated and stored, but whose sending failed before the restart.
+    store = Store(database)
+    question = make_message(
+        RESET_QUESTION, platform="discord", channel=GENERAL_CHANNEL_ID, message_id=snowflake()
+    )
+    user = await store.run(record_incoming, message=question)
+    assert user is not None and user.id is not None
+    long_reply = " ".join(f"Step {n}: click the link on the login page." for n in range(120))
+    answer, _ = await store.run(
+        record_answer,
+        user_message_id=user.id,
+        text=long_reply,
+        answered_by=AnsweredBy.BOT,
+        author_id=BOT_ID,
+        author_name="chatbot",
+        model_version="v0",
+    )
+    assert answer.id is not None
+    await store.run(set_delivery, answer_message_id=answer.id, state=DeliveryState.FAILED)
+
+    async with running_bot(discord, database, model):
+        posts = await discord.wait_for(
+            lambda: (p := discord.bot_posts(GENERAL_CHANNEL_ID)) and len(p) >= 3 and p,
+            what="the stored reply",
+        )
+
+    chunks = [post.body["content"] for post in posts]
+    assert all(len(chunk) <= MESSAGE_LIMIT for chunk in chunks)
+    assert " ".join(chunks) == long_reply
+    assert {str(p.body["message_reference"]["message_id"]) for p in posts} == {question.message_id}
+    delivered = stored(database)[-1]
+    assert delivered.delivery_state == DeliveryState.SENT
+    assert delivered.platform_message_id == discord.bot_messages(GENERAL_CHANNEL_ID)[0]["id"]
+
+
+@pytest.fixture(autouse=True)
+def _adapter_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
