@@ -309,6 +309,9 @@ class DiscordAdapter:
         for message in reversed(list(earlier)):
             if message.author.bot or message.type not in _ANSWERED_TYPES:
                 continue  # our own replies are stored already; other bots are not turns
+            text = self._plain_text(message.content, message.mentions)
+            if parse_bang_command(text) is not None:
+                continue  # commands to the bot are not conversation
             role = Role.HUMAN_AGENT if self.user_is_agent(message.author) else Role.USER
             await self.handler.remember(
                 replace(
@@ -316,7 +319,7 @@ class DiscordAdapter:
                     author_id=str(message.author.id),
                     author_name=message.author.display_name,
                     role=role,
-                    text=self._plain_text(message.content, message.mentions),
+                    text=text,
                     timestamp=message.created_at,
                     message_id=str(message.id),
                     mentions_bot=False,

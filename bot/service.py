@@ -302,9 +302,7 @@ class ReplyPipeline:
             return False
         if stored.answer_state == AnswerState.PENDING.value:
             # Not addressed to the bot: nothing is waiting for an answer.
-            await self.store.run(
-                set_answer_state, message_id=stored.id, state=AnswerState.IGNORED
-            )
+            await self.store.run(set_answer_state, message_id=stored.id, state=AnswerState.IGNORED)
         return True
 
     async def agent_answered(self, message: IncomingMessage) -> bool:

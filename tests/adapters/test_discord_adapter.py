@@ -101,13 +101,18 @@ def model(tiny_model: ReplyGenerator) -> RecordingModel:
 
 @contextlib.asynccontextmanager
 async def running_bot(
-    discord: FakeDiscord, database: Database, generator: ReplyGenerator, **settings: Any
+    discord: FakeDiscord,
+    database: Database,
+    generator: ReplyGenerator,
+    *,
+    progress_interval: float = 0.05,
+    **settings: Any,
 ) -> AsyncIterator[DiscordAdapter]:
     """The adapter connected to the fake Discord; closed (and checked) on the way out."""
     pipeline = ReplyPipeline(
         store=Store(database),
         generator=generator,
-        options=PipelineOptions(max_new_tokens=64, progress_interval=0.05),
+        options=PipelineOptions(max_new_tokens=64, progress_interval=progress_interval),
     )
     values: dict[str, Any] = {
         "discord_bot_token": "test-token",
@@ -399,6 +404,30 @@ async def test_a_rate_limited_reply_is_retried_and_arrives_once(
     assert len(discord.bot_messages(GENERAL_CHANNEL_ID)) == 1
     answer = stored(database)[-1]
     assert (answer.delivery_state, answer.platform_message_id) == (DeliveryState.SENT, reply["id"])
+
+
+async def test_the_reply_streams_by_editing_it(
+    discord: FakeDiscord, database: Database, tiny_model: ReplyGenerator
+) -> None:
+    async with running_bot(discord, database, tiny_model, progress_interval=0.0):
+        question = await say(discord, RESET_QUESTION, mentions_bot=True)
+        await discord.wait_for(
+            lambda: [r for r in discord.replies_to(question["id"]) if r["content"] == RESET_ANSWER],
+            what="the finished reply",
+        )
+
+    (post,) = discord.bot_posts(GENERAL_CHANNEL_ID)
+    edits = discord.requests_to("PATCH", rf"/channels/{GENERAL_CHANNEL_ID}/messages/\d+")
+    assert edits, "the reply was not streamed"
+    shown = [post.body["content"]] + [edit.body["content"] for edit in edits]
+    assert shown[-1] == RESET_ANSWER
+    for partial in shown[:-1]:
+        assert RESET_ANSWER.startswith(partial) and partial != RESET_ANSWER
+    answer = stored(database)[-1]
+    assert (answer.text, answer.platform_message_id) == (
+        RESET_ANSWER,
+        discord.replies_to(question["id"])[0]["id"],
+    )
 
 
 async def test_a_model_failure_gets_an_apology(discord: FakeDiscord, database: Database) -> None:
