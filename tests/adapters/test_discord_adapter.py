@@ -371,22 +371,26 @@ async def test_own_and_other_bots_messages_are_ignored(
 
 
 async def test_a_reconnect_mid_conversation_gives_exactly_one_reply_each(
-    discord: FakeDiscord, database: Database, model: RecordingModel
+    discord: FakeDiscord,
+    database: Database,
+    model: RecordingModel,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     async with running_bot(discord, database, model):
         first = await say(discord, RESET_QUESTION, mentions_bot=True)
         await reply_to(discord, first)
 
-        await discord.drop_connection(code=4000)
-        # Sent while the bot is away: replayed on RESUME. The replay also repeats the first
-        # message, as if the bot's last sequence number had been lost.
-        second = await say(discord, REFUND_QUESTION, mentions_bot=True)
+        # The replay after RESUME repeats everything, the first message included, as if the
+        # bot's last sequence number had been lost; the second is sent while the bot is away.
         discord.replay_from(0)
+        await discord.drop_connection(code=4000)
+        second = await say(discord, REFUND_QUESTION, mentions_bot=True)
         await reply_to(discord, second)
         third = await say(discord, RESET_QUESTION, author=BOB, mentions_bot=True)
         await reply_to(discord, third)
 
     assert discord.resumes == 1 and discord.identifies == 1
+    assert f"duplicate delivery of discord message {first['id']} ignored" in caplog.text
     for message in (first, second, third):
         assert len(discord.replies_to(message["id"])) == 1
     assert len(exchanges(database)) == 3
