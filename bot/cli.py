@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bot.config import ConfigurationError, Settings, load_settings
 from bot.storage import Database, StorageError, Store
@@ -26,6 +27,7 @@ from bot.storage import Database, StorageError, Store
 if TYPE_CHECKING:
     from adapters.base import Adapter
     from bot.commands import Commands
+    from bot.export import Exporter
     from bot.service import ReplyGenerator, ReplyPipeline
 
 logger = logging.getLogger("chatbot")
@@ -48,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     model_commands = model.add_subparsers(dest="model_command", metavar="ACTION", required=True)
     init = model_commands.add_parser("init", help="build the default model")
     init.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    export = commands.add_parser("export", help="export new good exchanges as training data")
+    export.add_argument(
+        "--include-unrated", action="store_true", help="also export unrated bot replies"
+    )
     return parser
 
 
@@ -76,6 +82,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if command == "model":
         return _model_init(settings, force=args.force)
+    if command == "export":
+        return _export(settings, include_unrated=args.include_unrated)
     json_lines = bool(getattr(args, "json", False))
     return asyncio.run(_serve(settings, chat_only=command == "chat", json_lines=json_lines))
 
@@ -93,6 +101,55 @@ def _model_init(settings: Settings, *, force: bool) -> int:
         return 0
     build_default_model(target, progress=_progress)
     print(f"default model saved to {target}")
+    return 0
+
+
+def build_exporter(settings: Settings, database: Database, **overrides: Any) -> Exporter:
+    """The exporter, formatting training text with the model service's prompt formatter."""
+    from bot.export import Exporter, ExportOptions
+    from bot.learning import load_pseudonym_key
+    from bot.redaction import Pseudonymizer
+    from model.prompt import format_prompt
+
+    options = ExportOptions(
+        directory=settings.resolved_export_dir,
+        include_unrated=settings.export_include_unrated,
+        context_turns=settings.export_context_turns,
+        create_directory=settings.export_dir is None,
+    )
+    if overrides:
+        options = dataclasses.replace(options, **overrides)
+    key = load_pseudonym_key(configured=settings.pseudonym_key, data_dir=settings.data_dir)
+    return Exporter(
+        database=database,
+        options=options,
+        formatter=format_prompt,
+        pseudonymize=Pseudonymizer(key),
+    )
+
+
+def _export(settings: Settings, *, include_unrated: bool) -> int:
+    from tqdm import tqdm
+
+    from bot.export import ExportError
+
+    database = Database(settings.resolved_database_url)
+    database.upgrade()
+    overrides = {"include_unrated": True} if include_unrated else {}
+    exporter = build_exporter(settings, database, **overrides)
+    with tqdm(desc="exporting", unit=" exchanges", file=sys.stderr, disable=None) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        try:
+            result = exporter.run(progress=progress)
+        except ExportError as error:
+            raise CommandError(str(error)) from None
+        finally:
+            database.dispose()
+    print(result.describe())
     return 0
 
 
@@ -131,11 +188,23 @@ def build_pipeline(settings: Settings, *, generator: ReplyGenerator | None = Non
     )
 
 
-def build_commands(pipeline: ReplyPipeline) -> Commands:
+def build_commands(settings: Settings, pipeline: ReplyPipeline) -> Commands:
     """The chat commands, reporting on the pipeline's store and model."""
     from bot.commands import Commands
+    from bot.learning import LearningActions, load_pseudonym_key
+    from bot.redaction import Pseudonymizer
 
-    return Commands(store=pipeline.store, model_version=lambda: pipeline.generator.version)
+    key = load_pseudonym_key(configured=settings.pseudonym_key, data_dir=settings.data_dir)
+    learning = LearningActions(
+        store=pipeline.store,
+        exporter=build_exporter(settings, pipeline.store.database),
+        pseudonymize=Pseudonymizer(key),
+    )
+    return Commands(
+        store=pipeline.store,
+        model_version=lambda: pipeline.generator.version,
+        actions=learning.actions(),
+    )
 
 
 def platform_adapters(
@@ -156,10 +225,18 @@ def platform_adapters(
 
 async def _serve(settings: Settings, *, chat_only: bool, json_lines: bool) -> int:
     from adapters.console import ConsoleChat
+    from bot.scheduler import ExportScheduler, parse_schedule
 
+    trigger = parse_schedule(settings.export_schedule)
     pipeline = build_pipeline(settings)
+    scheduler = None
+    if trigger is not None:
+        scheduler = ExportScheduler(
+            exporter=build_exporter(settings, pipeline.store.database), trigger=trigger
+        )
+        scheduler.start()
     try:
-        commands = build_commands(pipeline)
+        commands = build_commands(settings, pipeline)
         adapters = (
             [] if chat_only else platform_adapters(settings, pipeline=pipeline, commands=commands)
         )
@@ -170,6 +247,8 @@ async def _serve(settings: Settings, *, chat_only: bool, json_lines: bool) -> in
         statuses = await asyncio.gather(*(adapter.run() for adapter in adapters))
         return max(statuses, default=0)
     finally:
+        if scheduler is not None:
+            scheduler.shutdown()
         pipeline.store.database.dispose()
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-from bot.storage import Store, counts
+from bot.storage import Store, counts, last_export_summary
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +27,20 @@ class Command(StrEnum):
     ROLLBACK = "rollback"
     FORGET_ME = "forget-me"
     HELP = "help"
+    CORRECT = "correct"
+    TRAINING = "training"
 
 
-ADMIN_ONLY = frozenset({Command.RETRAIN, Command.EXPORT, Command.STATUS, Command.ROLLBACK})
+ADMIN_ONLY = frozenset(
+    {
+        Command.RETRAIN,
+        Command.EXPORT,
+        Command.STATUS,
+        Command.ROLLBACK,
+        Command.CORRECT,
+        Command.TRAINING,
+    }
+)
 
 DESCRIPTIONS = {
     Command.HELP: "show this help",
@@ -38,6 +49,8 @@ DESCRIPTIONS = {
     Command.EXPORT: "export new training data now (admins)",
     Command.RETRAIN: "train a new model on the exported data (admins)",
     Command.ROLLBACK: "go back to the previous model (admins)",
+    Command.CORRECT: "reply to a bot message with `!correct <better answer>` (admins)",
+    Command.TRAINING: "`training off` / `training on`: use this channel for training (admins)",
 }
 
 
@@ -53,6 +66,9 @@ class CommandRequest:
     user_id: str
     user_name: str
     user_is_admin: bool
+    thread: str = ""  # the conversation's thread / reply-chain root, when there is one
+    replied_to: str | None = None  # platform id of the message this command replies to
+    message_id: str | None = None  # platform id of the command message itself
 
 
 class CommandAction(Protocol):
@@ -81,12 +97,10 @@ class Commands:
         store: Store,
         model_version: Callable[[], str],
         actions: Mapping[Command, CommandAction] | None = None,
-        last_export: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.store = store
         self.model_version = model_version
         self.actions = dict(actions or {})
-        self.last_export = last_export
 
     async def run(self, request: CommandRequest) -> str:
         """Run ``request`` and return the reply text (never raises for a user's mistake)."""
@@ -119,7 +133,7 @@ class Commands:
 
     async def status(self) -> str:
         numbers = await self.store.run(counts)
-        last_export = self.last_export() or "never"
+        last_export = await self.store.run(last_export_summary) or "never"
         return (
             f"Model: {self.model_version()}\n"
             f"Conversations: {numbers.conversations}, messages: {numbers.messages}, "

@@ -40,6 +40,15 @@ class Settings(BaseSettings):
     max_message_chars: int = Field(default=1_000_000, ge=1)
     log_level: str = "WARNING"
 
+    # Learning data (bot/export.py).
+    export_dir: Path | None = Field(
+        default=None, description="Where export shards go; empty means DATA_DIR/exports."
+    )
+    export_schedule: str = ""  # "interval:<seconds>" or "cron:<crontab>", empty for none
+    export_include_unrated: bool = False
+    export_context_turns: int = Field(default=6, ge=0, le=100)
+    pseudonym_key: str = ""  # secret for user pseudonyms; empty: DATA_DIR/pseudonym.key
+
     # Slack (adapters/slack_adapter.py). Socket Mode when SLACK_APP_TOKEN is set, else HTTP mode.
     slack_bot_token: str = ""
     slack_app_token: str = ""
@@ -94,6 +103,10 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'chatbot.db').resolve()}"
+
+    @property
+    def resolved_export_dir(self) -> Path:
+        return self.export_dir or self.data_dir / "exports"
 
     @property
     def default_model_dir(self) -> Path:

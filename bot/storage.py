@@ -13,7 +13,7 @@ import asyncio
 import hashlib
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import BigInteger, Column, DateTime, Text, UniqueConstraint, event, func
+from sqlalchemy import delete as sql_delete
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select
@@ -219,6 +220,10 @@ def _is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
+def _decode_text(data: bytes) -> str:
+    return data.decode("utf-8", "replace")
+
+
 def create_database_engine(url: str) -> Engine:
     """An engine for ``url``; for SQLite, creates the file's folder and turns on WAL and FKs."""
     try:
@@ -237,6 +242,9 @@ def create_database_engine(url: str) -> Engine:
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
+            # Text written by other tools may hold invalid UTF-8; read it with U+FFFD instead
+            # of failing the whole query.
+            dbapi_connection.text_factory = _decode_text
 
         return engine
     try:
@@ -760,3 +768,141 @@ def undelivered_replies(
             )
         )
     return replies
+
+
+# --------------------------------------------------------------------------- privacy
+
+
+@dataclass(frozen=True, slots=True)
+class Forgotten:
+    messages: int
+    exchanges: int
+    ratings: int
+
+
+def _chunks(ids: list[int], size: int = 500) -> Iterator[list[int]]:
+    for start in range(0, len(ids), size):
+        yield ids[start : start + size]
+
+
+def forget_user(*, session: Session, platform: str, user_id: str, user_pseudonym: str) -> Forgotten:
+    """Delete a user's messages, the exchanges they are part of (with the bot's answers to
+    them) and their ratings; record the deletion under the user's pseudonym. One transaction."""
+    own = list(
+        session.exec(
+            select(MessageRecord.id).where(
+                MessageRecord.platform == platform, MessageRecord.author_id == user_id
+            )
+        ).all()
+    )
+    exchange_ids: list[int] = []
+    answers: list[int] = []
+    for chunk in _chunks([i for i in own if i is not None]):
+        rows = session.exec(
+            select(ExchangeRecord.id, ExchangeRecord.answer_message_id).where(
+                col(ExchangeRecord.user_message_id).in_(chunk)
+                | col(ExchangeRecord.answer_message_id).in_(chunk)
+            )
+        ).all()
+        exchange_ids.extend(row[0] for row in rows if row[0] is not None)
+        answers.extend(row[1] for row in rows)
+    doomed = sorted({*(i for i in own if i is not None), *answers})
+    exchanges = len(set(exchange_ids))
+    ratings = 0
+    for chunk in _chunks(sorted(set(exchange_ids))):
+        ratings += session.execute(
+            sql_delete(RatingRecord).where(col(RatingRecord.exchange_id).in_(chunk))
+        ).rowcount  # type: ignore[attr-defined]
+        session.execute(sql_delete(ExchangeRecord).where(col(ExchangeRecord.id).in_(chunk)))
+    ratings += session.execute(
+        sql_delete(RatingRecord).where(
+            col(RatingRecord.rater_id) == user_id,
+            col(RatingRecord.exchange_id).in_(
+                select(ExchangeRecord.id).where(
+                    col(ExchangeRecord.conversation_id).in_(
+                        select(ConversationRecord.id).where(ConversationRecord.platform == platform)
+                    )
+                )
+            ),
+        )
+    ).rowcount  # type: ignore[attr-defined]
+    for chunk in _chunks(doomed):
+        session.execute(sql_delete(MessageRecord).where(col(MessageRecord.id).in_(chunk)))
+    session.add(
+        DeletionRecord(
+            platform=platform,
+            user_pseudonym=user_pseudonym,
+            requested_at=utcnow(),
+            messages_deleted=len(doomed),
+            exchanges_deleted=exchanges,
+        )
+    )
+    session.commit()
+    return Forgotten(messages=len(doomed), exchanges=exchanges, ratings=ratings)
+
+
+def record_correction(
+    *,
+    session: Session,
+    platform: str,
+    channel: str,
+    thread: str,
+    corrected_message_id: str | None,
+    text: str,
+    admin_id: str,
+    admin_name: str,
+) -> ExchangeRecord | None:
+    """An admin's better answer to a bot reply, stored as a ``correction`` exchange.
+
+    ``corrected_message_id`` is the platform id of the bot reply; without it, the newest bot
+    reply of the conversation (channel + thread) is corrected. ``None`` when there is none.
+    """
+    if corrected_message_id is not None:
+        answer = _find_message(
+            session=session,
+            platform=platform,
+            channel=channel,
+            platform_message_id=corrected_message_id,
+        )
+    else:
+        answer = session.exec(
+            select(MessageRecord)
+            .join(ConversationRecord, col(ConversationRecord.id) == MessageRecord.conversation_id)
+            .where(
+                ConversationRecord.platform == platform,
+                ConversationRecord.channel == channel,
+                ConversationRecord.thread == thread,
+                MessageRecord.role == Role.ASSISTANT.value,
+                col(MessageRecord.deleted_at).is_(None),
+            )
+            .order_by(col(MessageRecord.id).desc())
+        ).first()
+    if answer is None or answer.role != Role.ASSISTANT.value:
+        return None
+    original = session.exec(
+        select(ExchangeRecord).where(ExchangeRecord.answer_message_id == answer.id)
+    ).first()
+    if original is None:
+        return None
+    _, exchange = record_answer(
+        session=session,
+        user_message_id=original.user_message_id,
+        text=text,
+        answered_by=AnsweredBy.CORRECTION,
+        author_id=admin_id,
+        author_name=admin_name,
+        model_version=None,
+    )
+    return exchange
+
+
+def last_export_summary(*, session: Session) -> str | None:
+    """ "<shard> at <time> (<n> exchanges)" for the newest export shard, or ``None``."""
+    shard = session.exec(
+        select(ExportShardRecord).order_by(col(ExportShardRecord.id).desc())
+    ).first()
+    if shard is None:
+        return None
+    return (
+        f"{shard.name} at {shard.created_at:%Y-%m-%d %H:%M} UTC ({shard.exchange_count} exchanges)"
+    )

@@ -1,0 +1,117 @@
+"""The learning-data commands: export, forget-me, corrections and per-channel opt-out.
+
+They plug into :class:`bot.commands.Commands` as actions, so every platform gets them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+from pathlib import Path
+
+from bot.commands import Command, CommandAction, CommandRequest
+from bot.export import Exporter, ExportError
+from bot.redaction import Pseudonymizer
+from bot.storage import Store, forget_user, record_correction, set_training_opt_out
+
+logger = logging.getLogger(__name__)
+
+
+def load_pseudonym_key(*, configured: str, data_dir: Path) -> bytes:
+    """The secret behind user pseudonyms: ``PSEUDONYM_KEY``, or a random key kept (0600) in
+    ``DATA_DIR/pseudonym.key`` so pseudonyms stay stable across restarts."""
+    if configured:
+        return configured.encode()
+    path = data_dir / "pseudonym.key"
+    if path.exists():
+        return path.read_bytes().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_hex(32).encode()
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(key)
+    return key
+
+
+class LearningActions:
+    """Actions for the ``export``, ``forget-me``, ``correct`` and ``training`` commands."""
+
+    def __init__(self, *, store: Store, exporter: Exporter, pseudonymize: Pseudonymizer) -> None:
+        self.store = store
+        self.exporter = exporter
+        self.pseudonymize = pseudonymize
+        self._export_lock = asyncio.Lock()
+
+    def actions(self) -> dict[Command, CommandAction]:
+        return {
+            Command.EXPORT: self.export,
+            Command.FORGET_ME: self.forget_me,
+            Command.CORRECT: self.correct,
+            Command.TRAINING: self.training,
+        }
+
+    async def export(self, request: CommandRequest) -> str:
+        async with self._export_lock:  # one export per process; the lease covers the rest
+            try:
+                result = await asyncio.to_thread(self.exporter.run)
+            except ExportError as error:
+                logger.error("export requested by %s failed: %s", request.user_id, error)
+                return f"Export failed: {error}"
+        return result.describe()
+
+    async def forget_me(self, request: CommandRequest) -> str:
+        forgotten = await self.store.run(
+            forget_user,
+            platform=request.platform,
+            user_id=request.user_id,
+            user_pseudonym=self.pseudonymize(request.platform, request.user_id),
+        )
+        logger.warning(
+            "forget-me: deleted %d messages and %d exchanges of a %s user",
+            forgotten.messages,
+            forgotten.exchanges,
+            request.platform,
+        )
+        return (
+            f"Done. I deleted {forgotten.messages} messages, {forgotten.exchanges} exchanges and "
+            f"{forgotten.ratings} ratings of yours. None of it will be used for training, and "
+            "training data exported earlier drops your lines at the next retrain."
+        )
+
+    async def correct(self, request: CommandRequest) -> str:
+        better = request.arguments.strip()
+        if not better:
+            return "Reply to one of my messages with `!correct <better answer>`."
+        exchange = await self.store.run(
+            record_correction,
+            platform=request.platform,
+            channel=request.channel,
+            thread=request.thread,
+            corrected_message_id=request.replied_to,
+            text=better,
+            admin_id=request.user_id,
+            admin_name=request.user_name,
+        )
+        if exchange is None:
+            return "I couldn't find a reply of mine to correct here."
+        return "Thanks, I stored your correction; it will be used for training."
+
+    async def training(self, request: CommandRequest) -> str:
+        setting = request.arguments.strip().lower()
+        if setting not in {"on", "off"}:
+            return "Use `training off` or `training on`."
+        await self.store.run(
+            set_training_opt_out,
+            platform=request.platform,
+            channel=request.channel,
+            opt_out=setting == "off",
+            updated_by=request.user_id,
+        )
+        if setting == "off":
+            return (
+                "Training is now off in this channel: nothing said here will be used for "
+                "training. I'll still answer here."
+            )
+        return "Training is back on in this channel."

@@ -1,0 +1,543 @@
+"""The export on SQLite and PostgreSQL: selection, formats, exactly-once, crash safety, leases."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlmodel import select
+
+from bot.conversation import Role
+from bot.export import (
+    FILES,
+    Exporter,
+    ExportError,
+    ExportOptions,
+    shard_folders,
+)
+from bot.redaction import Pseudonymizer
+from bot.storage import (
+    AnsweredBy,
+    Database,
+    ExchangeRecord,
+    ExportShardRecord,
+    record_agent_answer,
+    record_answer,
+    record_correction,
+    record_incoming,
+    set_rating,
+    set_training_opt_out,
+)
+from model.prompt import format_prompt
+from tests.conftest import make_message
+
+REPO = Path(__file__).resolve().parents[2]
+KEY = b"test-pseudonym-key"
+
+
+def exporter_for(database: Database, directory: Path, **options: object) -> Exporter:
+    return Exporter(
+        database=database,
+        options=ExportOptions(directory=directory, **options),  # type: ignore[arg-type]
+        formatter=format_prompt,
+        pseudonymize=Pseudonymizer(KEY),
+    )
+
+
+def bot_exchange(
+    database: Database,
+    question: str,
+    answer: str,
+    *,
+    thread: str = "T1",
+    channel: str = "C1",
+    rating: int | None = None,
+    author: str = "U1",
+) -> int:
+    """A user message answered by the bot (optionally rated); returns the exchange id."""
+    with database.session() as session:
+        asked = record_incoming(
+            session=session,
+            message=make_message(question, thread=thread, channel=channel, author_id=author),
+        )
+        assert asked is not None and asked.id is not None
+        reply_id = f"bot-{asked.id}"
+        _, exchange = record_answer(
+            session=session,
+            user_message_id=asked.id,
+            text=answer,
+            answered_by=AnsweredBy.BOT,
+            author_id="bot",
+            author_name="bot",
+            model_version="v1",
+            platform_message_id=reply_id,
+        )
+        if rating is not None:
+            set_rating(
+                session=session,
+                platform="console",
+                channel=channel,
+                answer_message_id=reply_id,
+                rater_id="rater",
+                value=rating,
+            )
+    assert exchange.id is not None
+    return exchange.id
+
+
+def agent_exchange(database: Database, question: str, answer: str, *, thread: str) -> None:
+    with database.session() as session:
+        record_incoming(session=session, message=make_message(question, thread=thread))
+        record_agent_answer(
+            session=session,
+            message=make_message(answer, thread=thread, author_id="AGENT", role=Role.HUMAN_AGENT),
+        )
+
+
+def read_lines(shard: Path, key: str) -> list[dict]:
+    return [json.loads(line) for line in (shard / FILES[key]).read_text().splitlines()]
+
+
+def all_exported_users(directory: Path) -> list[str]:
+    return [
+        line["user"]
+        for shard in shard_folders(directory)
+        for line in read_lines(shard, "completions")
+    ]
+
+
+def test_selects_agent_answers_corrections_and_upvoted_replies(
+    database: Database, tmp_path: Path
+) -> None:
+    agent_exchange(database, "How do I export data?", "Use Settings → Export.", thread="agent")
+    bot_exchange(database, "Is there an API?", "Yes, a REST API.", thread="up", rating=1)
+    bot_exchange(database, "Unrated question?", "Unrated answer.", thread="plain")
+    bot_exchange(database, "Bad question?", "Wrong answer.", thread="down", rating=-1)
+    bot_exchange(database, "Corrected question?", "A poor answer.", thread="fix")
+    with database.session() as session:
+        assert record_correction(
+            session=session,
+            platform="console",
+            channel="C1",
+            thread="fix",
+            corrected_message_id=None,
+            text="A much better answer.",
+            admin_id="ADMIN",
+            admin_name="Admin",
+        )
+    result = exporter_for(database, tmp_path).run()
+
+    assert result.shard is not None and result.path is not None
+    pairs = {(line["user"], line["agent"]) for line in read_lines(result.path, "completions")}
+    assert pairs == {
+        ("How do I export data?", "Use Settings → Export."),
+        ("Is there an API?", "Yes, a REST API."),
+        ("Corrected question?", "A much better answer."),
+    }
+    manifest = json.loads((result.path / "manifest.json").read_text())
+    assert manifest["sources"] == {"correction": 1, "human_agent": 1, "upvoted": 1}
+    assert manifest["exchanges"] == 3 and manifest["schema_version"] == 1
+
+
+def test_unrated_replies_only_when_asked_and_never_downvoted(
+    database: Database, tmp_path: Path
+) -> None:
+    bot_exchange(database, "Unrated question?", "Unrated answer.", thread="plain")
+    bot_exchange(database, "Bad question?", "Wrong answer.", thread="down", rating=-1)
+    result = exporter_for(database, tmp_path, include_unrated=True).run()
+
+    assert result.path is not None
+    assert [line["user"] for line in read_lines(result.path, "completions")] == [
+        "Unrated question?"
+    ]
+
+
+def test_the_three_formats_carry_the_same_exchange_with_context(
+    database: Database, tmp_path: Path
+) -> None:
+    bot_exchange(database, "Hello", "Hi! How can I help?", thread="ctx")
+    bot_exchange(
+        database, "How do I reset my password?", "Click 'Forgot password?'.", thread="ctx", rating=1
+    )
+    result = exporter_for(database, tmp_path).run()
+
+    assert result.path is not None
+    [completion] = read_lines(result.path, "completions")
+    [instruct] = read_lines(result.path, "instruct")
+    [conversation] = read_lines(result.path, "messages")
+    expected_messages = [
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Hi! How can I help?"},
+        {"role": "user", "content": "How do I reset my password?"},
+        {"role": "assistant", "content": "Click 'Forgot password?'."},
+    ]
+    assert completion == {
+        "user": "How do I reset my password?",
+        "agent": "Click 'Forgot password?'.",
+    }
+    assert conversation == {"messages": expected_messages}
+    assert instruct == {"text": format_prompt(expected_messages)}
+    assert instruct["text"] == (
+        "<s>[INST] Hello [/INST] Hi! How can I help? </s>"
+        "<s>[INST] How do I reset my password? [/INST] Click 'Forgot password?'. </s>"
+    )
+
+
+def test_datasets_and_trl_take_the_messages_form_as_it_is(
+    database: Database, tmp_path: Path
+) -> None:
+    datasets = pytest.importorskip("datasets")
+    from trl.data_utils import is_conversational
+
+    for n in range(3):
+        bot_exchange(database, f"Question {n}?", f"Answer {n}.", thread=f"t{n}", rating=1)
+    result = exporter_for(database, tmp_path).run()
+
+    assert result.path is not None
+    loaded = datasets.load_dataset(
+        "json", data_files=str(result.path / FILES["messages"]), split="train"
+    )
+    assert loaded.column_names == ["messages"] and len(loaded) == 3
+    assert all(is_conversational(example) for example in loaded)
+    completions = datasets.load_dataset(
+        "json", data_files=str(result.path / FILES["completions"]), split="train"
+    )
+    assert sorted(completions.column_names) == ["agent", "user"]
+
+
+def test_near_duplicates_are_exported_once_newest_answer_wins(
+    database: Database, tmp_path: Path
+) -> None:
+    bot_exchange(database, "How do I reset my password?", "Old answer.", thread="a", rating=1)
+    bot_exchange(database, "how do i reset my password", "Newer answer.", thread="b", rating=1)
+    bot_exchange(database, "How do I reset my password!!", "Newest answer.", thread="c", rating=1)
+    bot_exchange(database, "Something else?", "Other.", thread="d", rating=1)
+    result = exporter_for(database, tmp_path).run()
+
+    assert result.path is not None
+    answers = sorted(line["agent"] for line in read_lines(result.path, "completions"))
+    assert answers == ["Newest answer.", "Other."]
+    assert result.superseded == 2
+    again = exporter_for(database, tmp_path).run()
+    assert again.shard is None  # the superseded ones were consumed too
+
+
+def test_each_run_exports_only_what_is_new(database: Database, tmp_path: Path) -> None:
+    bot_exchange(database, "First?", "One.", thread="a", rating=1)
+    late = bot_exchange(database, "Rated later?", "Two.", thread="b")
+    first = exporter_for(database, tmp_path).run()
+    nothing = exporter_for(database, tmp_path).run()
+    with database.session() as session:
+        set_rating(
+            session=session,
+            platform="console",
+            channel="C1",
+            answer_message_id=_answer_platform_id(database, late),
+            rater_id="rater",
+            value=1,
+        )
+    bot_exchange(database, "Third?", "Three.", thread="c", rating=1)
+    second = exporter_for(database, tmp_path).run()
+
+    assert (
+        first.exchanges == 1
+        and nothing.shard is None
+        and nothing.describe() == "Nothing new to export."
+    )
+    assert second.path is not None
+    assert sorted(all_exported_users(tmp_path)) == ["First?", "Rated later?", "Third?"]
+    assert len(shard_folders(tmp_path)) == 2
+
+
+def _answer_platform_id(database: Database, exchange_id: int) -> str:
+    with database.session() as session:
+        exchange = session.get(ExchangeRecord, exchange_id)
+        assert exchange is not None
+        return f"bot-{exchange.user_message_id}"
+
+
+def test_redaction_and_pseudonyms_before_anything_is_written(
+    database: Database, tmp_path: Path
+) -> None:
+    bot_exchange(
+        database,
+        "I'm jane@example.com, call +1 (415) 555-0132",
+        "Thanks <@U024BE7LH>, card 4111 1111 1111 1111 noted.",
+        rating=1,
+        author="U-jane",
+    )
+    result = exporter_for(database, tmp_path).run()
+
+    assert result.path is not None
+    [line] = read_lines(result.path, "completions")
+    assert line == {
+        "user": "I'm <EMAIL>, call <PHONE>",
+        "agent": "Thanks <USER>, card <CARD> noted.",
+    }
+    everything = "".join((result.path / name).read_text() for name in FILES.values())
+    assert "jane@example.com" not in everything and "U-jane" not in everything
+    [index_line] = (result.path / FILES["index"]).read_text().splitlines()
+    assert index_line.split("\t")[1] == Pseudonymizer(KEY)("console", "U-jane")
+
+
+def test_opted_out_channels_and_deleted_messages_stay_out(
+    database: Database, tmp_path: Path
+) -> None:
+    with database.session() as session:
+        set_training_opt_out(
+            session=session, platform="console", channel="private", opt_out=True, updated_by="A"
+        )
+    bot_exchange(database, "Private question?", "Private answer.", channel="private", rating=1)
+    bot_exchange(database, "Public question?", "Public answer.", channel="public", rating=1)
+    gone = bot_exchange(database, "Deleted question?", "Answer.", thread="del", rating=1)
+    with database.session() as session:
+        exchange = session.get(ExchangeRecord, gone)
+        assert exchange is not None
+        session.execute(
+            text("UPDATE messages SET deleted_at = stored_at, text = '' WHERE id = :id"),
+            {"id": exchange.user_message_id},
+        )
+        session.commit()
+    exporter_for(database, tmp_path).run()
+
+    assert all_exported_users(tmp_path) == ["Public question?"]
+
+
+def test_manifest_hash_matches_the_files(database: Database, tmp_path: Path) -> None:
+    import hashlib
+
+    bot_exchange(database, "Q?", "A.", rating=1)
+    result = exporter_for(database, tmp_path).run()
+    assert result.path is not None
+    manifest = json.loads((result.path / "manifest.json").read_text())
+    for entry in manifest["files"].values():
+        assert (
+            hashlib.sha256((result.path / entry["name"]).read_bytes()).hexdigest()
+            == entry["sha256"]
+        )
+    with database.session() as session:
+        shard = session.exec(select(ExportShardRecord)).one()
+    assert shard.content_hash == manifest["content_hash"] and shard.name == result.shard
+    assert manifest["time_range"]["first"] is not None
+
+
+def test_huge_texts_are_skipped_and_counted(database: Database, tmp_path: Path) -> None:
+    bot_exchange(database, "Huge? " + "x" * 30_000, "A.", thread="huge", rating=1)
+    bot_exchange(database, "Normal?", "B.", thread="ok", rating=1)
+    result = exporter_for(database, tmp_path, max_chars=20_000).run()
+
+    assert result.exchanges == 1 and result.skipped_too_long == 1
+    assert all_exported_users(tmp_path) == ["Normal?"]
+
+
+def test_invalid_utf8_in_sqlite_is_exported_with_replacement_characters(tmp_path: Path) -> None:
+    database = Database(f"sqlite:///{tmp_path / 'bad.db'}")
+    database.upgrade()
+    exchange_id = bot_exchange(database, "placeholder", "Fine answer.", rating=1)
+    with database.session() as session:
+        exchange = session.get(ExchangeRecord, exchange_id)
+        assert exchange is not None
+        session.execute(
+            text("UPDATE messages SET text = CAST(X'4869FFFE21' AS TEXT) WHERE id = :id"),
+            {"id": exchange.user_message_id},
+        )
+        session.commit()
+    result = exporter_for(database, tmp_path / "out", create_directory=True).run()
+    assert all_exported_users(tmp_path / "out") == ["Hi\ufffd\ufffd!"]
+    assert result.exchanges == 1
+    database.dispose()
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def assert_nothing_changed(database: Database, directory: Path) -> None:
+    with database.session() as session:
+        marked = session.exec(
+            select(ExchangeRecord).where(ExchangeRecord.export_shard_id.is_not(None))  # type: ignore[union-attr]
+        ).all()
+        shards = session.exec(select(ExportShardRecord)).all()
+    assert marked == [] and shards == []
+    if directory.exists():
+        assert list(directory.iterdir()) == []
+
+
+def test_a_missing_directory_is_a_clear_error(database: Database, tmp_path: Path) -> None:
+    bot_exchange(database, "Q?", "A.", rating=1)
+    with pytest.raises(ExportError, match="does not exist"):
+        exporter_for(database, tmp_path / "missing").run()
+    assert_nothing_changed(database, tmp_path / "missing")
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs: a real full disk (needs root, as CI and the dev machines run)."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_a_full_disk_leaves_no_partial_shard(database: Database, small_tmpfs: Path) -> None:
+    for n in range(400):
+        bot_exchange(
+            database,
+            f"Question number {n}? " + "words " * 40,
+            "An answer. " * 20,
+            thread=f"t{n}",
+            rating=1,
+        )
+    with pytest.raises(ExportError, match="is full"):
+        exporter_for(database, small_tmpfs).run()
+    assert_nothing_changed(database, small_tmpfs)
+
+
+def test_a_read_only_directory_is_a_clear_error(database: Database, small_tmpfs: Path) -> None:
+    bot_exchange(database, "Q?", "A.", rating=1)
+    subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
+    with pytest.raises(ExportError, match="not writable"):
+        exporter_for(database, small_tmpfs).run()
+    assert_nothing_changed(database, small_tmpfs)
+
+
+def test_a_database_that_goes_away_mid_export(postgres_database: Database, tmp_path: Path) -> None:
+    database = postgres_database
+    with database.engine.begin() as connection:
+        connection.execute(
+            text("TRUNCATE exchanges, messages, conversations, export_shards, leases CASCADE")
+        )
+    bot_exchange(database, "Q?", "A.", rating=1)
+
+    def kill_connections(step: str) -> None:
+        if step == "selected":
+            with database.engine.connect() as admin:
+                admin.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    )
+                )
+
+    with pytest.raises(ExportError, match="database error"):
+        exporter_for(database, tmp_path).run(on_step=kill_connections)
+    assert_nothing_changed(database, tmp_path)
+    assert exporter_for(database, tmp_path).run().exchanges == 1  # and it works again
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+def test_only_one_instance_exports_at_a_time(database: Database, tmp_path: Path, caplog) -> None:
+    for n in range(20):
+        bot_exchange(database, f"Q{n}?", f"A{n}.", thread=f"t{n}", rating=1)
+    barrier = threading.Barrier(3)
+    results = []
+
+    def run() -> None:
+        barrier.wait()
+        results.append(exporter_for(database, tmp_path).run())
+
+    with caplog.at_level(logging.WARNING):
+        threads = [threading.Thread(target=run) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    exported = sum(result.exchanges for result in results)
+    skipped = [r for r in results if r.skipped_reason]
+    assert exported == 20
+    assert sorted(all_exported_users(tmp_path)) == sorted(f"Q{n}?" for n in range(20))
+    assert len(skipped) == len([r for r in caplog.records if "export skipped" in r.getMessage()])
+
+
+def test_a_held_lease_makes_other_instances_skip(database: Database, tmp_path: Path) -> None:
+    bot_exchange(database, "Q?", "A.", rating=1)
+    holder = exporter_for(database, tmp_path)
+    assert holder._acquire_lease()
+    skipped = exporter_for(database, tmp_path).run()
+    assert skipped.skipped_reason == "another instance is exporting"
+    holder._release_lease()
+    assert exporter_for(database, tmp_path).run().exchanges == 1
+
+
+# --------------------------------------------------------------------------- kills
+
+KILL_SCRIPT = """
+import os, sys, time
+from pathlib import Path
+from bot.export import Exporter, ExportOptions
+from bot.redaction import Pseudonymizer
+from bot.storage import Database
+from model.prompt import format_prompt
+
+url, directory, kill_at, marker = sys.argv[1:5]
+
+def step(name):
+    if name == kill_at:
+        Path(marker).write_text(name)
+        time.sleep(600)  # the test kills us here
+
+exporter = Exporter(database=Database(url), options=ExportOptions(directory=Path(directory)),
+                    formatter=format_prompt, pseudonymize=Pseudonymizer(b"k"))
+exporter.run(on_step=step)
+"""
+
+
+@pytest.mark.parametrize("kill_at", ["leased", "recovered", "selected", "written", "committed"])
+def test_a_kill_at_any_step_neither_duplicates_nor_skips(
+    database: Database, tmp_path: Path, kill_at: str
+) -> None:
+    directory = tmp_path / "exports"
+    directory.mkdir()
+    for n in range(30):
+        bot_exchange(database, f"Before {n}?", f"A{n}.", thread=f"b{n}", rating=1)
+    marker = tmp_path / "marker"
+    url = database.engine.url.render_as_string(hide_password=False)
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, url, str(directory), kill_at, str(marker)],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        assert process.poll() is None, process.stderr.read() if process.stderr else ""
+        assert time.monotonic() < deadline, "the export never reached the step"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+    with database.session() as session:
+        committed = session.exec(select(ExportShardRecord)).all()
+    published = shard_folders(directory)
+    # Without recovery: a published shard always has its record (never the other way round).
+    assert {p.name for p in published} <= {s.name for s in committed}
+    for n in range(5):
+        bot_exchange(database, f"After {n}?", f"B{n}.", thread=f"a{n}", rating=1)
+    exporter_for(database, directory).run()
+
+    exported = all_exported_users(directory)
+    expected = [f"Before {n}?" for n in range(30)] + [f"After {n}?" for n in range(5)]
+    assert sorted(exported) == sorted(expected)  # every one, exactly once
+    assert not [p for p in directory.iterdir() if p.name.startswith(".tmp-")]
+    with database.session() as session:
+        names = {s.name for s in session.exec(select(ExportShardRecord)).all()}
+    assert names == {p.name for p in shard_folders(directory)}
