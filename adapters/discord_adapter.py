@@ -425,13 +425,15 @@ class DiscordAdapter:
         reply = _Reply(message=message)
         await reply.send(text=answer, in_reply_to=None)
 
-    async def slash_command(self, interaction: discord.Interaction, command: Command) -> None:
+    async def slash_command(
+        self, interaction: discord.Interaction, command: Command, *, arguments: str = ""
+    ) -> None:
         """``/chatbot <command>`` or ``/chatbot-admin <command>``, answered only to the user."""
         await interaction.response.defer(ephemeral=True, thinking=True)
         user = interaction.user
         request = CommandRequest(
             command=command.value,
-            arguments="",
+            arguments=arguments.strip(),
             platform=PLATFORM,
             workspace=str(interaction.guild_id or ""),
             channel=str(interaction.channel_id or ""),
@@ -568,11 +570,12 @@ class _ChatbotClient(discord.Client):
         self.tree.on_error = self._on_command_error  # type: ignore[method-assign]
 
     def _slash(self, command: Command) -> app_commands.Command[Any, ..., None]:
-        async def callback(interaction: discord.Interaction) -> None:
-            await self.adapter.slash_command(interaction, command)
+        @app_commands.describe(arguments="what follows the command word, if it takes any")
+        async def callback(interaction: discord.Interaction, arguments: str = "") -> None:
+            await self.adapter.slash_command(interaction, command, arguments=arguments)
 
         return app_commands.Command(
-            name=command.value, description=DESCRIPTIONS[command], callback=callback
+            name=command.value, description=DESCRIPTIONS[command][:100], callback=callback
         )
 
     async def setup_hook(self) -> None:

@@ -287,8 +287,12 @@ class FakeDiscord:
         roles: tuple[str, ...] = (),
         permissions: int = 0,
         channel_id: str = GENERAL_CHANNEL_ID,
+        arguments: str | None = None,
     ) -> Json:
-        """An INTERACTION_CREATE payload for ``/group subcommand`` in a guild channel."""
+        """An INTERACTION_CREATE payload for ``/group subcommand [arguments]`` in a channel."""
+        options = (
+            [] if arguments is None else [{"name": "arguments", "type": 3, "value": arguments}]
+        )
         return {
             "id": snowflake(),
             "application_id": APPLICATION_ID,
@@ -297,7 +301,7 @@ class FakeDiscord:
                 "id": snowflake(),
                 "name": group,
                 "type": 1,
-                "options": [{"name": subcommand, "type": 1, "options": []}],
+                "options": [{"name": subcommand, "type": 1, "options": options}],
             },
             "guild_id": GUILD_ID,
             "channel_id": channel_id,
