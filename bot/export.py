@@ -35,6 +35,7 @@ import os
 import secrets
 import shutil
 import socket
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ from sqlalchemy import delete, select, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from bot.conversation import Role, Turn, to_chat_messages, utcnow
+from bot.conversation import utcnow
 from bot.redaction import Pseudonymizer, redact
 from bot.storage import Database, ExportShardRecord, LeaseRecord
 
@@ -107,26 +108,35 @@ StepCallback = Callable[[str], None]  # named steps, for crash tests
 
 @dataclass(slots=True)
 class _ShardWriter:
-    """The temporary folder of a shard being written, with running hashes."""
+    """The temporary folder of a shard being written, with running hashes.
+
+    Lines are collected per file and written in batches: one encode, hash update and write
+    per batch rather than per line.
+    """
 
     folder: Path
     handles: dict[str, IO[bytes]] = field(default_factory=dict)
     hashes: dict[str, Any] = field(default_factory=dict)
-    lines: int = 0
+    pending: dict[str, list[str]] = field(default_factory=dict)
 
     def open(self) -> None:
         self.folder.mkdir()
         for key, name in FILES.items():
             self.handles[key] = open(self.folder / name, "wb", buffering=1 << 20)  # noqa: SIM115
             self.hashes[key] = hashlib.sha256()
+            self.pending[key] = []
 
-    def write(self, key: str, line: str) -> None:
-        data = line.encode("utf-8")
-        self.handles[key].write(data)
-        self.hashes[key].update(data)
+    def flush_lines(self) -> None:
+        for key, lines in self.pending.items():
+            if lines:
+                data = "".join(lines).encode("utf-8")
+                lines.clear()
+                self.handles[key].write(data)
+                self.hashes[key].update(data)
 
     def close(self) -> None:
         """Flush, fsync and close every file (errors such as a full disk propagate)."""
+        self.flush_lines()
         for handle in self.handles.values():
             handle.flush()
             os.fsync(handle.fileno())
@@ -197,8 +207,8 @@ FROM (
 """
 
 _STREAM_SQL = """
-SELECT m.id, m.conversation_id, m.role, m.text,
-       p.exchange_id, p.user_message_id, p.source, q.text, q.platform, q.author_id,
+SELECT m.id, m.conversation_id, m.role, {m_text},
+       p.exchange_id, p.user_message_id, p.source, {q_text}, q.platform, q.author_id,
        q.text_key, e.created_at
 FROM messages m
 JOIN (SELECT DISTINCT conversation_id FROM export_pick WHERE rn = 1) c
@@ -354,6 +364,9 @@ class Exporter:
         connection.execute(
             text("CREATE INDEX export_pick_answer ON export_pick (answer_message_id)")
         )
+        # Temporary tables get no statistics by themselves; without them PostgreSQL plans the
+        # stream below as nested loops over whole tables.
+        connection.execute(text("ANALYZE export_pick"))
         winners, superseded = connection.execute(
             text(
                 "SELECT COALESCE(SUM(CASE WHEN rn = 1 THEN 1 ELSE 0 END), 0), "
@@ -371,19 +384,9 @@ class Exporter:
     ) -> _Stats:
         writer.open()
         stats = _Stats()
-        lease_renewed_at = utcnow()
-        for exchange in self._stream(connection):
-            if not stats.add(exchange, self, writer):
-                continue
-            if progress is not None and stats.seen % 1000 == 0:
-                progress(stats.seen, total)
-            if utcnow() - lease_renewed_at > timedelta(seconds=self.options.lease_seconds / 4):
-                self._renew_lease()
-                lease_renewed_at = utcnow()
-        if progress is not None:
-            progress(stats.seen, total)
-        manifest = self._manifest(writer, stats)
+        self._write_rows(self._rows(connection), writer, stats, total, progress)
         writer.close()
+        manifest = self._manifest(writer, stats)
         manifest_path = writer.folder / "manifest.json"
         with open(manifest_path, "w", encoding="utf-8") as handle:
             json.dump(manifest, handle, indent=2, sort_keys=True)
@@ -394,14 +397,65 @@ class Exporter:
         stats.content_hash = manifest["content_hash"]
         return stats
 
-    def _stream(self, connection: Connection) -> Iterator[_Exchange]:
-        """Messages of the candidates' conversations, in order, with a rolling context."""
-        context: deque[tuple[int, Role, str]] = deque(maxlen=self.options.context_turns + 8)
+    def _rows(self, connection: Connection) -> Iterator[tuple[Any, ...]]:
+        """The candidates' conversations, message by message, in order.
+
+        Straight from the driver's cursor (a server-side one on PostgreSQL), in batches: the
+        ORM's per-row machinery would cost more than the rest of the export together.
+        """
+        driver = connection.connection.driver_connection
+        assert driver is not None
+        if connection.dialect.name == "postgresql":
+            # A cursor is planned for its first rows by default (nested loops); this one is
+            # read to the end.
+            connection.execute(text("SET LOCAL cursor_tuple_fraction = 1.0"))
+            cursor = driver.cursor(name="export_stream")
+            sql = _STREAM_SQL.format(m_text="m.text", q_text="q.text")
+        else:
+            # The two message texts come as bytes and are decoded below, invalid UTF-8 with
+            # U+FFFD; every other column takes sqlite3's C decoder instead of the connection's
+            # Python-level text factory (see bot.storage), which costs more than the export.
+            cursor = driver.cursor()
+            cursor.row_factory = None
+            sql = _STREAM_SQL.format(m_text="CAST(m.text AS BLOB)", q_text="CAST(q.text AS BLOB)")
+            previous_factory = driver.text_factory
+            driver.text_factory = str
+        try:
+            cursor.execute(sql)
+            while batch := cursor.fetchmany(5000):
+                yield from batch
+        finally:
+            cursor.close()
+            if connection.dialect.name != "postgresql":
+                driver.text_factory = previous_factory
+
+    def _write_rows(
+        self,
+        rows: Iterator[tuple[Any, ...]],
+        writer: _ShardWriter,
+        stats: _Stats,
+        total: int,
+        progress: ProgressCallback | None,
+    ) -> None:
+        """Turn the message stream into shard lines; the hot loop of the export.
+
+        Each message is redacted once, when it enters the rolling context of its
+        conversation; the exchange's lines reuse those redacted texts.
+        """
+        encode = json.encoder.encode_basestring  # C, no ASCII escaping
+        formatter = self.formatter
+        pseudonymize = self.pseudonymize
+        limit = self.options.max_chars
+        keep = self.options.context_turns
+        completions = writer.pending["completions"].append
+        instructs = writer.pending["instruct"].append
+        conversations = writer.pending["messages"].append
+        index = writer.pending["index"].append
+        # (message id, "user" | "assistant", redacted text); long enough for the context plus
+        # the messages between a question and its answer.
+        context: deque[tuple[int, str, str]] = deque(maxlen=keep + 8)
         current_conversation = None
-        # Per statement: Connection.execution_options() would stream every later statement too.
-        result = connection.execute(
-            text(_STREAM_SQL).execution_options(stream_results=True, yield_per=5000)
-        )
+        renewed_at = time.monotonic()
         for (
             message_id,
             conversation_id,
@@ -415,26 +469,62 @@ class Exporter:
             author_id,
             question_key,
             created_at,
-        ) in result:
+        ) in rows:
             if conversation_id != current_conversation:
                 context.clear()
                 current_conversation = conversation_id
+            if type(message_text) is bytes:
+                message_text = message_text.decode("utf-8", "replace")
+            if type(question_text) is bytes:
+                question_text = question_text.decode("utf-8", "replace")
+            chat_role = "user" if role == "user" else "assistant"
             if exchange_id is None:
-                context.append((message_id, Role(role), message_text))
+                if role != "system" and message_text:
+                    context.append((message_id, chat_role, redact(message_text)))
                 continue
-            turns = [turn for turn in context if turn[0] < user_message_id]
-            yield _Exchange(
-                exchange_id=exchange_id,
-                source=source,
-                question=question_text or "",
-                answer=message_text,
-                context=[Turn(r, t) for _, r, t in turns[-self.options.context_turns :]],
-                platform=platform or "",
-                author_id=author_id or "",
-                question_key=question_key,
-                created_at=_as_datetime(created_at),
+            stats.seen += 1
+            if len(message_text) > limit or len(question_text or "") > limit:
+                stats.too_long += 1
+                continue
+            answer = redact(message_text)
+            if context and context[-1][0] == user_message_id:  # the usual case: Q, then A
+                turns = list(context)
+            else:
+                turns = [turn for turn in context if turn[0] <= user_message_id]
+            if not turns or turns[-1][0] != user_message_id:
+                turns.append((user_message_id, "user", redact(question_text or "")))
+            context.append((message_id, chat_role, answer))
+            question = turns[-1][2]
+            if not question.strip() or not answer.strip():
+                continue
+            conversation = _alternating(turns[-(keep + 1) :])
+            conversation.append({"role": "assistant", "content": answer})
+            encoded_question = encode(question)
+            encoded_answer = encode(answer)
+            completions(f'{{"user": {encoded_question}, "agent": {encoded_answer}}}\n')
+            instructs(f'{{"text": {encode(formatter(conversation))}}}\n')
+            conversations(
+                '{"messages": ['
+                + ", ".join(
+                    f'{{"role": "{m["role"]}", "content": {encode(m["content"])}}}'
+                    for m in conversation
+                )
+                + "]}\n"
             )
-            context.append((message_id, Role(role), message_text))
+            index(
+                f"{exchange_id}\t{pseudonymize(platform or '', author_id or '')}\t"
+                f"{question_key}\t{source}\n"
+            )
+            stats.count(source, created_at)
+            if stats.exchanges % 5000 == 0:
+                writer.flush_lines()
+                if progress is not None:
+                    progress(stats.seen, total)
+                if time.monotonic() - renewed_at > self.options.lease_seconds / 4:
+                    self._renew_lease()
+                    renewed_at = time.monotonic()
+        if progress is not None:
+            progress(stats.seen, total)
 
     def _commit(
         self,
@@ -456,8 +546,8 @@ class Exporter:
                     "created_at": utcnow(),
                     "exchange_count": stats.exchanges,
                     "superseded_count": superseded,
-                    "first_exchange_at": stats.first_at,
-                    "last_exchange_at": stats.last_at,
+                    "first_exchange_at": _as_datetime(stats.first_at) if stats.first_at else None,
+                    "last_exchange_at": _as_datetime(stats.last_at) if stats.last_at else None,
                     "schema_version": SCHEMA_VERSION,
                     "content_hash": stats.content_hash,
                 },
@@ -486,8 +576,8 @@ class Exporter:
             "skipped_too_long": stats.too_long,
             "sources": dict(sorted(stats.sources.items())),
             "time_range": {
-                "first": stats.first_at.isoformat() if stats.first_at else None,
-                "last": stats.last_at.isoformat() if stats.last_at else None,
+                "first": _as_datetime(stats.first_at).isoformat() if stats.first_at else None,
+                "last": _as_datetime(stats.last_at).isoformat() if stats.last_at else None,
             },
             "files": files,
             "content_hash": content.hexdigest(),
@@ -546,19 +636,6 @@ class Exporter:
             )
 
 
-@dataclass(frozen=True, slots=True)
-class _Exchange:
-    exchange_id: int
-    source: str
-    question: str
-    answer: str
-    context: list[Turn]
-    platform: str
-    author_id: str
-    question_key: int | None
-    created_at: datetime | None
-
-
 @dataclass(slots=True)
 class _Stats:
     exchanges: int = 0
@@ -569,40 +646,30 @@ class _Stats:
     last_at: datetime | None = None
     content_hash: str = ""
 
-    def add(self, exchange: _Exchange, exporter: Exporter, writer: _ShardWriter) -> bool:
-        """Write ``exchange`` in every format; ``False`` when it is skipped."""
-        self.seen += 1
-        limit = exporter.options.max_chars
-        if len(exchange.question) > limit or len(exchange.answer) > limit:
-            self.too_long += 1
-            return False
-        question = redact(exchange.question)
-        answer = redact(exchange.answer)
-        if not question.strip() or not answer.strip():
-            return False
-        history = to_chat_messages(
-            [*(Turn(t.role, redact(t.text)) for t in exchange.context), Turn(Role.USER, question)]
-        )
-        conversation = [*history, {"role": "assistant", "content": answer}]
-        question_json = json.dumps(question, ensure_ascii=False)
-        answer_json = json.dumps(answer, ensure_ascii=False)
-        writer.write("completions", f'{{"user": {question_json}, "agent": {answer_json}}}\n')
-        instruct = json.dumps(exporter.formatter(conversation), ensure_ascii=False)
-        writer.write("instruct", f'{{"text": {instruct}}}\n')
-        writer.write("messages", json.dumps({"messages": conversation}, ensure_ascii=False) + "\n")
-        pseudonym = exporter.pseudonymize(exchange.platform, exchange.author_id)
-        writer.write(
-            "index",
-            f"{exchange.exchange_id}\t{pseudonym}\t{exchange.question_key}\t{exchange.source}\n",
-        )
+    def count(self, source: str, created_at: Any) -> None:
         self.exchanges += 1
-        self.sources[exchange.source] = self.sources.get(exchange.source, 0) + 1
-        if exchange.created_at is not None:
-            if self.first_at is None or exchange.created_at < self.first_at:
-                self.first_at = exchange.created_at
-            if self.last_at is None or exchange.created_at > self.last_at:
-                self.last_at = exchange.created_at
-        return True
+        self.sources[source] = self.sources.get(source, 0) + 1
+        # Min/max on the raw values (ISO text on SQLite, datetimes on PostgreSQL): both order
+        # correctly and parsing every one would cost more than the comparison.
+        if self.first_at is None or created_at < self.first_at:
+            self.first_at = created_at
+        if self.last_at is None or created_at > self.last_at:
+            self.last_at = created_at
+
+
+def _alternating(turns: list[tuple[int, str, str]]) -> list[dict[str, str]]:
+    """Chat messages that alternate user/assistant, starting with a user turn (as
+    :func:`bot.conversation.to_chat_messages`), from (id, role, text) turns."""
+    messages: list[dict[str, str]] = []
+    for _, role, content in turns:
+        if not messages:
+            if role == "user":
+                messages.append({"role": role, "content": content})
+        elif messages[-1]["role"] == role:
+            messages[-1]["content"] += "\n" + content
+        else:
+            messages.append({"role": role, "content": content})
+    return messages
 
 
 def _as_datetime(value: Any) -> datetime:
