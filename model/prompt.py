@@ -5,16 +5,19 @@ Pure Python, no torch import, so the bot, the exporter and tests can use it chea
 The output is byte for byte what Meta's reference ``chat_completion`` and the Llama-2-chat
 Hugging Face template produce::
 
-    <s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user_1} [/INST] {assistant_1} </s><s>[INST] {user_2} [/INST]
+    <s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user_1} [/INST] {assistant_1} </s>
+    <s>[INST] {user_2} [/INST]
+
+(one line in reality; broken here for width).
 
 Every turn starts with ``<s>``; a user turn is ``[INST] {content.strip()} [/INST]``; a finished
 assistant turn is `` {content.strip()} </s>``; a system prompt goes into the first user turn.
 
 Neutralising control strings
 ----------------------------
-Message text can never forge structure. Before formatting, every occurrence of a control string
-(``[INST]``, ``[/INST]``, ``<<SYS>>``, ``<</SYS>>``, ``<s>``, ``</s>``) inside message content gets a
-ZERO WIDTH SPACE (U+200B) inserted after its first character, so ``[INST]`` becomes
+Message text can never forge structure. Before formatting, every occurrence of a control
+string (``[INST]``, ``[/INST]``, ``<<SYS>>``, ``<</SYS>>``, ``<s>``, ``</s>``) inside message
+content gets a ZERO WIDTH SPACE (U+200B) inserted after its first character, so ``[INST]`` becomes
 ``[\\u200bINST]``. The text still reads the same to a person and to the model, but it no longer
 matches the tokenizer's control tokens, which are matched on exact strings. No replacement can
 create a new control string: the inserted character appears in none of them, what precedes it is
@@ -49,15 +52,15 @@ class PromptFormatError(ValueError):
 
 def neutralise(text: str) -> str:
     """Return ``text`` with every control string broken by a zero-width space (see module doc)."""
+    if "[" not in text and "<" not in text:  # every control string starts with one of them
+        return text
     for control in CONTROL_STRINGS:
         if control in text:
             text = text.replace(control, control[0] + NEUTRALISER + control[1:])
     return text
 
 
-def format_prompt(
-    messages: Sequence[ChatMessage], *, bos: str = BOS, eos: str = EOS
-) -> str:
+def format_prompt(messages: Sequence[ChatMessage], *, bos: str = BOS, eos: str = EOS) -> str:
     """Format ``messages`` as a Llama-2 chat prompt.
 
     ``messages`` is an optional leading ``system`` message, then alternating ``user`` and
