@@ -170,6 +170,14 @@ class SlackAdapter:
         """
         self.identity = await self._authenticate()
         if self.uses_socket_mode:
+            # The Socket Mode client retries a failed connection forever; one check of the app
+            # token first turns a revoked or mistyped token into a clear error.
+            try:
+                await self.client.apps_connections_open(app_token=self.settings.slack_app_token)
+            except SlackApiError as error:
+                raise ConfigurationError(
+                    f"Slack refused SLACK_APP_TOKEN: {error.response.get('error', error)}"
+                ) from None
             self._socket = AsyncSocketModeHandler(self.app, self.settings.slack_app_token)
             await self._socket.connect_async()
             logger.warning("Slack: connected in Socket Mode as %s", self.identity.name)
@@ -179,7 +187,13 @@ class SlackAdapter:
             self._runner = web.AppRunner(server, access_log=None)
             await self._runner.setup()
             site = web.TCPSite(self._runner, self.host, self.settings.slack_port)
-            await site.start()
+            try:
+                await site.start()
+            except OSError as error:
+                await self._runner.cleanup()
+                raise ConfigurationError(
+                    f"cannot listen on {self.host}:{self.settings.slack_port} (SLACK_PORT): {error}"
+                ) from None
             self.port = self._runner.addresses[0][1]
             logger.warning(
                 "Slack: listening on http://%s:%s%s as %s",

@@ -787,3 +787,13 @@ async def test_socket_mode_end_to_end(
     (reply,) = api.posted()
     assert reply["thread_ts"] == root
     assert api.calls_of("response_url")[0].params["text"].startswith("Model:")
+
+
+async def test_a_rejected_app_token_or_a_busy_port_is_a_clear_configuration_error(
+    slack: SlackHarness,
+) -> None:
+    slack.api.fail("apps.connections.open", times=1, error="invalid_auth")
+    with pytest.raises(ConfigurationError, match="SLACK_APP_TOKEN: invalid_auth"):
+        await start_adapter(slack.api, slack.pipeline, slack_app_token="xapp-revoked")
+    with pytest.raises(ConfigurationError, match="SLACK_PORT"):
+        await start_adapter(slack.api, slack.pipeline, slack_port=slack.adapter.port)
