@@ -19,7 +19,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Coroutine, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response
@@ -62,6 +62,12 @@ PLACEHOLDER = "…"
 _CONVERSATION_SUBTYPES = frozenset({None, "thread_broadcast", "file_share", "me_message"})
 
 
+class SlackHandler(MessageHandler, Protocol):
+    """The pipeline as the Slack adapter uses it: it also stores context without answering."""
+
+    async def remember(self, message: IncomingMessage) -> bool: ...
+
+
 @dataclass(frozen=True, slots=True)
 class BotIdentity:
     """Who the bot is in this workspace (from ``auth.test``)."""
@@ -81,15 +87,18 @@ class SlackAdapter:
         self,
         *,
         settings: Settings,
-        handler: MessageHandler,
+        handler: SlackHandler,
         commands: Commands,
         host: str = "0.0.0.0",
+        thread_history_limit: int = 50,
         retry_interval: float = 30.0,
         rate_limit_retries: int = 3,
         name_cache_size: int = 1_000,
     ) -> None:
         """``host`` is the HTTP mode listening address; ``retry_interval`` the seconds between
-        two passes over the queue of replies that could not be posted."""
+        two passes over the queue of replies that could not be posted; ``thread_history_limit``
+        how many earlier messages of a thread are fetched when the bot is first called into it.
+        """
         if not settings.slack_bot_token:
             raise ConfigurationError("SLACK_BOT_TOKEN is required for Slack")
         if not settings.slack_app_token and not settings.slack_signing_secret:
@@ -101,6 +110,7 @@ class SlackAdapter:
         self.commands = commands
         self.host = host
         self.retry_interval = retry_interval
+        self.thread_history_limit = thread_history_limit
         self.uses_socket_mode = bool(settings.slack_app_token)
         self.admin_ids = frozenset(settings.slack_admin_ids)
         self.agent_ids = frozenset(settings.slack_agent_ids)
@@ -379,9 +389,51 @@ class SlackAdapter:
         if bang is not None:
             await self._run_bang_command(message, *bang)
             return
+        is_called_into_a_thread = bool(thread_ts) and thread_ts != ts and not in_bot_thread
+        if is_called_into_a_thread and not await self.handler.bot_is_in_conversation(message):
+            await self._remember_thread(message)
         reply = ThreadReply(client=self.client, channel=channel, thread_ts=thread or None)
         result = await self.handler.handle(message, send=reply.send, progress=reply.progress)
         logger.info("Slack: message %s in %s: %s", ts, channel, result.outcome)
+
+    async def _remember_thread(self, message: IncomingMessage) -> None:
+        """Store the thread's earlier messages, so that the history is the whole thread."""
+        try:
+            response = await self.client.conversations_replies(
+                channel=message.channel, ts=message.thread, limit=self.thread_history_limit
+            )
+        except SlackClientError as error:
+            # Without channels:history the bot still answers, from the mention alone.
+            logger.warning("Slack: could not read thread %s: %s", message.thread, error)
+            return
+        for earlier in response.get("messages") or []:
+            ts, user_id = earlier.get("ts"), earlier.get("user")
+            if ts == message.message_id:
+                break  # oldest first: the rest came after the mention
+            is_human_turn = earlier.get("subtype") in _CONVERSATION_SUBTYPES
+            if not (isinstance(ts, str) and isinstance(user_id, str)) or not is_human_turn:
+                continue
+            if self._is_from_a_bot(earlier):
+                continue
+            raw_text = str(earlier.get("text") or "")
+            text = await self._plain_text(
+                without_leading_mention(raw_text, self._identity().user_id)
+            )
+            if parse_bang_command(text) is not None:
+                continue  # commands to the bot are not conversation
+            await self.handler.remember(
+                replace(
+                    message,
+                    author_id=user_id,
+                    author_name=await self._display_name(user_id),
+                    role=Role.HUMAN_AGENT if user_id in self.agent_ids else Role.USER,
+                    text=text,
+                    timestamp=timestamp_of(ts),
+                    message_id=ts,
+                    event_id=None,
+                    mentions_bot=False,
+                )
+            )
 
     def _is_from_a_bot(self, event: Mapping[str, Any]) -> bool:
         identity = self._identity()

@@ -278,6 +278,40 @@ async def test_a_direct_message_is_a_conversation_of_its_own(slack: SlackHarness
     assert user_message.is_direct
 
 
+async def test_a_mention_inside_a_thread_brings_the_thread_into_the_history(
+    slack: SlackHarness,
+) -> None:
+    root, mention_ts = "1700000025.000100", "1700000027.000100"
+    slack.api.threads[root] = [
+        {"type": "message", "user": "U2", "text": "I cannot log in since today.", "ts": root},
+        {"type": "message", "user": "U3", "text": "Same here.", "ts": "1700000026.000100"},
+        {"type": "message", "user": "U3", "text": "!help", "ts": "1700000026.000200"},
+        {
+            "type": "message",
+            "subtype": "bot_message",
+            "bot_id": "B0OTHER",
+            "text": "Status: all systems green",
+            "ts": "1700000026.000300",
+        },
+        {"type": "message", "user": USER, "text": RESET_QUESTION, "ts": mention_ts},
+        {"type": "message", "user": "U4", "text": "Written later.", "ts": "1700000028.000100"},
+    ]
+    await slack.event(mention(RESET_QUESTION, ts=mention_ts, thread_ts=root))
+    await slack.settled()
+
+    (reply,) = slack.api.posted()
+    assert reply["thread_ts"] == root
+    assert reply["text"] not in ("", PLACEHOLDER)
+    users = [row for row in slack.rows(MessageRecord) if row.role == "user"]
+    assert [row.text for row in users] == [
+        "I cannot log in since today.",
+        "Same here.",
+        RESET_QUESTION,
+    ]
+    assert len({row.conversation_id for row in slack.rows(MessageRecord)}) == 1
+    assert [row.answer_state for row in users] == ["ignored", "ignored", "answered"]
+
+
 # --------------------------------------------------------------------------- exactly once
 
 

@@ -53,6 +53,8 @@ class FakeSlackWebApi:
     users: dict[str, dict[str, Any]] = field(default_factory=dict)
     socket_url: str = ""
     calls: list[ApiCall] = field(default_factory=list)
+    #: Thread messages ``conversations.replies`` returns, oldest first, by thread ts.
+    threads: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     #: Each posted message by ts, with the text it shows now (after edits).
     messages: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -183,6 +185,12 @@ class FakeSlackWebApi:
             return {"ok": True, "channel": params.get("channel"), "ts": ts, "text": params["text"]}
         if method == "chat.postEphemeral":
             return {"ok": True, "message_ts": f"{1_800_000_000 + next(self._ts)}.000200"}
+        if method == "conversations.replies":
+            thread = self.threads.get(str(params.get("ts")))
+            if thread is None:
+                return {"ok": False, "error": "thread_not_found"}
+            limit = int(params.get("limit") or 1000)
+            return {"ok": True, "messages": thread[:limit], "has_more": len(thread) > limit}
         if method == "apps.connections.open":
             return {"ok": True, "url": self.socket_url}
         return {"ok": False, "error": "unknown_method"}
