@@ -105,3 +105,28 @@ def make_message(
         is_direct=is_direct,
         mentions_bot=True,
     )
+
+
+# --------------------------------------------------------------------------- the tiny model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real model folder: the TINY model trained on TINY_EXCHANGES (the seed exchanges among
+    them), built once per test session in a few seconds."""
+    from model.bootstrap import TINY, TINY_EXCHANGES, build_default_model
+
+    output = tmp_path_factory.mktemp("tiny-model") / "model"
+    return build_default_model(
+        output, exchanges=TINY_EXCHANGES, config=TINY, progress=lambda _line: None
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
+    """The tiny model loaded by the model service, shared by the whole session."""
+    from model.service import LocalModel
+
+    model = LocalModel.load(tiny_model_dir)
+    yield model
+    model.close()
