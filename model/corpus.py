@@ -13,6 +13,7 @@ Usage::
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any, Final
 
@@ -43,7 +44,7 @@ def _conversation_pairs(conversation: Any) -> list[tuple[str, str]]:
     if not isinstance(conversation, list):
         return []
     lines = [str(line).strip() for line in conversation if line is not None]
-    return [(q, a) for q, a in zip(lines, lines[1:], strict=False) if q and a]
+    return [(q, a) for q, a in itertools.pairwise(lines) if q and a]
 
 
 def load_chatterbot_pairs(directory: Path | None = None) -> list[tuple[str, str]]:
