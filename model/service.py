@@ -1,0 +1,303 @@
+"""Serving: load a causal LM folder once, answer chat messages with greedy decoding.
+
+Usage::
+
+    from model.service import LocalModel, ensure_default_model
+    path = ensure_default_model(Path("data/model"))      # builds it on first run
+    model = LocalModel.load(path)
+    reply = await model.generate(messages=[{"role": "user", "content": "Hi"}])
+
+Every prompt is built by :func:`model.prompt.format_prompt`, the one formatter shared with
+training. Generation runs on one dedicated worker thread, so the event loop never blocks and
+requests are answered one at a time (the model is not re-entrant, and two CPU cores gain nothing
+from running two generations at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.prompt import format_prompt, neutralise
+
+logger = logging.getLogger(__name__)
+
+#: Used when a model's config names no context window.
+FALLBACK_CONTEXT_WINDOW = 2048
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+class ModelLoadError(Exception):
+    """A model folder (or hub id) could not be loaded; the message says why."""
+
+
+def _is_local_reference(path: str | Path) -> bool:
+    """Whether ``path`` names a local folder (rather than a Hugging Face hub id)."""
+    if isinstance(path, Path):
+        return True
+    text = str(path)
+    return (
+        Path(text).exists()
+        or text.startswith((".", "/", "~", "\\"))
+        or text.count("/") > 1
+        or "\\" in text
+        or (len(text) > 1 and text[1] == ":")
+    )
+
+
+def _folder_version(folder: Path) -> str:
+    """``name-hash``: the hash covers config.json and the weight files' size and mtime."""
+    digest = hashlib.sha256((folder / "config.json").read_bytes())
+    for name in sorted(p.name for p in folder.iterdir()):
+        if name.endswith((".safetensors", ".bin", ".index.json")):
+            stat = (folder / name).stat()
+            digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return f"{folder.name}-{digest.hexdigest()[:10]}"
+
+
+def _check_local_folder(folder: Path) -> None:
+    """Raise ModelLoadError unless ``folder`` looks like a Hugging Face model folder."""
+    if not folder.exists():
+        raise ModelLoadError(f"model folder {folder} does not exist")
+    if not folder.is_dir():
+        raise ModelLoadError(f"model path {folder} is not a folder")
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(
+            f"{folder} is not a model folder: it has no config.json "
+            "(build the default model with `python -m model.bootstrap DIR`)"
+        )
+    if not any((folder / name).is_file() for name in _WEIGHT_FILES) and not any(
+        folder.glob("*.safetensors")
+    ):
+        raise ModelLoadError(f"{folder} is not a model folder: it has no weight files")
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise ModelLoadError(f"{folder} is not a model folder: it has no tokenizer files")
+
+
+class LocalModel:
+    """A loaded causal LM and its tokenizer, answering chat messages greedily."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        version: str,
+        device: str,
+        context_window: int | None = None,
+    ) -> None:
+        """Wrap an already loaded model and tokenizer (use :meth:`load` normally)."""
+        self.model = model
+        self.tokenizer = tokenizer
+        self.version = version
+        self.device = device
+        self.context_window = context_window or self._context_window_of(model, tokenizer)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-generate")
+
+    @staticmethod
+    def _context_window_of(model: Any, tokenizer: Any) -> int:
+        window = getattr(model.config, "max_position_embeddings", None)
+        if isinstance(window, int) and window > 0:
+            return window
+        limit = getattr(tokenizer, "model_max_length", None)
+        if isinstance(limit, int) and 0 < limit < 1_000_000:
+            return limit
+        return FALLBACK_CONTEXT_WINDOW
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str | None = None) -> LocalModel:
+        """Load a Hugging Face causal-LM folder (or hub id).
+
+        Uses CUDA with bfloat16 when available, otherwise the CPU with float32.
+
+        Raises:
+            ModelLoadError: the folder is missing, is not a model folder, or its files are
+                corrupt or incompatible.
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        local = _is_local_reference(path)
+        reference: str | Path = Path(path).expanduser() if local else str(path)
+        if isinstance(reference, Path):
+            _check_local_folder(reference)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(reference)
+        except Exception as error:
+            raise ModelLoadError(
+                f"could not load the tokenizer from {reference}: {error}"
+            ) from error
+        try:
+            model: Any = AutoModelForCausalLM.from_pretrained(reference, dtype=dtype)
+        except Exception as error:
+            raise ModelLoadError(
+                f"could not load the model weights from {reference} (corrupt or incompatible "
+                f"files?): {error}"
+            ) from error
+        model.to(device)
+        model.eval()
+        if isinstance(reference, Path):
+            version = _folder_version(reference)
+        else:
+            config_hash = hashlib.sha256(model.config.to_json_string().encode()).hexdigest()
+            version = f"{reference.rsplit('/', 1)[-1]}-{config_hash[:10]}"
+        return cls(model, tokenizer, version=version, device=device)
+
+    # --- prompt building -------------------------------------------------------------------
+
+    def _count_tokens(self, messages: Sequence[Mapping[str, str]]) -> int:
+        return len(self._encode_prompt(messages))
+
+    def _encode_prompt(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        prompt = format_prompt(
+            messages, bos=self.tokenizer.bos_token or "", eos=self.tokenizer.eos_token or ""
+        )
+        ids: list[int] = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return ids
+
+    def _truncate_content(
+        self, head: list[dict[str, str]], role: str, content: str, budget: int
+    ) -> str:
+        """The longest beginning of ``content`` such that ``head + [message]`` fits ``budget``."""
+        text = neutralise(content.strip())
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        keep = len(ids)
+        while keep > 0:
+            candidate = self.tokenizer.decode(ids[:keep], skip_special_tokens=False).strip()
+            used = self._count_tokens([*head, {"role": role, "content": candidate}])
+            if used <= budget:
+                return candidate
+            keep -= max(1, used - budget)
+        return ""
+
+    def fit_to_context(
+        self, messages: Sequence[Mapping[str, str]], *, max_new_tokens: int = 128
+    ) -> list[dict[str, str]]:
+        """Return the messages to actually prompt with, so prompt + answer fit the window.
+
+        Drops whole user/assistant pairs, oldest first, keeping a leading system message and
+        the newest turns. If the system message and the last user message alone are still too
+        long, keeps the beginning of the last user message (and logs a warning); a system
+        message that leaves no room at all is dropped.
+
+        Raises:
+            PromptFormatError: the messages are not a valid dialogue ending with a user turn.
+            ValueError: ``max_new_tokens`` leaves no room for a prompt.
+        """
+        budget = self.context_window - max_new_tokens
+        if budget < 8:
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
+                f"{self.context_window}-token context window"
+            )
+        copies = [{"role": m["role"], "content": m["content"]} for m in messages]
+        format_prompt(copies)  # validates roles; raises PromptFormatError
+        if copies[-1]["role"] != "user":
+            from model.prompt import PromptFormatError
+
+            raise PromptFormatError("the last message must be a user message")
+        system = copies[:1] if copies[0]["role"] == "system" else []
+        history = copies[len(system) : -1]  # whole (user, assistant) pairs
+        last = copies[-1]
+
+        # Binary search for the fewest dropped pairs that fit (more dropped = fewer tokens).
+        def fits(dropped_pairs: int) -> bool:
+            kept = history[2 * dropped_pairs :]
+            return self._count_tokens([*system, *kept, last]) <= budget
+
+        pairs = len(history) // 2
+        if fits(0):
+            return copies
+        low, high = 1, pairs
+        if not fits(pairs):
+            low = pairs + 1
+        while low < high:
+            middle = (low + high) // 2
+            if fits(middle):
+                high = middle
+            else:
+                low = middle + 1
+        if low <= pairs:
+            logger.info("dropped the %d oldest exchanges to fit the context window", low)
+            return [*system, *history[2 * low :], last]
+
+        # Even the last user message alone is too long: keep its beginning.
+        if system and self._count_tokens([*system, {"role": "user", "content": ""}]) >= budget:
+            logger.warning("the system message alone overflows the context window; dropped it")
+            system = []
+        content = self._truncate_content(system, "user", last["content"], budget)
+        logger.warning(
+            "the last user message (%d characters) overflows the %d-token context window; "
+            "kept its first %d characters",
+            len(last["content"]),
+            self.context_window,
+            len(content),
+        )
+        return [*system, {"role": "user", "content": content}]
+
+    # --- generation ------------------------------------------------------------------------
+
+    def generate_sync(
+        self, *, messages: Sequence[Mapping[str, str]], max_new_tokens: int = 128
+    ) -> str:
+        """Answer ``messages`` (ending with a user message) by greedy decoding; blocking."""
+        fitted = self.fit_to_context(messages, max_new_tokens=max_new_tokens)
+        prompt_ids = self._encode_prompt(fitted)
+        input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
+        eos_id = self.tokenizer.eos_token_id
+        pad_id = self.tokenizer.pad_token_id
+        with torch.inference_mode():
+            output = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=eos_id,
+                pad_token_id=pad_id if pad_id is not None else eos_id,
+            )
+        new_tokens = output[0, input_ids.shape[1] :]
+        text: str = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
+        return text.strip()
+
+    async def generate(
+        self, *, messages: Sequence[Mapping[str, str]], max_new_tokens: int = 128
+    ) -> str:
+        """Like :meth:`generate_sync`, on the model's worker thread (never blocks the loop)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executor,
+            lambda: self.generate_sync(messages=messages, max_new_tokens=max_new_tokens),
+        )
+
+    def close(self) -> None:
+        """Stop the worker thread (pending generations still finish)."""
+        self._executor.shutdown(wait=True)
+
+
+def ensure_default_model(path: Path, *, progress: Callable[[str], None] = print) -> Path:
+    """Return ``path``, first building the default model there if the folder is missing/empty.
+
+    Raises:
+        ModelLoadError: ``path`` exists with other files in it but no model (not overwritten).
+    """
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ModelLoadError(
+            f"{path} exists but is not a model folder; refusing to overwrite it with the "
+            "default model"
+        )
+    from model.bootstrap import build_default_model
+
+    progress(f"no model at {path}; building the default model (about 2 minutes)")
+    return build_default_model(path, progress=progress)
