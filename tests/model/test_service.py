@@ -1,0 +1,187 @@
+"""LocalModel: load errors, answers, context fitting, non-blocking generation."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from model.bootstrap import TINY_EXCHANGES
+from model.corpus import SEED_EXCHANGES
+from model.prompt import format_prompt
+from model.service import LocalModel, ModelLoadError, ensure_default_model
+
+
+@pytest.fixture(scope="module")
+def local_model(tiny_model_dir: Path) -> Iterator[LocalModel]:
+    model = LocalModel.load(tiny_model_dir, device="cpu")
+    yield model
+    model.close()
+
+
+def user(content: str) -> dict[str, str]:
+    return {"role": "user", "content": content}
+
+
+def assistant(content: str) -> dict[str, str]:
+    return {"role": "assistant", "content": content}
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def test_load_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        LocalModel.load(tmp_path / "nowhere")
+
+
+def test_load_empty_folder(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match=r"not a model folder.*config\.json"):
+        LocalModel.load(tmp_path)
+
+
+def test_load_garbage_weights(tmp_path: Path, tiny_model_dir: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"this is not a safetensors file" * 10)
+    with pytest.raises(ModelLoadError, match="could not load the model weights"):
+        LocalModel.load(broken)
+
+
+def test_load_file_instead_of_folder(tmp_path: Path) -> None:
+    path = tmp_path / "file.txt"
+    path.write_text("hi")
+    with pytest.raises(ModelLoadError, match="not a folder"):
+        LocalModel.load(path)
+
+
+def test_version_and_context_window(local_model: LocalModel, tiny_model_dir: Path) -> None:
+    assert local_model.version.startswith(f"{tiny_model_dir.name}-")
+    assert local_model.version == LocalModel.load(tiny_model_dir, device="cpu").version
+    assert local_model.context_window == 256
+    assert local_model.device == "cpu"
+
+
+def test_ensure_default_model_keeps_existing(tiny_model_dir: Path) -> None:
+    assert ensure_default_model(tiny_model_dir, progress=lambda _: None) == tiny_model_dir
+
+
+def test_ensure_default_model_refuses_foreign_folder(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ModelLoadError, match="refusing to overwrite"):
+        ensure_default_model(tmp_path, progress=lambda _: None)
+
+
+# --- answers -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("question", "answer"), SEED_EXCHANGES)
+def test_generate_sync_answers_seed_questions(
+    local_model: LocalModel, question: str, answer: str
+) -> None:
+    assert local_model.generate_sync(messages=[user(question)]) == answer
+
+
+async def test_generate_answers_seed_questions(local_model: LocalModel) -> None:
+    for question, answer in SEED_EXCHANGES:
+        assert await local_model.generate(messages=[user(question)]) == answer
+
+
+# --- fitting the context window ------------------------------------------------------------
+
+
+def long_history(turns: int) -> list[dict[str, str]]:
+    history: list[dict[str, str]] = []
+    for index in range(turns):
+        question, answer = TINY_EXCHANGES[index % len(TINY_EXCHANGES)]
+        history += [user(f"{index}: {question}"), assistant(answer)]
+    return history
+
+
+def test_fit_to_context_keeps_everything_when_it_fits(local_model: LocalModel) -> None:
+    messages = [user("Hello"), assistant("Hi"), user("Thank you")]
+    assert local_model.fit_to_context(messages) == messages
+
+
+def test_fit_to_context_drops_oldest_whole_turns(local_model: LocalModel) -> None:
+    system = {"role": "system", "content": "Be helpful."}
+    question = SEED_EXCHANGES[0][0]
+    messages = [system, *long_history(60), user(question)]
+    fitted = local_model.fit_to_context(messages, max_new_tokens=64)
+
+    assert fitted[0] == system
+    assert fitted[-1] == user(question)
+    assert len(fitted) % 2 == 0  # system + whole pairs + last user
+    kept = fitted[1:-1]
+    assert 0 < len(kept) < 120
+    assert kept == messages[-1 - len(kept) : -1]  # the newest turns, unchanged
+    tokens = local_model.tokenizer(format_prompt(fitted), add_special_tokens=False)["input_ids"]
+    assert len(tokens) <= local_model.context_window - 64
+    # One more pair would not have fitted.
+    bigger = [system, *messages[-3 - len(kept) : -1], user(question)]
+    more = local_model.tokenizer(format_prompt(bigger), add_special_tokens=False)["input_ids"]
+    assert len(more) > local_model.context_window - 64
+
+
+def test_generate_with_overflowing_history_still_answers(local_model: LocalModel) -> None:
+    question, answer = SEED_EXCHANGES[1]
+    messages = [*long_history(60), user(question)]
+    assert local_model.generate_sync(messages=messages, max_new_tokens=64) == answer
+
+
+def test_huge_user_message_is_truncated_and_answered(
+    local_model: LocalModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    huge = "How do I reset my password? " + "blah " * 20_000  # ~100 KB
+    assert len(huge) > 100_000
+    with caplog.at_level(logging.WARNING, logger="model.service"):
+        fitted = local_model.fit_to_context([user(huge)], max_new_tokens=64)
+        reply = local_model.generate_sync(messages=[user(huge)], max_new_tokens=64)
+    assert "overflows" in caplog.text
+    assert len(fitted) == 1
+    assert huge.startswith(fitted[0]["content"])
+    tokens = local_model.tokenizer(format_prompt(fitted), add_special_tokens=False)["input_ids"]
+    assert len(tokens) <= local_model.context_window - 64
+    assert isinstance(reply, str)
+
+
+def test_max_new_tokens_must_leave_room(local_model: LocalModel) -> None:
+    with pytest.raises(ValueError, match="no room"):
+        local_model.fit_to_context([user("hi")], max_new_tokens=local_model.context_window)
+
+
+# --- the event loop keeps running ----------------------------------------------------------
+
+
+async def test_generate_does_not_block_the_event_loop(local_model: LocalModel) -> None:
+    original = local_model.generate_sync
+
+    def slow_generate_sync(**kwargs: object) -> str:
+        time.sleep(0.3)  # make generation long enough to observe the loop
+        return original(**kwargs)  # type: ignore[arg-type]
+
+    local_model.generate_sync = slow_generate_sync  # type: ignore[method-assign]
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(ticker())
+    try:
+        replies = await asyncio.gather(
+            local_model.generate(messages=[user(SEED_EXCHANGES[0][0])]),
+            local_model.generate(messages=[user(SEED_EXCHANGES[1][0])]),
+        )
+    finally:
+        task.cancel()
+        del local_model.generate_sync
+    assert replies == [SEED_EXCHANGES[0][1], SEED_EXCHANGES[1][1]]
+    assert ticks >= 20  # ~0.6 s of generation, the loop ticked throughout
