@@ -626,29 +626,29 @@ async def test_a_long_reply_is_split_at_slacks_limit(slack: SlackHarness) -> Non
     assert " ".join(chunk["text"] for chunk in chunks) == long_text.strip()
 
 
-async def test_the_reply_streams_into_the_placeholder(
-    database: Database,
-    tiny_model: ReplyGenerator,
-    api: FakeSlackWebApi,
-    http_session: aiohttp.ClientSession,
+async def test_a_streamed_reply_edits_the_placeholder_then_shows_the_full_text(
+    slack: SlackHarness,
 ) -> None:
-    pipeline = build_pipeline(database, tiny_model, progress_interval=0.0)
-    adapter = await start_adapter(api, pipeline)
-    harness = SlackHarness(adapter=adapter, api=api, pipeline=pipeline, http=http_session)
-    try:
-        await harness.event(mention(RESET_QUESTION, ts="1700000120.000100"))
-        await harness.settled()
-    finally:
-        await adapter.stop()
+    # The pipeline calls progress with "" and then the text so far (at most once per
+    # progress_interval); this is the Slack side of that contract.
+    question = make_message(platform="slack", channel=CHANNEL, thread="1.2")
+    writer = ThreadReply(client=slack.adapter.client, channel=CHANNEL, thread_ts="1.2")
+    words = RESET_ANSWER.split(" ")
+    await writer.progress(text="", in_reply_to=question)
+    await writer.progress(text=" ".join(words[:3]), in_reply_to=question)
+    await writer.progress(text=" ".join(words[:6]), in_reply_to=question)
+    rated_ts = await writer.send(text=RESET_ANSWER, in_reply_to=question)
 
-    (reply,) = api.posted()
+    (reply,) = slack.api.posted()
     assert reply["posted_text"] == PLACEHOLDER
-    edits = [call.params["text"] for call in api.calls_of("chat.update")]
-    assert len(edits) >= 2
-    assert edits[-1] == RESET_ANSWER
-    for partial in edits[:-1]:
-        assert partial.endswith(" …")
-        assert RESET_ANSWER.startswith(partial.removesuffix(" …"))
+    assert reply["ts"] == rated_ts
+    edits = [call.params["text"] for call in slack.api.calls_of("chat.update")]
+    assert edits == [
+        " ".join(words[:3]) + " …",
+        " ".join(words[:6]) + " …",
+        RESET_ANSWER,
+    ]
+    assert reply["text"] == RESET_ANSWER
 
 
 async def test_a_model_failure_gets_an_apology_in_the_thread(
