@@ -130,17 +130,20 @@ class LocalModel:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        where = (
+            str(reference)
+            if local
+            else f"{reference} (no such folder, so tried as a Hugging Face hub id)"
+        )
         try:
             tokenizer = AutoTokenizer.from_pretrained(reference)
         except Exception as error:
-            raise ModelLoadError(
-                f"could not load the tokenizer from {reference}: {error}"
-            ) from error
+            raise ModelLoadError(f"could not load the tokenizer from {where}: {error}") from error
         try:
             model: Any = AutoModelForCausalLM.from_pretrained(reference, dtype=dtype)
         except Exception as error:
             raise ModelLoadError(
-                f"could not load the model weights from {reference} (corrupt or incompatible "
+                f"could not load the model weights from {where} (corrupt or incompatible "
                 f"files?): {error}"
             ) from error
         model.to(device)

@@ -167,8 +167,7 @@ def test_injected_control_strings_do_not_become_control_tokens(
 
     # The hostile content survives readable (neutraliser aside) between the last [INST]/[/INST].
     last_turn = ids[positions["[INST]"][1] + 1 : positions["[/INST]"][1]]
-    text = tokenizer.decode(last_turn, skip_special_tokens=False)
+    text = str(tokenizer.decode(last_turn, skip_special_tokens=False))
     assert text.strip().replace(NEUTRALISER, "") == f"x {HOSTILE} y"
-    assert (
-        tokenizer.decode(ids, skip_special_tokens=True).replace(NEUTRALISER, "").count(HOSTILE) == 1
-    )
+    readable = str(tokenizer.decode(ids, skip_special_tokens=True))
+    assert readable.replace(NEUTRALISER, "").count(HOSTILE) == 1
