@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bot.config import ConfigurationError, Settings, load_settings
@@ -159,6 +160,10 @@ def _progress(line: str) -> None:
 
 def load_generator(settings: Settings) -> ReplyGenerator:
     """Load the configured model, building the default one on first use."""
+    path = settings.resolved_model_path
+    if not settings.uses_default_model and _names_a_folder(path) and not Path(path).is_dir():
+        # Said before torch is imported: that alone takes seconds.
+        raise CommandError(f"MODEL_PATH {path} is not a folder (a model folder or hub id)")
     from model.service import LocalModel, ModelLoadError, ensure_default_model
 
     try:
@@ -167,6 +172,11 @@ def load_generator(settings: Settings) -> ReplyGenerator:
         return LocalModel.load(settings.resolved_model_path)
     except ModelLoadError as error:
         raise CommandError(str(error)) from None
+
+
+def _names_a_folder(path: str) -> bool:
+    """A filesystem path rather than a hub id such as ``org/name``."""
+    return path.startswith(("/", ".", "~")) or path.count("/") >= 2
 
 
 def build_pipeline(settings: Settings, *, generator: ReplyGenerator | None = None) -> ReplyPipeline:

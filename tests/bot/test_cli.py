@@ -47,70 +47,58 @@ def exchange_count(db_file: Path) -> int:
         return int(connection.execute("SELECT count(*) FROM exchanges").fetchone()[0])
 
 
-def test_piped_chat_prints_each_answer_and_stores_each_exchange(tmp_path, tiny_model_dir) -> None:
-    result = chatbot("chat", cwd=tmp_path, stdin=QUESTIONS, MODEL_PATH=str(tiny_model_dir))
+def test_run_without_credentials_chats_over_piped_stdin(tmp_path, tiny_model_dir) -> None:
+    # One process for several behaviours: starting torch costs more than any of them.
+    stdin = (
+        QUESTIONS.encode()
+        + b"\n"  # a blank line is no turn
+        + b"/new\n"  # a fresh conversation for what follows
+        + b"\xff\xfe\x00 broken bytes\n"  # undecodable input does not crash the chat
+        + SEED_EXCHANGES[0][0].encode()
+        + b"\n"
+    )
+    result = chatbot("run", cwd=tmp_path, stdin=stdin, MODEL_PATH=str(tiny_model_dir))
 
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ANSWERS
-    assert exchange_count(tmp_path / "data" / "chatbot.db") == 2
+    lines = result.stdout.splitlines()
+    assert lines[:2] == ANSWERS
+    assert lines[3] == ANSWERS[0]
+    assert len(lines) == 4  # one reply per non-empty line, nothing else on stdout
+    with sqlite3.connect(tmp_path / "data" / "chatbot.db") as connection:
+        conversations = connection.execute("SELECT count(*) FROM conversations").fetchone()[0]
+        user_turns = connection.execute(
+            "SELECT text FROM messages WHERE role='user' ORDER BY id"
+        ).fetchall()
+    assert conversations == 2
+    assert [t for (t,) in user_turns] == [
+        SEED_EXCHANGES[0][0],
+        SEED_EXCHANGES[1][0],
+        "\ufffd\ufffd\ufffd broken bytes",
+        SEED_EXCHANGES[0][0],
+    ]
+    assert exchange_count(tmp_path / "data" / "chatbot.db") == 4
 
 
-def test_run_without_credentials_opens_the_local_chat(tmp_path, tiny_model_dir) -> None:
-    result = chatbot("run", cwd=tmp_path, stdin=QUESTIONS, MODEL_PATH=str(tiny_model_dir))
-
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ANSWERS
-
-
-def test_json_lines_pair_each_user_turn_with_the_answer(tmp_path, tiny_model_dir) -> None:
+def test_json_lines_on_postgresql(tmp_path, tiny_model_dir, postgres_database) -> None:
+    engine = create_engine(postgres_database.url)
+    with engine.connect() as connection:
+        before = connection.execute(text("SELECT count(*) FROM exchanges")).scalar_one()
     result = chatbot(
-        "chat", "--json", cwd=tmp_path, stdin=QUESTIONS, MODEL_PATH=str(tiny_model_dir)
+        "chat",
+        "--json",
+        cwd=tmp_path,
+        stdin=QUESTIONS,
+        MODEL_PATH=str(tiny_model_dir),
+        DATABASE_URL=postgres_database.url,
     )
 
     assert result.returncode == 0, result.stderr
     assert [json.loads(line) for line in result.stdout.splitlines()] == [
         {"user": q, "agent": a} for q, a in SEED_EXCHANGES
     ]
-
-
-def test_new_starts_a_fresh_conversation(tmp_path, tiny_model_dir) -> None:
-    stdin = f"{SEED_EXCHANGES[0][0]}\n/new\n{SEED_EXCHANGES[1][0]}\n\n"
-    result = chatbot("chat", cwd=tmp_path, stdin=stdin, MODEL_PATH=str(tiny_model_dir))
-
-    assert result.returncode == 0, result.stderr
-    with sqlite3.connect(tmp_path / "data" / "chatbot.db") as connection:
-        conversations = connection.execute("SELECT count(*) FROM conversations").fetchone()[0]
-        user_turns = connection.execute(
-            "SELECT count(*) FROM messages WHERE role='user'"
-        ).fetchone()[0]
-    assert (conversations, user_turns) == (2, 2)  # the blank line is no turn
-
-
-def test_undecodable_input_bytes_do_not_crash_the_chat(tmp_path, tiny_model_dir) -> None:
-    stdin = b"\xff\xfe\x00 broken bytes\n" + QUESTIONS.encode()
-    result = chatbot("chat", cwd=tmp_path, stdin=stdin, MODEL_PATH=str(tiny_model_dir))
-
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[1:] == ANSWERS
-    assert exchange_count(tmp_path / "data" / "chatbot.db") == 3
-
-
-def test_chat_on_postgresql(tmp_path, tiny_model_dir, postgres_url) -> None:
-    engine = create_engine(postgres_url)
     with engine.connect() as connection:
-        before = connection.execute(text("SELECT count(*) FROM exchanges")).scalar_one()
-    result = chatbot(
-        "chat",
-        cwd=tmp_path,
-        stdin=QUESTIONS,
-        MODEL_PATH=str(tiny_model_dir),
-        DATABASE_URL=postgres_url,
-    )
-
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ANSWERS
-    with engine.connect() as connection:
-        assert connection.execute(text("SELECT count(*) FROM exchanges")).scalar_one() == before + 2
+        after = connection.execute(text("SELECT count(*) FROM exchanges")).scalar_one()
+    assert after == before + 2
     engine.dispose()
 
 
