@@ -420,6 +420,13 @@ class DiscordAdapter:
             user_id=str(author.id),
             user_name=author.display_name,
             user_is_admin=self.user_is_admin(author, can_manage_server=can_manage),
+            # ``!correct`` sent as a reply to a bot message corrects that message.
+            replied_to=(
+                str(message.reference.message_id)
+                if message.reference is not None and message.reference.message_id is not None
+                else None
+            ),
+            message_id=str(message.id),
         )
         answer = await self.commands.run(request)
         reply = _Reply(message=message)

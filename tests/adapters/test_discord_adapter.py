@@ -12,15 +12,19 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlmodel import col, select
 
 from adapters.discord_adapter import MESSAGE_LIMIT, DiscordAdapter
-from bot.commands import ADMIN_ONLY, Commands
+from bot.commands import ADMIN_ONLY, Command, CommandAction, Commands
 from bot.config import Settings
 from bot.conversation import Role
+from bot.export import Exporter, ExportOptions
+from bot.learning import LearningActions
+from bot.redaction import Pseudonymizer
 from bot.service import (
     APOLOGY,
     PipelineOptions,
@@ -42,6 +46,7 @@ from bot.storage import (
     set_delivery,
 )
 from model.corpus import SEED_EXCHANGES
+from model.prompt import format_prompt
 from tests.conftest import make_message
 from tests.fakes.discord_server import (
     ADMIN_ROLE_ID,
@@ -112,6 +117,7 @@ async def running_bot(
     generator: ReplyGenerator,
     *,
     progress_interval: float = 0.05,
+    actions: Mapping[Command, CommandAction] | None = None,
     **settings: Any,
 ) -> AsyncIterator[DiscordAdapter]:
     """The adapter connected to the fake Discord; closed (and checked) on the way out."""
@@ -132,7 +138,9 @@ async def running_bot(
     adapter = DiscordAdapter(
         settings=Settings(_env_file=None, **values),  # type: ignore[call-arg]
         handler=pipeline,
-        commands=Commands(store=pipeline.store, model_version=lambda: generator.version),
+        commands=Commands(
+            store=pipeline.store, model_version=lambda: generator.version, actions=actions
+        ),
         guild_ready_timeout=0.05,
     )
     run = asyncio.create_task(adapter.run())
@@ -624,6 +632,38 @@ async def test_bang_commands_check_admins(
     assert export["content"] == "`export` is not available yet."
     assert "`forget-me`" in help_reply["content"]
     assert stored(database) == [] and model.prompts == []
+
+
+async def test_bang_correct_in_reply_to_a_bot_message_stores_a_correction(
+    discord: FakeDiscord, database: Database, model: RecordingModel, tmp_path: Path
+) -> None:
+    learning = LearningActions(
+        store=Store(database),
+        exporter=Exporter(
+            database=database,
+            options=ExportOptions(directory=tmp_path),
+            formatter=format_prompt,
+            pseudonymize=Pseudonymizer(b"k"),
+        ),
+        pseudonymize=Pseudonymizer(b"k"),
+    )
+    better = "Use the 'Forgot password?' link, then check your inbox."
+    async with running_bot(discord, database, model, actions=learning.actions()):
+        question = await say(discord, RESET_QUESTION, mentions_bot=True)
+        (answer,) = await reply_to(discord, question)
+        fix = await say(
+            discord, f"!correct {better}", author=ADMIN, reply_to=answer["id"], mentions_bot=True
+        )
+        (acknowledgement,) = await reply_to(discord, fix)
+
+    assert (
+        acknowledgement["content"]
+        == "Thanks, I stored your correction; it will be used for training."
+    )
+    [asked] = [m for m in stored(database) if m.text == RESET_QUESTION]
+    [correction] = [e for e in exchanges(database) if e.answered_by == "correction"]
+    assert correction.user_message_id == asked.id
+    assert [m.text for m in stored(database) if m.id == correction.answer_message_id] == [better]
 
 
 # --------------------------------------------------------------------------- bad input
