@@ -28,10 +28,6 @@ def mentioned_user_ids(text: str) -> list[str]:
     return list(dict.fromkeys(_USER_MENTION.findall(text)))
 
 
-def mentions_user(text: str, user_id: str) -> bool:
-    return user_id in mentioned_user_ids(text)
-
-
 def without_leading_mention(text: str, user_id: str) -> str:
     """``"<@BOT>: !status"`` → ``"!status"``: the address, and the punctuation after it, go."""
     match = re.match(rf"\s*<@{re.escape(user_id)}(?:\|[^<>]*)?>[\s,:;]*", text)
