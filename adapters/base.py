@@ -47,6 +47,8 @@ class MessageHandler(Protocol):
 
     async def reply_delivered(self, *, answer_id: int, platform_message_id: str | None) -> None: ...
 
+    async def reply_not_delivered(self, *, answer_id: int) -> None: ...
+
 
 class Adapter(Protocol):
     """A running connection to one platform."""

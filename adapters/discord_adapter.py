@@ -470,7 +470,12 @@ class DiscordAdapter:
                 logger.warning(
                     "could not deliver stored reply %d yet: %s", pending.answer_id, error
                 )
+                await self.handler.reply_not_delivered(answer_id=pending.answer_id)
                 continue
+            except BaseException:
+                # Claimed but not sent (a bug, a cancelled task): back into the queue.
+                await asyncio.shield(self.handler.reply_not_delivered(answer_id=pending.answer_id))
+                raise
             await self.handler.reply_delivered(
                 answer_id=pending.answer_id, platform_message_id=platform_id
             )

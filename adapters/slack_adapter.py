@@ -564,7 +564,12 @@ class SlackAdapter:
                 )
             except SlackClientError as error:
                 logger.warning("Slack: reply %d still cannot be posted: %s", reply.answer_id, error)
+                await self.handler.reply_not_delivered(answer_id=reply.answer_id)
                 continue
+            except BaseException:
+                # Claimed but not sent (a bug, a cancelled task): back into the queue.
+                await asyncio.shield(self.handler.reply_not_delivered(answer_id=reply.answer_id))
+                raise
             await self.handler.reply_delivered(answer_id=reply.answer_id, platform_message_id=ts)
             delivered += 1
         if delivered:

@@ -314,11 +314,16 @@ class ReplyPipeline:
         return await self.store.run(bot_is_in_conversation, message=message)
 
     async def undelivered_replies(self, *, platform: str) -> list[UndeliveredReply]:
-        """Stored replies whose sending failed, for the adapter to send again."""
+        """Claim stored replies whose sending failed, for the adapter to send again; report
+        each with ``reply_delivered`` or ``reply_not_delivered``."""
         return await self.store.run(undelivered_replies, platform=platform)
 
     async def reply_delivered(self, *, answer_id: int, platform_message_id: str | None) -> None:
         await self._set_delivery(answer_id, DeliveryState.SENT, platform_message_id)
+
+    async def reply_not_delivered(self, *, answer_id: int) -> None:
+        """A claimed queued reply still could not be sent: back into the queue."""
+        await self._set_delivery(answer_id, DeliveryState.FAILED, None)
 
     async def _send_quietly(self, send: ReplySender, text: str, message: IncomingMessage) -> bool:
         try:

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import BigInteger, Column, DateTime, Text, UniqueConstraint, event, func
 from sqlalchemy import delete as sql_delete
+from sqlalchemy import update as sql_update
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select
@@ -52,6 +53,7 @@ class DeliveryState(StrEnum):
     PENDING = "pending"
     SENT = "sent"
     FAILED = "failed"  # kept for a later retry
+    RETRYING = "retrying"  # claimed from the retry queue by one instance
 
 
 class AnsweredBy(StrEnum):
@@ -740,7 +742,12 @@ class UndeliveredReply:
 def undelivered_replies(
     *, session: Session, platform: str, limit: int = 100
 ) -> list[UndeliveredReply]:
-    """Bot replies of ``platform`` whose sending failed, oldest first (the retry queue)."""
+    """Claim bot replies of ``platform`` whose sending failed, oldest first (the retry queue).
+
+    Each reply is claimed with a conditional update, so when several instances share the
+    database only one of them gets (and sends) it. The claimant reports back with
+    ``set_delivery``: ``SENT``, or ``FAILED`` to put it back in the queue.
+    """
     rows = session.exec(
         select(MessageRecord, ConversationRecord, ExchangeRecord)
         .join(ConversationRecord, col(ConversationRecord.id) == MessageRecord.conversation_id)
@@ -755,6 +762,17 @@ def undelivered_replies(
     ).all()
     replies = []
     for answer, conversation, exchange in rows:
+        claimed = session.execute(
+            sql_update(MessageRecord)
+            .where(
+                col(MessageRecord.id) == answer.id,
+                col(MessageRecord.delivery_state) == DeliveryState.FAILED.value,
+            )
+            .values(delivery_state=DeliveryState.RETRYING.value)
+        )
+        session.commit()
+        if claimed.rowcount != 1:  # type: ignore[attr-defined]
+            continue  # another instance took it
         question = session.get(MessageRecord, exchange.user_message_id)
         replies.append(
             UndeliveredReply(

@@ -384,3 +384,33 @@ def test_failed_deliveries_form_the_retry_queue(database: Database) -> None:
         "q-1",
         "an answer",
     )
+    # Claimed: a second instance asking now gets nothing, until the claimant gives it back.
+    with database.session() as session:
+        assert undelivered_replies(session=session, platform="console") == []
+        set_delivery(session=session, answer_message_id=answer.id, state=DeliveryState.FAILED)
+        assert [r.answer_id for r in undelivered_replies(session=session, platform="console")] == [
+            answer.id
+        ]
+
+
+def test_only_one_instance_claims_a_queued_reply(database: Database) -> None:
+    _, answer, _ = _answered(database, answer_platform_id=None)  # type: ignore[arg-type]
+    assert answer.id is not None
+    with database.session() as session:
+        set_delivery(session=session, answer_message_id=answer.id, state=DeliveryState.FAILED)
+    claims: list[int] = []
+    barrier = threading.Barrier(4)
+
+    def claim() -> None:
+        barrier.wait()
+        with database.session() as session:
+            claims.extend(
+                r.answer_id for r in undelivered_replies(session=session, platform="console")
+            )
+
+    threads = [threading.Thread(target=claim) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert claims == [answer.id]
