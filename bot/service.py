@@ -9,6 +9,7 @@ the user gets a short apology, one trace is logged, and the message stays marked
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -316,7 +317,15 @@ class ReplyPipeline:
     async def undelivered_replies(self, *, platform: str) -> list[UndeliveredReply]:
         """Claim stored replies whose sending failed, for the adapter to send again; report
         each with ``reply_delivered`` or ``reply_not_delivered``."""
-        return await self.store.run(undelivered_replies, platform=platform)
+        claiming = asyncio.ensure_future(self.store.run(undelivered_replies, platform=platform))
+        try:
+            return await asyncio.shield(claiming)
+        except asyncio.CancelledError:
+            # The claims are made in a worker thread that finishes regardless: give them back
+            # rather than leave them claimed by nobody.
+            for reply in await claiming:
+                await self._set_delivery(reply.answer_id, DeliveryState.FAILED, None)
+            raise
 
     async def reply_delivered(self, *, answer_id: int, platform_message_id: str | None) -> None:
         await self._set_delivery(answer_id, DeliveryState.SENT, platform_message_id)

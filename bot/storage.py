@@ -15,7 +15,7 @@ import logging
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -111,6 +111,9 @@ class MessageRecord(SQLModel, table=True):
     stored_at: datetime = _timestamp(nullable=False)
     edited_at: datetime | None = _timestamp(nullable=True)
     deleted_at: datetime | None = _timestamp(nullable=True)
+    # When an instance claimed this reply from the retry queue; a claim older than
+    # RETRY_CLAIM_SECONDS is taken to be from a crashed instance and can be claimed again.
+    delivery_claimed_at: datetime | None = _timestamp(nullable=True)
 
 
 class ExchangeRecord(SQLModel, table=True):
@@ -739,6 +742,9 @@ class UndeliveredReply:
     text: str
 
 
+RETRY_CLAIM_SECONDS = 600
+
+
 def undelivered_replies(
     *, session: Session, platform: str, limit: int = 100
 ) -> list[UndeliveredReply]:
@@ -748,14 +754,19 @@ def undelivered_replies(
     database only one of them gets (and sends) it. The claimant reports back with
     ``set_delivery``: ``SENT``, or ``FAILED`` to put it back in the queue.
     """
+    now = utcnow()
+    claimable = (col(MessageRecord.delivery_state) == DeliveryState.FAILED.value) | (
+        (col(MessageRecord.delivery_state) == DeliveryState.RETRYING.value)
+        & (col(MessageRecord.delivery_claimed_at) < now - timedelta(seconds=RETRY_CLAIM_SECONDS))
+    )
     rows = session.exec(
         select(MessageRecord, ConversationRecord, ExchangeRecord)
         .join(ConversationRecord, col(ConversationRecord.id) == MessageRecord.conversation_id)
         .join(ExchangeRecord, col(ExchangeRecord.answer_message_id) == MessageRecord.id)
         .where(
             MessageRecord.platform == platform,
-            MessageRecord.delivery_state == DeliveryState.FAILED.value,
             col(MessageRecord.deleted_at).is_(None),
+            claimable,
         )
         .order_by(col(MessageRecord.id))
         .limit(limit)
@@ -764,11 +775,8 @@ def undelivered_replies(
     for answer, conversation, exchange in rows:
         claimed = session.execute(
             sql_update(MessageRecord)
-            .where(
-                col(MessageRecord.id) == answer.id,
-                col(MessageRecord.delivery_state) == DeliveryState.FAILED.value,
-            )
-            .values(delivery_state=DeliveryState.RETRYING.value)
+            .where(col(MessageRecord.id) == answer.id, claimable)
+            .values(delivery_state=DeliveryState.RETRYING.value, delivery_claimed_at=now)
         )
         session.commit()
         if claimed.rowcount != 1:  # type: ignore[attr-defined]

@@ -1,4 +1,4 @@
-"""export shards, channel settings, deletions, leases, text keys
+"""export shards, channel settings, deletions, leases, text keys, retry claims
 
 Revision ID: 0002
 Revises: 0001
@@ -95,6 +95,9 @@ def upgrade() -> None:
 
     with op.batch_alter_table("messages", schema=None) as batch_op:
         batch_op.add_column(sa.Column("text_key", sa.BigInteger(), nullable=True))
+        batch_op.add_column(
+            sa.Column("delivery_claimed_at", sa.DateTime(timezone=True), nullable=True)
+        )
 
     # Backfill the near-duplicate key of every stored message.
     connection = op.get_bind()
@@ -119,6 +122,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     with op.batch_alter_table("messages", schema=None) as batch_op:
+        batch_op.drop_column("delivery_claimed_at")
         batch_op.drop_column("text_key")
 
     with op.batch_alter_table("exchanges", schema=None) as batch_op:
