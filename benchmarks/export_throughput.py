@@ -35,6 +35,7 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -62,7 +63,7 @@ def exchanges_per_conversation(rng: random.Random) -> int:
     return rng.choice((1, 1, 2, 3, 4))
 
 
-def rows(n: int, seed: int = 7):  # type: ignore[no-untyped-def]
+def rows(n: int, seed: int = 7):
     """Yield (conversations, messages, exchanges, ratings) rows for ``n`` exchanges."""
     corpus = load_starter_corpus()
     rng = random.Random(seed)
@@ -138,7 +139,10 @@ def rows(n: int, seed: int = 7):  # type: ignore[no-untyped-def]
 
 
 INSERTS = {
-    "conversation": "INSERT INTO conversations (id, platform, workspace, channel, thread, created_at) VALUES ({})",
+    "conversation": (
+        "INSERT INTO conversations (id, platform, workspace, channel, thread, created_at) "
+        "VALUES ({})"
+    ),
     "message": (
         "INSERT INTO messages (id, conversation_id, platform, channel, platform_message_id, "
         "author_id, role, text, text_key, answer_state, delivery_state, sent_at, author_name, "
@@ -225,20 +229,19 @@ def seed_postgres(url: str, n: int) -> None:
                         copy.write(data)
                     buffers[kind] = io.StringIO()
 
-        count = 0
-        for kind, row in rows(n):
+        for count, (kind, row) in enumerate(rows(n), start=1):
             if kind == "message":
                 row = (*row, "", "f", "f", row[-1])
             elif kind == "exchange":
                 row = (*row, "t")
             buffers[kind].write("\t".join(cell(v) for v in row) + "\n")
-            count += 1
             if count % 200_000 == 0:
                 flush()
         flush()
         for table in ("conversations", "messages", "exchanges", "ratings"):
             cursor.execute(
-                f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT MAX(id) FROM {table}))"
+                f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+                f"(SELECT MAX(id) FROM {table}))"
             )
         cursor.execute("ANALYZE")
         connection.commit()
@@ -248,7 +251,7 @@ def seed_postgres(url: str, n: int) -> None:
 
 
 def run_export(url: str, directory: Path) -> dict[str, float]:
-    from bot.export import ExportOptions, Exporter
+    from bot.export import Exporter, ExportOptions
     from bot.redaction import Pseudonymizer
     from model.prompt import format_prompt
 
@@ -319,7 +322,7 @@ def fresh_postgres() -> tuple[str, callable]:  # type: ignore[valid-type]
     return url, drop
 
 
-def bench(database: str, n: int, workdir: Path) -> list[dict[str, object]]:
+def bench(database: str, n: int, workdir: Path) -> list[dict[str, Any]]:
     if database == "sqlite":
         path = workdir / f"bench-{n}.db"
         url = f"sqlite:///{path}"
@@ -368,7 +371,7 @@ def main() -> None:
         measure_main(args.measure, args.url, args.dir)
         return
     sizes = [args.exchanges // 4, args.exchanges] if args.growth else [args.exchanges]
-    results: list[dict[str, object]] = []
+    results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="chatbot-bench-") as workdir:
         for database in args.databases.split(","):
             for n in sizes:
@@ -379,7 +382,7 @@ def main() -> None:
     baselines = {(r["database"], r["rows"]): r for r in results if r["what"].startswith("baseline")}
     for r in results:
         base = baselines[(r["database"], r["rows"])]
-        ratio = float(r["per_second"]) / float(base["per_second"])  # type: ignore[arg-type]
+        ratio = float(r["per_second"]) / float(base["per_second"])
         print(
             f"| {r['database']} | {r['rows']:,} | {r['what']} | {r['seconds']:.1f} | "
             f"{r['per_second']:,.0f} | {ratio:.2f}× | {r['peak_rss_mb']:.0f} |"

@@ -74,7 +74,7 @@ class CommandRequest:
 class CommandAction(Protocol):
     """What a command does once allowed; returns the text to show the user."""
 
-    async def __call__(self, request: CommandRequest) -> str: ...
+    async def __call__(self, request: CommandRequest, /) -> str: ...
 
 
 def parse_bang_command(text: str) -> tuple[str, str] | None:

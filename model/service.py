@@ -18,12 +18,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TextStreamer
+from transformers.generation.streamers import BaseStreamer
 
 from model.prompt import format_prompt, neutralise
 
@@ -250,9 +252,16 @@ class LocalModel:
     # --- generation ------------------------------------------------------------------------
 
     def generate_sync(
-        self, *, messages: Sequence[Mapping[str, str]], max_new_tokens: int = 128
+        self,
+        *,
+        messages: Sequence[Mapping[str, str]],
+        max_new_tokens: int = 128,
+        streamer: BaseStreamer | None = None,
     ) -> str:
-        """Answer ``messages`` (ending with a user message) by greedy decoding; blocking."""
+        """Answer ``messages`` (ending with a user message) by greedy decoding; blocking.
+
+        ``streamer`` (a transformers streamer) receives the tokens as they are generated.
+        """
         fitted = self.fit_to_context(messages, max_new_tokens=max_new_tokens)
         prompt_ids = self._encode_prompt(fitted)
         input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
@@ -266,6 +275,7 @@ class LocalModel:
                 do_sample=False,
                 eos_token_id=eos_id,
                 pad_token_id=pad_id if pad_id is not None else eos_id,
+                streamer=streamer,
             )
         new_tokens = output[0, input_ids.shape[1] :]
         text: str = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
@@ -281,9 +291,47 @@ class LocalModel:
             lambda: self.generate_sync(messages=messages, max_new_tokens=max_new_tokens),
         )
 
+    async def stream(
+        self, *, messages: Sequence[Mapping[str, str]], max_new_tokens: int = 128
+    ) -> AsyncIterator[str]:
+        """Yield the reply piece by piece (whole words) while the worker thread generates it."""
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[str | None] = asyncio.Queue()
+        streamer = _LoopStreamer(self.tokenizer, loop=loop, pieces=pieces)
+        generation = loop.run_in_executor(
+            self._executor,
+            lambda: self.generate_sync(
+                messages=messages, max_new_tokens=max_new_tokens, streamer=streamer
+            ),
+        )
+        # Ends the stream even when generation fails before the streamer's own end.
+        generation.add_done_callback(lambda _future: pieces.put_nowait(None))
+        while (piece := await pieces.get()) is not None:
+            yield piece
+        await generation  # raises what generation raised
+
     def close(self) -> None:
         """Stop the worker thread (pending generations still finish)."""
         self._executor.shutdown(wait=True)
+
+
+class _LoopStreamer(TextStreamer):
+    """Hands decoded text from the generation thread to an asyncio queue."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        pieces: asyncio.Queue[str | None],
+    ) -> None:
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.loop = loop
+        self.pieces = pieces
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if text:
+            self.loop.call_soon_threadsafe(self.pieces.put_nowait, text)
 
 
 def ensure_default_model(path: Path, *, progress: Callable[[str], None] = print) -> Path:

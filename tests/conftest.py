@@ -123,7 +123,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
+def tiny_model(tiny_model_dir: Path):
     """The tiny model loaded by the model service, shared by the whole session."""
     from model.service import LocalModel
 

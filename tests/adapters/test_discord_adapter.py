@@ -427,8 +427,7 @@ async def test_a_rate_limited_reply_is_retried_and_arrives_once(
 async def test_the_reply_streams_by_editing_it(
     discord: FakeDiscord, database: Database, tiny_model: ReplyGenerator
 ) -> None:
-    if not isinstance(tiny_model, StreamingReplyGenerator):
-        pytest.skip("the model service does not stream yet")
+    assert isinstance(tiny_model, StreamingReplyGenerator)  # the model service streams
     async with running_bot(discord, database, tiny_model, progress_interval=0.0):
         question = await say(discord, RESET_QUESTION, mentions_bot=True)
         await discord.wait_for(

@@ -651,6 +651,28 @@ async def test_a_streamed_reply_edits_the_placeholder_then_shows_the_full_text(
     assert reply["text"] == RESET_ANSWER
 
 
+async def test_a_mention_streams_into_the_placeholder_end_to_end(
+    database: Database,
+    tiny_model: ReplyGenerator,
+    api: FakeSlackWebApi,
+    http_session: aiohttp.ClientSession,
+) -> None:
+    pipeline = build_pipeline(database, tiny_model, progress_interval=0.0)
+    adapter = await start_adapter(api, pipeline)
+    harness = SlackHarness(adapter=adapter, api=api, pipeline=pipeline, http=http_session)
+    try:
+        await harness.event(mention(RESET_QUESTION, ts="1700000140.000100"))
+        await harness.settled()
+    finally:
+        await adapter.stop()
+
+    (reply,) = api.posted()
+    assert reply["posted_text"] == PLACEHOLDER and reply["text"] == RESET_ANSWER
+    edits = [call.params["text"] for call in api.calls_of("chat.update")]
+    assert len(edits) >= 2 and edits[-1] == RESET_ANSWER  # partial edits, then the whole reply
+    assert all(RESET_ANSWER.startswith(edit.removesuffix(" …")) for edit in edits[:-1])
+
+
 async def test_a_model_failure_gets_an_apology_in_the_thread(
     database: Database, api: FakeSlackWebApi, http_session: aiohttp.ClientSession
 ) -> None:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from sqlmodel import select
+from sqlmodel import col, select
 
 from bot.commands import CommandRequest, Commands
 from bot.export import FILES, Exporter, ExportOptions, shard_folders
@@ -94,7 +94,8 @@ async def test_forget_me_deletes_the_users_data_and_confirms(
     assert reply.startswith("Done. I deleted 2 messages, 1 exchanges and 1 ratings of yours.")
     with database.session() as session:
         texts = [
-            m.text for m in session.exec(select(MessageRecord).order_by(MessageRecord.id)).all()
+            m.text
+            for m in session.exec(select(MessageRecord).order_by(col(MessageRecord.id))).all()
         ]
         assert session.get(ExchangeRecord, mine) is None
         assert session.exec(select(RatingRecord)).all() == []

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Mapping, Sequence
 
 import pytest
-from sqlmodel import select
+from sqlmodel import col, select
 
 from bot.conversation import IncomingMessage, Role
 from bot.service import (
@@ -82,7 +82,7 @@ def pipeline_for(database: Database, generator: ReplyGenerator, **options: objec
 
 def stored_messages(database: Database) -> list[MessageRecord]:
     with database.session() as session:
-        return list(session.exec(select(MessageRecord).order_by(MessageRecord.id)).all())
+        return list(session.exec(select(MessageRecord).order_by(col(MessageRecord.id))).all())
 
 
 async def test_answers_and_stores_the_exchange(database: Database, tiny_model) -> None:
@@ -235,3 +235,39 @@ async def test_an_unreachable_database_gets_a_clear_apology(tiny_model) -> None:
 
     assert result.outcome == Outcome.FAILED
     assert sender.texts == [STORAGE_APOLOGY]
+
+
+async def test_progress_shows_a_placeholder_then_the_growing_reply(
+    database: Database, tiny_model
+) -> None:
+    shown: list[str] = []
+
+    async def progress(*, text: str, in_reply_to: IncomingMessage) -> None:
+        shown.append(text)
+
+    sender = RecordingSender()
+    result = await pipeline_for(database, tiny_model, progress_interval=0.0).handle(
+        make_message(RESET_QUESTION), send=sender, progress=progress
+    )
+
+    assert result.outcome == Outcome.ANSWERED
+    assert sender.texts == [RESET_ANSWER]
+    assert shown[0] == ""  # the placeholder, before generation
+    assert len(shown) > 2  # then the reply as it grew
+    assert all(RESET_ANSWER.startswith(partial) for partial in shown)
+    assert shown == sorted(shown, key=len)
+
+
+async def test_a_failing_progress_sink_does_not_cost_the_reply(
+    database: Database, tiny_model, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(*, text: str, in_reply_to: IncomingMessage) -> None:
+        raise ConnectionError("edit failed")
+
+    sender = RecordingSender()
+    with caplog.at_level(logging.WARNING):
+        result = await pipeline_for(database, tiny_model, progress_interval=0.0).handle(
+            make_message(RESET_QUESTION), send=sender, progress=broken
+        )
+    assert result.outcome == Outcome.ANSWERED and sender.texts == [RESET_ANSWER]
+    assert "could not show reply progress" in caplog.text
