@@ -94,13 +94,23 @@ class LocalModel:
         version: str,
         device: str,
         context_window: int | None = None,
+        history_pairs: int | None = None,
     ) -> None:
-        """Wrap an already loaded model and tokenizer (use :meth:`load` normally)."""
+        """Wrap an already loaded model and tokenizer (use :meth:`load` normally).
+
+        ``history_pairs`` caps how many earlier user/assistant pairs go into a prompt (None: as
+        many as fit). By default it comes from the model's ``config.chat_history_pairs``, which
+        the bootstrap sets to 0 for the default model (trained on single exchanges only).
+        """
         self.model = model
         self.tokenizer = tokenizer
         self.version = version
         self.device = device
         self.context_window = context_window or self._context_window_of(model, tokenizer)
+        if history_pairs is None:
+            declared = getattr(model.config, "chat_history_pairs", None)
+            history_pairs = declared if isinstance(declared, int) and declared >= 0 else None
+        self.history_pairs = history_pairs
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-generate")
 
     @staticmethod
@@ -189,10 +199,11 @@ class LocalModel:
     ) -> list[dict[str, str]]:
         """Return the messages to actually prompt with, so prompt + answer fit the window.
 
-        Drops whole user/assistant pairs, oldest first, keeping a leading system message and
-        the newest turns. If the system message and the last user message alone are still too
-        long, keeps the beginning of the last user message (and logs a warning); a system
-        message that leaves no room at all is dropped.
+        Keeps at most :attr:`history_pairs` earlier pairs, then drops whole user/assistant
+        pairs, oldest first, keeping a leading system message and the newest turns. If the
+        system message and the last user message alone are still too long, keeps the beginning
+        of the last user message (and logs a warning); a system message that leaves no room at
+        all is dropped.
 
         Raises:
             PromptFormatError: the messages are not a valid dialogue ending with a user turn.
@@ -212,6 +223,8 @@ class LocalModel:
             raise PromptFormatError("the last message must be a user message")
         system = copies[:1] if copies[0]["role"] == "system" else []
         history = copies[len(system) : -1]  # whole (user, assistant) pairs
+        if self.history_pairs is not None:
+            history = history[len(history) - 2 * self.history_pairs :] if self.history_pairs else []
         last = copies[-1]
 
         # Binary search for the fewest dropped pairs that fit (more dropped = fewer tokens).
@@ -221,7 +234,7 @@ class LocalModel:
 
         pairs = len(history) // 2
         if fits(0):
-            return copies
+            return [*system, *history, last]
         low, high = 1, pairs
         if not fits(pairs):
             low = pairs + 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import shutil
 import time
@@ -185,3 +186,38 @@ async def test_generate_does_not_block_the_event_loop(local_model: LocalModel) -
         del local_model.generate_sync
     assert replies == [SEED_EXCHANGES[0][1], SEED_EXCHANGES[1][1]]
     assert ticks >= 20  # ~0.6 s of generation, the loop ticked throughout
+
+
+def test_history_pairs_caps_the_history(local_model: LocalModel) -> None:
+    capped = LocalModel(
+        local_model.model,
+        local_model.tokenizer,
+        version="capped",
+        device="cpu",
+        history_pairs=1,
+    )
+    system = {"role": "system", "content": "Be helpful."}
+    messages = [system, *long_history(3), user("Thank you")]
+    try:
+        assert capped.fit_to_context(messages) == [system, *messages[-3:]]
+        capped.history_pairs = 0
+        assert capped.fit_to_context(messages) == [system, user("Thank you")]
+        assert capped.generate_sync(messages=messages) == "You're welcome!"
+    finally:
+        capped.close()
+
+
+def test_single_exchange_models_declare_no_history(tmp_path: Path, local_model: LocalModel) -> None:
+    from model.bootstrap import TINY, build_default_model
+
+    assert local_model.history_pairs is None  # the tiny model trains on dialogues too
+    config = TINY.with_overrides(epochs=1, multi_turn_share=0.0)
+    folder = build_default_model(
+        tmp_path / "m", exchanges=TINY_EXCHANGES[:2], config=config, progress=lambda _: None
+    )
+    assert json.loads((folder / "config.json").read_text())["chat_history_pairs"] == 0
+    model = LocalModel.load(folder, device="cpu")
+    try:
+        assert model.history_pairs == 0
+    finally:
+        model.close()
