@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,7 @@ from tests.fakes.discord_server import (
     Json,
     snowflake,
 )
+from tests.fakes.models import BrokenModel, RecordingModel
 
 RESET_QUESTION, RESET_ANSWER = SEED_EXCHANGES[0]
 REFUND_QUESTION, REFUND_ANSWER = SEED_EXCHANGES[1]
@@ -73,28 +74,6 @@ OTHER_BOT = FakeDiscord.make_user("800000000000000001", "otherbot", bot=True)
 
 
 # --------------------------------------------------------------------------- harness
-
-
-class RecordingModel:
-    """The real tiny model, keeping the chat messages it was asked to answer."""
-
-    def __init__(self, inner: ReplyGenerator) -> None:
-        self.inner = inner
-        self.version = inner.version
-        self.prompts: list[list[dict[str, str]]] = []
-
-    async def generate(self, *, messages: Sequence[Mapping[str, str]], max_new_tokens: int) -> str:
-        self.prompts.append([dict(m) for m in messages])
-        return await self.inner.generate(messages=messages, max_new_tokens=max_new_tokens)
-
-
-class BrokenModel:
-    """A model whose generation fails."""
-
-    version = "broken"
-
-    async def generate(self, *, messages: Sequence[Mapping[str, str]], max_new_tokens: int) -> str:
-        raise RuntimeError("CUDA error: device-side assert triggered")
 
 
 @pytest.fixture

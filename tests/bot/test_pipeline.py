@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
 
 import pytest
 from sqlmodel import col, select
@@ -28,6 +27,7 @@ from bot.storage import (
 )
 from model.corpus import SEED_EXCHANGES
 from tests.conftest import make_message
+from tests.fakes.models import BrokenModel, RecordingModel
 
 RESET_QUESTION, RESET_ANSWER = SEED_EXCHANGES[0]
 
@@ -48,28 +48,6 @@ class RecordingSender:
     @property
     def texts(self) -> list[str]:
         return [text for text, _ in self.sent]
-
-
-class RecordingGenerator:
-    """Wraps the real model and keeps the prompts it was given."""
-
-    def __init__(self, inner: ReplyGenerator) -> None:
-        self.inner = inner
-        self.version = inner.version
-        self.prompts: list[list[dict[str, str]]] = []
-
-    async def generate(self, *, messages: Sequence[Mapping[str, str]], max_new_tokens: int) -> str:
-        self.prompts.append([dict(m) for m in messages])
-        return await self.inner.generate(messages=messages, max_new_tokens=max_new_tokens)
-
-
-class BrokenModel:
-    """A model whose generation fails (out of memory, a corrupt checkpoint...)."""
-
-    version = "broken"
-
-    async def generate(self, *, messages: Sequence[Mapping[str, str]], max_new_tokens: int) -> str:
-        raise RuntimeError("CUDA error: device-side assert triggered")
 
 
 def pipeline_for(database: Database, generator: ReplyGenerator, **options: object) -> ReplyPipeline:
@@ -125,7 +103,7 @@ async def test_a_redelivered_message_gets_exactly_one_reply(database: Database, 
 
 
 async def test_the_model_sees_the_conversation_history(database: Database, tiny_model) -> None:
-    generator = RecordingGenerator(tiny_model)
+    generator = RecordingModel(tiny_model)
     pipeline = pipeline_for(database, generator, system_prompt="Be brief.")
     sender = RecordingSender()
     await pipeline.handle(make_message("Hello", thread="T-history"), send=sender)
