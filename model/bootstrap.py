@@ -384,18 +384,24 @@ def check_forward(model: LlamaForCausalLM, input_ids: torch.Tensor) -> None:
 
 
 class ThreadGuard:
-    """Drops to fewer torch threads when other processes compete for the cores.
+    """Uses fewer torch threads while other processes compete for the cores.
 
     With every core running a torch thread, one busy neighbour process makes each parallel
     operation wait for the thread that lost its core: training runs 5-10x slower, not 2x. Every
     ``every`` steps this compares the process's CPU time with the wall time; when the threads got
-    clearly less than their cores' worth, it gives one thread up for the rest of training.
+    clearly less than their cores' worth, it gives one thread up. Every ``retry`` steps after
+    that it tries all threads again (a wrong try costs at most ``every`` slow steps).
     """
 
-    def __init__(self, progress: Callable[[str], None], every: int = 20) -> None:
-        """Start measuring now."""
+    def __init__(
+        self, progress: Callable[[str], None], *, every: int = 10, retry: int = 150
+    ) -> None:
+        """Start measuring now, with the current torch thread count as the maximum."""
         self.progress = progress
         self.every = every
+        self.retry = retry
+        self.most = torch.get_num_threads()
+        self.reduced_at: int | None = None
         self.wall = time.monotonic()
         self.cpu = time.process_time()
 
@@ -407,12 +413,17 @@ class ThreadGuard:
         threads = torch.get_num_threads()
         busy = (cpu - self.cpu) / max(wall - self.wall, 1e-6)
         self.wall, self.cpu = wall, cpu
-        if threads > 1 and busy < 0.8 * threads:
+        if threads > 1 and busy < 0.6 * threads:
             torch.set_num_threads(threads - 1)
-            self.progress(
-                f"other processes are using the CPU ({busy:.1f} of {threads} cores ours); "
-                f"continuing on {threads - 1} thread(s)"
-            )
+            if self.reduced_at is None:
+                self.progress(
+                    f"other processes are using the CPU ({busy:.1f} of {threads} cores ours); "
+                    f"continuing on {threads - 1} thread(s)"
+                )
+            self.reduced_at = step
+        elif self.reduced_at is not None and step - self.reduced_at >= self.retry:
+            torch.set_num_threads(self.most)  # the next check keeps or drops it again
+            self.reduced_at = None
 
 
 def train(
