@@ -93,6 +93,7 @@ class BootstrapConfig:
     # (0.3 cut recall from ~85% to ~61% at the same budget), so it trains on single exchanges
     # and declares chat_history_pairs=0, which makes LocalModel prompt it without history.
     multi_turn_share: float = 0.0
+    seed_repeats: int = 4  # times per epoch each of SEED_EXCHANGES is trained
     # --- runtime ---
     seed: int = 0  # seeds python, torch and batch order: same inputs, same model
     threads: int = 0  # torch intra-op threads; 0 = all CPU cores
@@ -132,6 +133,7 @@ class Example:
 
     input_ids: list[int]
     targets: list[int]
+    seed: bool = False  # one of SEED_EXCHANGES
 
 
 def seed_everything(seed: int) -> None:
@@ -197,14 +199,20 @@ def encode_examples(
         # targets[t] is the token to predict after position t: answer tokens only.
         answer_ids = ids[len(prompt_ids) :]
         targets = [IGNORE_INDEX] * (len(prompt_ids) - 1) + answer_ids + [IGNORE_INDEX]
-        examples.append(Example(input_ids=ids, targets=targets))
+        seed = (question, answer) in SEED_EXCHANGES
+        examples.append(Example(input_ids=ids, targets=targets, seed=seed))
     return examples
 
 
 def make_dialogues(
-    examples: Sequence[Example], share: float, max_tokens: int, rng: random.Random
+    examples: Sequence[Example],
+    share: float,
+    max_tokens: int,
+    rng: random.Random,
+    *,
+    extra: Sequence[int] = (),
 ) -> list[list[int]]:
-    """Group all examples, in random order, into dialogues of one or more exchanges.
+    """Group all examples (plus ``extra`` repeats), in random order, into dialogues.
 
     Each exchange continues the current dialogue with probability ``share`` (if the dialogue
     stays within ``max_tokens``), else starts a new one. A dialogue is
@@ -213,7 +221,7 @@ def make_dialogues(
     tokens and teaches the model to answer the newest question whatever came before it, as it
     must in a chat thread.
     """
-    order = list(range(len(examples)))
+    order = [*range(len(examples)), *extra]
     rng.shuffle(order)
     dialogues: list[list[int]] = []
     length = 0
@@ -457,12 +465,14 @@ def train(
     check_forward(model, collate(examples, [[0]], pad_id)[0])
     threads = ThreadGuard(progress)
     mastered = [False] * len(examples)
+    # The seed exchanges must come out word for word: train them several times per epoch.
+    extra = [i for i, e in enumerate(examples) if e.seed] * (config.seed_repeats - 1)
     step = 0
     epoch_loss = float("nan")
     for epoch in range(config.epochs):
         # 1. This epoch's dialogues (one or two exchanges each), bucketed by length.
         dialogues = make_dialogues(
-            examples, config.multi_turn_share, config.max_position_embeddings, rng
+            examples, config.multi_turn_share, config.max_position_embeddings, rng, extra=extra
         )
         batches = make_batches(examples, dialogues, config.batch_tokens, rng)
         loss_sum, loss_tokens = 0.0, 0
