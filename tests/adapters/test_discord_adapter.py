@@ -629,6 +629,11 @@ async def test_bang_correct_in_reply_to_a_bot_message_stores_a_correction(
     async with running_bot(discord, database, model, actions=learning.actions()):
         question = await say(discord, RESET_QUESTION, mentions_bot=True)
         (answer,) = await reply_to(discord, question)
+        # The reply's Discord id is stored just after Discord has it; a person is never faster.
+        await discord.wait_for(
+            lambda: any(m.platform_message_id == answer["id"] for m in stored(database)),
+            what="the reply's id stored",
+        )
         fix = await say(
             discord, f"!correct {better}", author=ADMIN, reply_to=answer["id"], mentions_bot=True
         )
