@@ -93,7 +93,7 @@ class BootstrapConfig:
     # (0.3 cut recall from ~85% to ~61% at the same budget), so it trains on single exchanges
     # and declares chat_history_pairs=0, which makes LocalModel prompt it without history.
     multi_turn_share: float = 0.0
-    seed_repeats: int = 4  # times per epoch each of SEED_EXCHANGES is trained
+    seed_repeats: int = 2  # times per epoch each of SEED_EXCHANGES is trained (4 cost recall)
     # --- runtime ---
     seed: int = 0  # seeds python, torch and batch order: same inputs, same model
     threads: int = 0  # torch intra-op threads; 0 = all CPU cores
