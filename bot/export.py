@@ -6,15 +6,21 @@ ones in), and so is anything from a channel with training turned off. Among near
 questions (same :func:`bot.storage.text_key`) the best-ranked, then newest, answer is written;
 the others are marked as consumed by the same shard.
 
-A shard is a folder with the three formats, an index and a manifest::
+A shard is a folder with the three formats and an index, each in one or more parts named the
+way Hugging Face names data files (``messages-00000-of-00002.jsonl``; a glob such as
+``messages-*.jsonl`` loads them all, see :func:`data_files`), and a manifest::
 
     shard-<UTC time>-<random>/
-        completions.jsonl   {"user": "...", "agent": "..."}
-        instruct.jsonl      {"text": "<s>[INST] ... [/INST] ... </s>"}  (context included)
-        messages.jsonl      {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}
-        index.tsv           exchange id, user pseudonym, question key, source — line by line,
-                            so that a later forget-me can drop a user's lines from old shards
-        manifest.json       counts, time range, schema version, content hash
+        completions-*.jsonl   {"user": "...", "agent": "..."}
+        instruct-*.jsonl      {"text": "<s>[INST] ... [/INST] ... </s>"}  (context included)
+        messages-*.jsonl      {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}
+        index-*.tsv           exchange id, user pseudonym, question key, source — line by line,
+                              so that a later forget-me can drop a user's lines from old shards
+        manifest.json         counts, time range, schema version, every file's hash
+
+Large exports are written by several processes at once (one per CPU core, at most four), each
+taking whole conversations, so that every line keeps its context; small ones by this process
+alone, in a single part.
 
 Crash safety: the shard is written into a hidden temporary folder and fsynced; then one
 database transaction records the shard and marks its exchanges (the commit point); then the
@@ -27,13 +33,17 @@ several instances on one database take turns.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
+import queue
 import secrets
 import shutil
+import signal
 import socket
 import time
 from collections import deque
@@ -48,28 +58,51 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from bot.conversation import utcnow
-from bot.redaction import Pseudonymizer, redact
+from bot.redaction import redact
 from bot.storage import Database, ExportShardRecord, LeaseRecord
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: formats in parts (``messages-00000-of-00002.jsonl``), listed per key
 LEASE_NAME = "export"
 SHARD_PREFIX = "shard-"
 TEMP_PREFIX = ".tmp-"
-FILES = {
-    "completions": "completions.jsonl",
-    "instruct": "instruct.jsonl",
-    "messages": "messages.jsonl",
-    "index": "index.tsv",
+SCRATCH_TABLE = "export_scratch"
+#: Every file kind of a shard: key -> (name stem, extension).
+FORMATS = {
+    "completions": ("completions", "jsonl"),
+    "instruct": ("instruct", "jsonl"),
+    "messages": ("messages", "jsonl"),
+    "index": ("index", "tsv"),
 }
+MAX_WORKERS = 4
 
 #: Formats a list of ``{"role", "content"}`` messages as training text (``model.prompt``).
 Formatter = Callable[[Sequence[Mapping[str, str]]], str]
+#: Keyed pseudonym of a user id on a platform (:class:`bot.redaction.Pseudonymizer`).
+Pseudonymize = Callable[[str, str], str]
 
 
 class ExportError(Exception):
     """The export could not run; nothing was written and nothing was marked."""
+
+
+def part_name(key: str, part: int, parts: int) -> str:
+    """The file name of one part of one format, as Hugging Face names data files."""
+    stem, extension = FORMATS[key]
+    return f"{stem}-{part:05d}-of-{parts:05d}.{extension}"
+
+
+def shard_files(shard: Path, key: str) -> list[Path]:
+    """The files of one format in a shard, in order."""
+    stem, extension = FORMATS[key]
+    return sorted(shard.glob(f"{stem}-*-of-*.{extension}"))
+
+
+def data_files(shard: Path, key: str) -> str:
+    """A glob of one format's files, for ``datasets.load_dataset("json", data_files=...)``."""
+    stem, extension = FORMATS[key]
+    return str(shard / f"{stem}-*-of-*.{extension}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +113,8 @@ class ExportOptions:
     max_chars: int = 20_000  # longer questions or answers are skipped (and counted)
     lease_seconds: float = 120.0  # a crashed holder's lease lapses after this
     create_directory: bool = False  # create a missing export directory (the default one)
+    workers: int = 0  # processes writing a large export; 0: one per CPU core, at most 4
+    parallel_from: int = 50_000  # exports with fewer candidates are written by this process
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +125,7 @@ class ExportResult:
     superseded: int = 0
     skipped_too_long: int = 0
     skipped_reason: str | None = None  # why the run did nothing (lease held elsewhere, ...)
+    processes: int = 1  # how many processes wrote the shard
 
     def describe(self) -> str:
         if self.skipped_reason:
@@ -104,51 +140,6 @@ class ExportResult:
 
 ProgressCallback = Callable[[int, int], None]  # (exchanges done, exchanges in total)
 StepCallback = Callable[[str], None]  # named steps, for crash tests
-
-
-@dataclass(slots=True)
-class _ShardWriter:
-    """The temporary folder of a shard being written, with running hashes.
-
-    Lines are collected per file and written in batches: one encode, hash update and write
-    per batch rather than per line.
-    """
-
-    folder: Path
-    handles: dict[str, IO[bytes]] = field(default_factory=dict)
-    hashes: dict[str, Any] = field(default_factory=dict)
-    pending: dict[str, list[str]] = field(default_factory=dict)
-
-    def open(self) -> None:
-        self.folder.mkdir()
-        for key, name in FILES.items():
-            self.handles[key] = open(self.folder / name, "wb", buffering=1 << 20)  # noqa: SIM115
-            self.hashes[key] = hashlib.sha256()
-            self.pending[key] = []
-
-    def flush_lines(self) -> None:
-        for key, lines in self.pending.items():
-            if lines:
-                data = "".join(lines).encode("utf-8")
-                lines.clear()
-                self.handles[key].write(data)
-                self.hashes[key].update(data)
-
-    def close(self) -> None:
-        """Flush, fsync and close every file (errors such as a full disk propagate)."""
-        self.flush_lines()
-        for handle in self.handles.values():
-            handle.flush()
-            os.fsync(handle.fileno())
-        while self.handles:
-            self.handles.popitem()[1].close()
-
-    def discard(self) -> None:
-        """Drop the half-written shard; buffered data that cannot be written is let go."""
-        while self.handles:
-            with contextlib.suppress(OSError):
-                self.handles.popitem()[1].close()
-        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _fsync_directory(path: Path) -> None:
@@ -178,13 +169,19 @@ def _holder_is_dead(holder: str) -> bool:
     return False
 
 
+# The candidates of this run, with what the writers need of each, in a scratch table that every
+# writing process can read (UNLOGGED on PostgreSQL: it is rebuilt by every run). ``rn`` is 1 for
+# the winner of each near-duplicate group. CREATE TABLE AS rather than INSERT: PostgreSQL plans
+# it in parallel (an INSERT never is), about twice as fast on a million exchanges. It takes no
+# bind parameters, so the two values below are formatted in (an int and a boolean).
 _PICK_SQL = """
-INSERT INTO export_pick (exchange_id, answer_message_id, user_message_id, conversation_id,
-                         source, rn)
-SELECT id, answer_message_id, user_message_id, conversation_id, source,
-       ROW_NUMBER() OVER (PARTITION BY text_key ORDER BY source_rank, id DESC)
+CREATE {unlogged}TABLE export_scratch AS
+SELECT id AS exchange_id, answer_message_id, user_message_id, conversation_id, source,
+       ROW_NUMBER() OVER (PARTITION BY text_key ORDER BY source_rank, id DESC) AS rn,
+       created_at, platform, author_id, text_key
 FROM (
-    SELECT e.id, e.answer_message_id, e.user_message_id, e.conversation_id, q.text_key,
+    SELECT e.id, e.answer_message_id, e.user_message_id, e.conversation_id, e.created_at,
+           q.text_key, q.platform, q.author_id,
            CASE WHEN e.answered_by IN ('human_agent', 'correction') THEN e.answered_by
                 WHEN COALESCE(r.score, 0) > 0 THEN 'upvoted'
                 ELSE 'unrated' END AS source,
@@ -196,29 +193,71 @@ FROM (
     JOIN messages a ON a.id = e.answer_message_id
     LEFT JOIN (SELECT exchange_id, SUM(value) AS score FROM ratings GROUP BY exchange_id) r
            ON r.exchange_id = e.id
-    WHERE e.export_shard_id IS NULL
-      AND e.for_training = :yes
-      AND e.id <= :max_exchange_id
+    WHERE e.for_training = {yes}
+      AND e.id <= {max_exchange_id}
       AND q.deleted_at IS NULL AND a.deleted_at IS NULL
       AND (e.answered_by IN ('human_agent', 'correction')
            OR COALESCE(r.score, 0) > 0
-           OR (:include_unrated = :yes AND r.exchange_id IS NULL))
+           OR ({include_unrated} AND r.exchange_id IS NULL))
+      AND NOT EXISTS (SELECT 1 FROM export_marks x WHERE x.exchange_id = e.id)
 ) ranked
 """
 
+# One part's conversations (a range of conversation ids), message by message in order; the
+# winners' answers carry their exchange. Questions come from the stream itself (they are
+# messages of the conversation). The range is repeated on ``messages`` so that the planners
+# estimate the part's size well (PostgreSQL chose nested loops over a modulo, 40% slower), and
+# written as IN (...) so that SQLite walks its (conversation_id, rowid) index in order and
+# streams without sorting.
 _STREAM_SQL = """
-SELECT m.id, m.conversation_id, m.role, {m_text},
-       p.exchange_id, p.user_message_id, p.source, {q_text}, q.platform, q.author_id,
-       q.text_key, e.created_at
+SELECT m.id, m.conversation_id, m.role, {text},
+       s.exchange_id, s.user_message_id, s.source, s.platform, s.author_id, s.text_key
 FROM messages m
-JOIN (SELECT DISTINCT conversation_id FROM export_pick WHERE rn = 1) c
-  ON c.conversation_id = m.conversation_id
-LEFT JOIN export_pick p ON p.answer_message_id = m.id AND p.rn = 1
-LEFT JOIN exchanges e ON e.id = p.exchange_id
-LEFT JOIN messages q ON q.id = p.user_message_id
-WHERE m.deleted_at IS NULL
+LEFT JOIN export_scratch s ON s.answer_message_id = m.id AND s.rn = 1
+WHERE m.conversation_id BETWEEN {low} AND {high}
+  AND m.conversation_id IN (SELECT conversation_id FROM export_scratch
+                            WHERE rn = 1 AND conversation_id BETWEEN {low} AND {high})
+  AND m.deleted_at IS NULL AND m.id <= {max_message_id}
 ORDER BY m.conversation_id, m.id
 """
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """What a writer needs to write parts of a shard (picklable: it goes to worker processes)."""
+
+    url: str
+    folder: Path
+    parts: int
+    first_conversation: int  # part k: conversation ids from first + k * width, width of them
+    conversations_per_part: int
+    max_message_id: int
+    context_turns: int
+    max_chars: int
+    formatter: Formatter
+    pseudonymize: Pseudonymize
+
+
+@dataclass(frozen=True, slots=True)
+class _Picked:
+    winners: int  # exchanges to write (the best of each near-duplicate group)
+    superseded: int  # near-duplicates consumed without a line of their own
+    max_message_id: int  # newest message at the pick: later ones are not context
+    first_conversation: int  # the winners' conversations lie in this id range
+    last_conversation: int
+
+
+@dataclass(slots=True)
+class _PartResult:
+    part: int
+    files: dict[str, tuple[str, str, int]] = field(default_factory=dict)  # key: name, hash, lines
+    exchanges: int = 0
+    seen: int = 0
+    too_long: int = 0
+    sources: dict[str, int] = field(default_factory=dict)
+
+
+Tick = Callable[[int], None]  # called with the exchanges seen since the last call
 
 
 class Exporter:
@@ -230,13 +269,14 @@ class Exporter:
         database: Database,
         options: ExportOptions,
         formatter: Formatter,
-        pseudonymize: Pseudonymizer,
+        pseudonymize: Pseudonymize,
     ) -> None:
         self.database = database
         self.options = options
         self.formatter = formatter
         self.pseudonymize = pseudonymize
         self.holder = _lease_holder()
+        self._processes = 1
 
     # ------------------------------------------------------------------ public
 
@@ -266,6 +306,8 @@ class Exporter:
             step("recovered")
             return self._export(directory, progress, step)
         finally:
+            with contextlib.suppress(SQLAlchemyError):
+                self._drop_scratch()
             with contextlib.suppress(SQLAlchemyError):
                 self._release_lease()
 
@@ -306,278 +348,181 @@ class Exporter:
     def _export(
         self, directory: Path, progress: ProgressCallback | None, step: StepCallback
     ) -> ExportResult:
-        name = f"{SHARD_PREFIX}{utcnow():%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
-        writer = _ShardWriter(directory / f"{TEMP_PREFIX}{name}")
+        name = f"{SHARD_PREFIX}{utcnow():%Y%m%dT%H%M%S.%fZ}-{secrets.token_hex(3)}"
+        folder = directory / f"{TEMP_PREFIX}{name}"
         try:
             with self.database.engine.connect() as connection:
-                picked, superseded = self._pick(connection)
+                picked = self._pick(connection)
                 step("selected")
-                if picked == 0:
-                    connection.rollback()
+                if picked.winners + picked.superseded == 0:
                     return ExportResult(None, None)
-                stats = self._write(connection, writer, picked, progress)
+                folder.mkdir()
+                results = self._write(folder, picked, progress)
+                manifest = self._manifest(connection, folder, name, results)
                 step("written")
-                self._commit(connection, name, stats, superseded, writer)
+                self._commit(connection, name, manifest, picked.superseded)
             step("committed")
         except OSError as error:
-            writer.discard()
+            shutil.rmtree(folder, ignore_errors=True)
             raise ExportError(_describe_os_error(error, directory)) from error
         except SQLAlchemyError as error:
-            writer.discard()
+            shutil.rmtree(folder, ignore_errors=True)
             raise ExportError(f"database error during export: {_reason(error)}") from error
         except BaseException:
-            writer.discard()
+            shutil.rmtree(folder, ignore_errors=True)
             raise
         # Committed: publishing can only be finished from here, by us or by recovery.
         final = directory / name
-        writer.folder.rename(final)
+        folder.rename(final)
         _fsync_directory(directory)
         step("published")
-        logger.info("exported %d exchanges to %s", stats.exchanges, final)
+        logger.info("exported %d exchanges to %s", manifest["exchanges"], final)
         return ExportResult(
             name,
             final,
-            exchanges=stats.exchanges,
-            superseded=superseded,
-            skipped_too_long=stats.too_long,
+            exchanges=manifest["exchanges"],
+            superseded=picked.superseded,
+            skipped_too_long=manifest["skipped_too_long"],
+            processes=manifest["processes"],
         )
 
-    def _pick(self, connection: Connection) -> tuple[int, int]:
-        """Snapshot this run's candidates into a temporary table; (winners, superseded)."""
-        connection.execute(text("DROP TABLE IF EXISTS export_pick"))
-        connection.execute(
+    def _pick(self, connection: Connection) -> _Picked:
+        """Snapshot this run's candidates into the scratch table (committed, so that worker
+        processes can read it)."""
+        postgres = connection.dialect.name == "postgresql"
+        connection.execute(text(f"DROP TABLE IF EXISTS {SCRATCH_TABLE}"))
+        if postgres:
+            # Enough for the ranking sort and the joins to stay in memory (the default 4 MB
+            # spills a million rows to disk several times over).
+            connection.execute(text("SET LOCAL work_mem = '64MB'"))
+        max_exchange_id, max_message_id = connection.execute(
             text(
-                "CREATE TEMPORARY TABLE export_pick (exchange_id BIGINT PRIMARY KEY, "
-                "answer_message_id BIGINT, user_message_id BIGINT, conversation_id BIGINT, "
-                "source VARCHAR(16), rn BIGINT)"
-            )
-        )
-        max_id = connection.execute(text("SELECT COALESCE(MAX(id), 0) FROM exchanges")).scalar_one()
-        connection.execute(
-            text(_PICK_SQL),
-            {
-                "max_exchange_id": max_id,
-                "include_unrated": self.options.include_unrated,
-                "yes": True,
-            },
-        )
-        connection.execute(
-            text("CREATE INDEX export_pick_answer ON export_pick (answer_message_id)")
-        )
-        # Temporary tables get no statistics by themselves; without them PostgreSQL plans the
-        # stream below as nested loops over whole tables.
-        connection.execute(text("ANALYZE export_pick"))
-        winners, superseded = connection.execute(
-            text(
-                "SELECT COALESCE(SUM(CASE WHEN rn = 1 THEN 1 ELSE 0 END), 0), "
-                "COALESCE(SUM(CASE WHEN rn > 1 THEN 1 ELSE 0 END), 0) FROM export_pick"
+                "SELECT (SELECT COALESCE(MAX(id), 0) FROM exchanges), "
+                "(SELECT COALESCE(MAX(id), 0) FROM messages)"
             )
         ).one()
-        return int(winners), int(superseded)
+        true, false = ("TRUE", "FALSE") if postgres else ("1", "0")
+        connection.execute(
+            text(
+                _PICK_SQL.format(
+                    unlogged="UNLOGGED " if postgres else "",
+                    yes=true,
+                    max_exchange_id=int(max_exchange_id),
+                    include_unrated=true if self.options.include_unrated else false,
+                )
+            )
+        )
+        connection.execute(
+            text(f"CREATE INDEX {SCRATCH_TABLE}_answer ON {SCRATCH_TABLE} (answer_message_id)")
+        )
+        # Fresh tables have no statistics; without them PostgreSQL plans the stream as nested
+        # loops over whole tables.
+        connection.execute(text(f"ANALYZE {SCRATCH_TABLE}"))
+        winners, superseded, first, last = connection.execute(
+            text(
+                "SELECT COALESCE(SUM(CASE WHEN rn = 1 THEN 1 ELSE 0 END), 0), "
+                "COALESCE(SUM(CASE WHEN rn > 1 THEN 1 ELSE 0 END), 0), "
+                "MIN(CASE WHEN rn = 1 THEN conversation_id END), "
+                f"MAX(CASE WHEN rn = 1 THEN conversation_id END) FROM {SCRATCH_TABLE}"
+            )
+        ).one()
+        connection.commit()
+        return _Picked(
+            winners=int(winners),
+            superseded=int(superseded),
+            max_message_id=int(max_message_id),
+            first_conversation=int(first or 0),
+            last_conversation=int(last or 0),
+        )
+
+    def _drop_scratch(self) -> None:
+        with self.database.engine.begin() as connection:
+            connection.execute(text(f"DROP TABLE IF EXISTS {SCRATCH_TABLE}"))
 
     def _write(
-        self,
-        connection: Connection,
-        writer: _ShardWriter,
-        total: int,
-        progress: ProgressCallback | None,
-    ) -> _Stats:
-        writer.open()
-        stats = _Stats()
-        self._write_rows(self._rows(connection), writer, stats, total, progress)
-        writer.close()
-        manifest = self._manifest(writer, stats)
-        manifest_path = writer.folder / "manifest.json"
-        with open(manifest_path, "w", encoding="utf-8") as handle:
-            json.dump(manifest, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        _fsync_directory(writer.folder)
-        stats.content_hash = manifest["content_hash"]
-        return stats
-
-    def _rows(self, connection: Connection) -> Iterator[tuple[Any, ...]]:
-        """The candidates' conversations, message by message, in order.
-
-        Straight from the driver's cursor (a server-side one on PostgreSQL), in batches: the
-        ORM's per-row machinery would cost more than the rest of the export together.
-        """
-        driver = connection.connection.driver_connection
-        assert driver is not None
-        if connection.dialect.name == "postgresql":
-            # A cursor is planned for its first rows by default (nested loops); this one is
-            # read to the end.
-            connection.execute(text("SET LOCAL cursor_tuple_fraction = 1.0"))
-            cursor = driver.cursor(name="export_stream")
-            sql = _STREAM_SQL.format(m_text="m.text", q_text="q.text")
-        else:
-            # The two message texts come as bytes and are decoded below, invalid UTF-8 with
-            # U+FFFD; every other column takes sqlite3's C decoder instead of the connection's
-            # Python-level text factory (see bot.storage), which costs more than the export.
-            cursor = driver.cursor()
-            cursor.row_factory = None
-            sql = _STREAM_SQL.format(m_text="CAST(m.text AS BLOB)", q_text="CAST(q.text AS BLOB)")
-            previous_factory = driver.text_factory
-            driver.text_factory = str
-        try:
-            cursor.execute(sql)
-            while batch := cursor.fetchmany(5000):
-                yield from batch
-        finally:
-            cursor.close()
-            if connection.dialect.name != "postgresql":
-                driver.text_factory = previous_factory
-
-    def _write_rows(
-        self,
-        rows: Iterator[tuple[Any, ...]],
-        writer: _ShardWriter,
-        stats: _Stats,
-        total: int,
-        progress: ProgressCallback | None,
-    ) -> None:
-        """Turn the message stream into shard lines; the hot loop of the export.
-
-        Each message is redacted once, when it enters the rolling context of its
-        conversation; the exchange's lines reuse those redacted texts.
-        """
-        encode = json.encoder.encode_basestring  # C, no ASCII escaping
-        formatter = self.formatter
-        pseudonymize = self.pseudonymize
-        limit = self.options.max_chars
-        keep = self.options.context_turns
-        completions = writer.pending["completions"].append
-        instructs = writer.pending["instruct"].append
-        conversations = writer.pending["messages"].append
-        index = writer.pending["index"].append
-        # (message id, "user" | "assistant", redacted text); long enough for the context plus
-        # the messages between a question and its answer.
-        context: deque[tuple[int, str, str]] = deque(maxlen=keep + 8)
-        current_conversation = None
+        self, folder: Path, picked: _Picked, progress: ProgressCallback | None
+    ) -> list[_PartResult]:
+        """Write every part of the shard into ``folder``, in this process or in several."""
+        total = picked.winners
+        processes = self.options.workers or min(os.cpu_count() or 1, MAX_WORKERS)
+        if total < self.options.parallel_from:
+            processes = 1
+        # Two parts per process, handed out in turn, so that a process that started late or
+        # met long conversations takes fewer of them (more parts cost PostgreSQL more joins).
+        parts = 1 if processes == 1 else processes * 2
+        span = picked.last_conversation - picked.first_conversation + 1
+        job = _Job(
+            url=self.database.url,
+            folder=folder,
+            parts=parts,
+            first_conversation=picked.first_conversation,
+            conversations_per_part=-(-span // parts),
+            max_message_id=picked.max_message_id,
+            context_turns=self.options.context_turns,
+            max_chars=self.options.max_chars,
+            formatter=self.formatter,
+            pseudonymize=self.pseudonymize,
+        )
+        done = 0
         renewed_at = time.monotonic()
-        for (
-            message_id,
-            conversation_id,
-            role,
-            message_text,
-            exchange_id,
-            user_message_id,
-            source,
-            question_text,
-            platform,
-            author_id,
-            question_key,
-            created_at,
-        ) in rows:
-            if conversation_id != current_conversation:
-                context.clear()
-                current_conversation = conversation_id
-            if type(message_text) is bytes:
-                message_text = message_text.decode("utf-8", "replace")
-            if type(question_text) is bytes:
-                question_text = question_text.decode("utf-8", "replace")
-            chat_role = "user" if role == "user" else "assistant"
-            if exchange_id is None:
-                if role != "system" and message_text:
-                    context.append((message_id, chat_role, redact(message_text)))
-                continue
-            stats.seen += 1
-            if len(message_text) > limit or len(question_text or "") > limit:
-                stats.too_long += 1
-                continue
-            answer = redact(message_text)
-            if context and context[-1][0] == user_message_id:  # the usual case: Q, then A
-                turns = list(context)
-            else:
-                turns = [turn for turn in context if turn[0] <= user_message_id]
-            if not turns or turns[-1][0] != user_message_id:
-                turns.append((user_message_id, "user", redact(question_text or "")))
-            context.append((message_id, chat_role, answer))
-            question = turns[-1][2]
-            if not question.strip() or not answer.strip():
-                continue
-            conversation = _alternating(turns[-(keep + 1) :])
-            conversation.append({"role": "assistant", "content": answer})
-            encoded_question = encode(question)
-            encoded_answer = encode(answer)
-            completions(f'{{"user": {encoded_question}, "agent": {encoded_answer}}}\n')
-            instructs(f'{{"text": {encode(formatter(conversation))}}}\n')
-            conversations(
-                '{"messages": ['
-                + ", ".join(
-                    f'{{"role": "{m["role"]}", "content": {encode(m["content"])}}}'
-                    for m in conversation
-                )
-                + "]}\n"
-            )
-            index(
-                f"{exchange_id}\t{pseudonymize(platform or '', author_id or '')}\t"
-                f"{question_key}\t{source}\n"
-            )
-            stats.count(source, created_at)
-            if stats.exchanges % 5000 == 0:
-                writer.flush_lines()
-                if progress is not None:
-                    progress(stats.seen, total)
-                if time.monotonic() - renewed_at > self.options.lease_seconds / 4:
-                    self._renew_lease()
-                    renewed_at = time.monotonic()
+
+        def tick(count: int) -> None:
+            nonlocal done, renewed_at
+            done += count
+            if progress is not None:
+                progress(min(done, total), total)
+            if time.monotonic() - renewed_at > self.options.lease_seconds / 4:
+                self._renew_lease()
+                renewed_at = time.monotonic()
+
+        if processes == 1:
+            with self.database.engine.connect() as connection:
+                results = [_write_part(job, 0, connection, tick)]
+        else:
+            results = _write_in_processes(job, processes, self.database, tick)
         if progress is not None:
-            progress(stats.seen, total)
+            progress(total, total)
+        _fsync_directory(folder)
+        self._processes = processes
+        return results
 
-    def _commit(
-        self,
-        connection: Connection,
-        name: str,
-        stats: _Stats,
-        superseded: int,
-        writer: _ShardWriter,
-    ) -> None:
-        """The commit point: record the shard and mark its exchanges in one transaction."""
-        # End the read transaction first: SQLite cannot turn a stale read snapshot into a
-        # write, and the marks below only need the temporary table.
-        connection.commit()
-        with connection.begin():
-            shard_id = connection.execute(
-                ExportShardRecord.__table__.insert().returning(ExportShardRecord.__table__.c.id),  # type: ignore[attr-defined]
-                {
-                    "name": name,
-                    "created_at": utcnow(),
-                    "exchange_count": stats.exchanges,
-                    "superseded_count": superseded,
-                    "first_exchange_at": _as_datetime(stats.first_at) if stats.first_at else None,
-                    "last_exchange_at": _as_datetime(stats.last_at) if stats.last_at else None,
-                    "schema_version": SCHEMA_VERSION,
-                    "content_hash": stats.content_hash,
-                },
-            ).scalar_one()
-            connection.execute(
-                text(
-                    "UPDATE exchanges SET export_shard_id = :shard "
-                    "WHERE id IN (SELECT exchange_id FROM export_pick)"
-                ),
-                {"shard": shard_id},
-            )
-
-    def _manifest(self, writer: _ShardWriter, stats: _Stats) -> dict[str, Any]:
-        files = {
-            key: {"name": FILES[key], "sha256": digest.hexdigest()}
-            for key, digest in writer.hashes.items()
-        }
+    def _manifest(
+        self, connection: Connection, folder: Path, name: str, results: list[_PartResult]
+    ) -> dict[str, Any]:
+        """Drop empty parts, name the rest in order, and write the manifest (fsynced)."""
+        results = sorted((r for r in results if r.exchanges), key=lambda r: r.part)
+        files: dict[str, list[dict[str, Any]]] = {key: [] for key in FORMATS}
+        for position, result in enumerate(results):
+            for key, (temporary, digest, lines) in result.files.items():
+                final = part_name(key, position, len(results))
+                if final != temporary:
+                    (folder / temporary).rename(folder / final)
+                files[key].append({"name": final, "sha256": digest, "lines": lines})
+        for leftover in folder.iterdir():  # the files of empty parts
+            if not any(leftover.name == f["name"] for entries in files.values() for f in entries):
+                leftover.unlink()
+        sources: dict[str, int] = {}
+        for result in results:
+            for source, count in result.sources.items():
+                sources[source] = sources.get(source, 0) + count
+        first, last = connection.execute(
+            text(f"SELECT MIN(created_at), MAX(created_at) FROM {SCRATCH_TABLE} WHERE rn = 1")
+        ).one()
+        connection.rollback()
         content = hashlib.sha256()
-        for key in sorted(files):
-            content.update(f"{files[key]['name']}:{files[key]['sha256']}\n".encode())
-        return {
+        for entry in sorted((f for entries in files.values() for f in entries), key=_by_name):
+            content.update(f"{entry['name']}:{entry['sha256']}\n".encode())
+        manifest = {
             "schema_version": SCHEMA_VERSION,
-            "shard": writer.folder.name.removeprefix(TEMP_PREFIX),
+            "shard": name,
+            "processes": self._processes,
             "created_at": utcnow().isoformat(),
-            "exchanges": stats.exchanges,
-            "skipped_too_long": stats.too_long,
-            "sources": dict(sorted(stats.sources.items())),
+            "exchanges": sum(r.exchanges for r in results),
+            "skipped_too_long": sum(r.too_long for r in results),
+            "sources": dict(sorted(sources.items())),
             "time_range": {
-                "first": _as_datetime(stats.first_at).isoformat() if stats.first_at else None,
-                "last": _as_datetime(stats.last_at).isoformat() if stats.last_at else None,
+                "first": _as_datetime(first).isoformat() if first else None,
+                "last": _as_datetime(last).isoformat() if last else None,
             },
             "files": files,
             "content_hash": content.hexdigest(),
@@ -585,8 +530,43 @@ class Exporter:
                 "completions": 'dictionary form: {"user": ..., "agent": ...}',
                 "instruct": 'Llama-2 [INST] text: {"text": ...}',
                 "messages": 'conversational: {"messages": [{"role", "content"}, ...]}',
+                "index": "exchange id, user pseudonym, question key, source (tab-separated)",
             },
         }
+        with open(folder / "manifest.json", "w", encoding="utf-8") as handle:
+            json.dump(manifest, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        _fsync_directory(folder)
+        return manifest
+
+    def _commit(
+        self, connection: Connection, name: str, manifest: dict[str, Any], superseded: int
+    ) -> None:
+        """The commit point: record the shard and mark its exchanges in one transaction."""
+        first, last = manifest["time_range"]["first"], manifest["time_range"]["last"]
+        with connection.begin():
+            shard_id = connection.execute(
+                ExportShardRecord.__table__.insert().returning(ExportShardRecord.__table__.c.id),  # type: ignore[attr-defined]
+                {
+                    "name": name,
+                    "created_at": utcnow(),
+                    "exchange_count": manifest["exchanges"],
+                    "superseded_count": superseded,
+                    "first_exchange_at": datetime.fromisoformat(first) if first else None,
+                    "last_exchange_at": datetime.fromisoformat(last) if last else None,
+                    "schema_version": SCHEMA_VERSION,
+                    "content_hash": manifest["content_hash"],
+                },
+            ).scalar_one()
+            connection.execute(
+                text(
+                    "INSERT INTO export_marks (exchange_id, shard_id) "
+                    f"SELECT exchange_id, :shard FROM {SCRATCH_TABLE}"
+                ),
+                {"shard": shard_id},
+            )
 
     # ------------------------------------------------------------------ lease
 
@@ -636,25 +616,347 @@ class Exporter:
             )
 
 
-@dataclass(slots=True)
-class _Stats:
-    exchanges: int = 0
-    seen: int = 0
-    too_long: int = 0
-    sources: dict[str, int] = field(default_factory=dict)
-    first_at: datetime | None = None
-    last_at: datetime | None = None
-    content_hash: str = ""
+# --------------------------------------------------------------------------- writing parts
 
-    def count(self, source: str, created_at: Any) -> None:
-        self.exchanges += 1
-        self.sources[source] = self.sources.get(source, 0) + 1
-        # Min/max on the raw values (ISO text on SQLite, datetimes on PostgreSQL): both order
-        # correctly and parsing every one would cost more than the comparison.
-        if self.first_at is None or created_at < self.first_at:
-            self.first_at = created_at
-        if self.last_at is None or created_at > self.last_at:
-            self.last_at = created_at
+
+def _write_part(job: _Job, part: int, connection: Connection, tick: Tick) -> _PartResult:
+    """Write part ``part`` of ``job.parts``: the conversations whose id is ``part`` modulo
+    ``job.parts``. Each file is written in batches, hashed on the way and fsynced."""
+    result = _PartResult(part)
+    handles: dict[str, IO[bytes]] = {}
+    hashes: dict[str, Any] = {}
+    pending: dict[str, list[str]] = {key: [] for key in FORMATS}
+    lines = dict.fromkeys(FORMATS, 0)
+
+    def flush() -> None:
+        for key, batch in pending.items():
+            if batch:
+                data = "".join(batch).encode("utf-8")
+                lines[key] += len(batch)
+                batch.clear()
+                handles[key].write(data)
+                hashes[key].update(data)
+
+    try:
+        for key in FORMATS:
+            name = part_name(key, part, job.parts)
+            handles[key] = open(job.folder / name, "wb", buffering=1 << 20)  # noqa: SIM115
+            hashes[key] = hashlib.sha256()
+        rows = _stream(connection, job, part)
+        _format_rows(rows, job, pending, result, flush, tick, _question_lookup(connection))
+        flush()
+        for key, handle in handles.items():
+            handle.flush()
+            os.fsync(handle.fileno())
+            result.files[key] = (
+                part_name(key, part, job.parts),
+                hashes[key].hexdigest(),
+                lines[key],
+            )
+    finally:
+        while handles:
+            with contextlib.suppress(OSError):  # a full disk: the caller reports the first error
+                handles.popitem()[1].close()
+    return result
+
+
+def _stream(connection: Connection, job: _Job, part: int) -> Iterator[tuple[Any, ...]]:
+    """The part's messages in order, straight from the driver's cursor (a server-side one on
+    PostgreSQL), in batches: the ORM's per-row machinery would cost more than the export."""
+    driver = connection.connection.driver_connection
+    assert driver is not None
+    low = job.first_conversation + part * job.conversations_per_part
+    numbers = {
+        "low": int(low),
+        "high": int(low + job.conversations_per_part - 1),
+        "max_message_id": int(job.max_message_id),
+    }
+    if connection.dialect.name == "postgresql":
+        # A cursor is planned for its first rows by default (nested loops); this one is read to
+        # the end, and sorts a part at a time in memory.
+        connection.execute(text("SET LOCAL cursor_tuple_fraction = 1.0"))
+        connection.execute(text("SET LOCAL work_mem = '64MB'"))
+        cursor = driver.cursor(name=f"export_part_{part}")
+        sql = _STREAM_SQL.format(text="m.text", **numbers)
+        previous_factory = None
+    else:
+        # The message text comes as bytes and is decoded below, invalid UTF-8 with U+FFFD;
+        # every other column takes sqlite3's C decoder instead of the connection's Python-level
+        # text factory (see bot.storage), which costs more than the export.
+        cursor = driver.cursor()
+        cursor.row_factory = None
+        sql = _STREAM_SQL.format(text="CAST(m.text AS BLOB)", **numbers)
+        previous_factory = driver.text_factory
+        driver.text_factory = str
+    try:
+        cursor.execute(sql)
+        while batch := cursor.fetchmany(5000):
+            yield from batch
+    finally:
+        cursor.close()
+        if previous_factory is not None:
+            driver.text_factory = previous_factory
+        connection.rollback()
+
+
+def _question_lookup(connection: Connection) -> Callable[[int], str | None]:
+    """The text of a question that is no longer in a conversation's rolling context (asked
+    long before its answer); None when it was deleted since the pick."""
+    driver = connection.connection.driver_connection
+    assert driver is not None
+    postgres = connection.dialect.name == "postgresql"
+    sql = "SELECT {text} FROM messages WHERE id = {mark} AND deleted_at IS NULL".format(
+        text="text" if postgres else "CAST(text AS BLOB)", mark="%s" if postgres else "?"
+    )
+
+    def lookup(message_id: int) -> str | None:
+        cursor = driver.cursor()
+        try:
+            cursor.execute(sql, (message_id,))
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
+        if row is None:
+            return None
+        value = row[0]
+        return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+    return lookup
+
+
+def _format_rows(
+    rows: Iterator[tuple[Any, ...]],
+    job: _Job,
+    pending: dict[str, list[str]],
+    result: _PartResult,
+    flush: Callable[[], None],
+    tick: Tick,
+    lookup: Callable[[int], str | None],
+) -> None:
+    """Turn the message stream into shard lines; the hot loop of the export.
+
+    Each message is redacted once, when it enters the rolling context of its conversation;
+    the exchange's lines reuse those redacted texts.
+    """
+    encode = json.encoder.encode_basestring  # C, no ASCII escaping
+    formatter = job.formatter
+    pseudonymize = job.pseudonymize
+    limit = job.max_chars
+    keep = job.context_turns
+    completions = pending["completions"].append
+    instructs = pending["instruct"].append
+    conversations = pending["messages"].append
+    index = pending["index"].append
+    sources = result.sources
+    # (message id, "user" | "assistant", redacted text); long enough for the context plus the
+    # messages between a question and its answer.
+    context: deque[tuple[int, str, str]] = deque(maxlen=keep + 8)
+    current_conversation = None
+    written = seen = too_long = since_tick = 0
+    for (
+        message_id,
+        conversation_id,
+        role,
+        message_text,
+        exchange_id,
+        user_message_id,
+        source,
+        platform,
+        author_id,
+        question_key,
+    ) in rows:
+        if conversation_id != current_conversation:
+            context.clear()
+            current_conversation = conversation_id
+        if type(message_text) is bytes:
+            message_text = message_text.decode("utf-8", "replace")
+        chat_role = "user" if role == "user" else "assistant"
+        if exchange_id is None:
+            if role != "system" and message_text:
+                context.append((message_id, chat_role, redact(message_text)))
+            continue
+        seen += 1
+        since_tick += 1
+        if since_tick == 5000:
+            flush()
+            tick(since_tick)
+            since_tick = 0
+        if context and context[-1][0] == user_message_id:  # the usual case: Q, then A
+            turns = list(context)
+        else:
+            turns = [turn for turn in context if turn[0] <= user_message_id]
+            if not turns or turns[-1][0] != user_message_id:
+                question_text = lookup(user_message_id)
+                if question_text is None:  # deleted since the pick
+                    continue
+                if len(question_text) > limit:
+                    too_long += 1
+                    continue
+                turns.append((user_message_id, "user", redact(question_text)))
+        if len(message_text) > limit or len(turns[-1][2]) > limit:
+            too_long += 1
+            context.append((message_id, chat_role, ""))
+            continue
+        answer = redact(message_text)
+        context.append((message_id, chat_role, answer))
+        question = turns[-1][2]
+        if not question.strip() or not answer.strip():
+            continue
+        conversation = _alternating(turns[-(keep + 1) :])
+        conversation.append({"role": "assistant", "content": answer})
+        encoded_question = encode(question)
+        encoded_answer = encode(answer)
+        completions(f'{{"user": {encoded_question}, "agent": {encoded_answer}}}\n')
+        instructs(f'{{"text": {encode(formatter(conversation))}}}\n')
+        if len(conversation) == 2 and conversation[0]["content"] is question:  # no context
+            conversations(
+                f'{{"messages": [{{"role": "user", "content": {encoded_question}}}, '
+                f'{{"role": "assistant", "content": {encoded_answer}}}]}}\n'
+            )
+        else:
+            conversations(
+                '{"messages": ['
+                + ", ".join(
+                    f'{{"role": "{m["role"]}", "content": {encode(m["content"])}}}'
+                    for m in conversation
+                )
+                + "]}\n"
+            )
+        index(
+            f"{exchange_id}\t{pseudonymize(platform or '', author_id or '')}\t"
+            f"{question_key}\t{source}\n"
+        )
+        sources[source] = sources.get(source, 0) + 1
+        written += 1
+    tick(since_tick)
+    result.exchanges += written
+    result.seen += seen
+    result.too_long += too_long
+
+
+def _write_in_processes(
+    job: _Job, processes: int, database: Database, tick: Tick
+) -> list[_PartResult]:
+    """Write ``job.parts`` parts with this process and ``processes - 1`` workers.
+
+    Parts are handed out through a shared counter; workers report through a queue. A worker
+    that fails stops the export (its error is raised here); workers stop by themselves when
+    this process dies.
+    """
+    context = multiprocessing.get_context("spawn")  # no fork: this process has threads
+    next_part = context.Value("i", 0)
+    seen = context.Value("q", 0)
+    reports: multiprocessing.Queue[tuple[str, Any]] = context.Queue()
+    workers = [
+        context.Process(
+            target=_worker_main,
+            args=(job, next_part, seen, reports, os.getpid()),
+            name=f"export-worker-{number}",
+            daemon=True,
+        )
+        for number in range(1, processes)
+    ]
+    for worker in workers:
+        worker.start()
+    results: list[_PartResult] = []
+    reported = 0
+    finished = 0
+
+    def drain(timeout: float | None) -> None:
+        """Take the workers' reports; raise at the first failure."""
+        nonlocal finished
+        while True:
+            try:
+                kind, payload = reports.get(timeout=timeout) if timeout else reports.get_nowait()
+            except queue.Empty:
+                return
+            timeout = None
+            if kind == "error":
+                raise ExportError(f"an export worker failed: {payload}")
+            if kind == "part":
+                results.append(payload)
+            else:  # "finished"
+                finished += 1
+
+    def shared_tick(count: int) -> None:
+        nonlocal reported
+        with seen.get_lock():
+            seen.value += count
+            total_seen = seen.value
+        tick(total_seen - reported)
+        reported = total_seen
+        drain(None)  # a worker's failure stops this process's writing too
+
+    try:
+        with database.engine.connect() as connection:
+            while (part := _claim(next_part, job.parts)) is not None:
+                results.append(_write_part(job, part, connection, shared_tick))
+        while finished < len(workers):
+            drain(0.5)
+            shared_tick(0)
+            if finished < len(workers) and any(w.exitcode not in (None, 0) for w in workers):
+                drain(0.5)  # its last report may still be on the way
+                if finished < len(workers):
+                    raise ExportError("an export worker process died")
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+            worker.join()
+        reports.close()
+    return results
+
+
+def _claim(next_part: Any, parts: int) -> int | None:
+    with next_part.get_lock():
+        part = int(next_part.value)
+        if part >= parts:
+            return None
+        next_part.value = part + 1
+    return part
+
+
+def _worker_main(
+    job: _Job, next_part: Any, seen: Any, reports: Any, parent: int
+) -> None:  # pragma: no cover - runs in worker processes (covered by tests through the parent)
+    def tick(count: int) -> None:
+        if os.getppid() != parent:  # the exporting process died: its shard will be undone
+            os._exit(1)
+        with seen.get_lock():
+            seen.value += count
+
+    _die_with(parent)
+    database = Database(job.url)
+    try:
+        with database.engine.connect() as connection:
+            while (part := _claim(next_part, job.parts)) is not None:
+                reports.put(("part", _write_part(job, part, connection, tick)))
+        reports.put(("finished", None))
+    except OSError as error:
+        reports.put(("error", _describe_os_error(error, job.folder.parent)))
+    except SQLAlchemyError as error:
+        reports.put(("error", f"database error during export: {_reason(error)}"))
+    except BaseException as error:  # reported to the parent, which raises it
+        reports.put(("error", f"{type(error).__name__}: {error}"))
+    finally:
+        database.dispose()
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent: int) -> None:  # pragma: no cover - runs in worker processes
+    """Have Linux kill this worker the moment the exporting process dies, rather than let it
+    write on for minutes into a folder that recovery removes (elsewhere, ``tick`` notices at
+    its next batch)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before the line above
+        os._exit(1)
+
+
+def _by_name(entry: dict[str, Any]) -> str:
+    return str(entry["name"])
 
 
 def _alternating(turns: list[tuple[int, str, str]]) -> list[dict[str, str]]:

@@ -67,7 +67,7 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Databas
         connection.execute(
             text(
                 "TRUNCATE ratings, exchanges, messages, conversations, export_shards, "
-                "channel_settings, deletions, leases RESTART IDENTITY CASCADE"
+                "export_marks, channel_settings, deletions, leases RESTART IDENTITY CASCADE"
             )
         )
     yield db

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,10 +20,12 @@ from sqlmodel import select
 
 from bot.conversation import Role
 from bot.export import (
-    FILES,
+    FORMATS,
     Exporter,
     ExportError,
     ExportOptions,
+    data_files,
+    shard_files,
     shard_folders,
 )
 from bot.redaction import Pseudonymizer
@@ -105,7 +108,11 @@ def agent_exchange(database: Database, question: str, answer: str, *, thread: st
 
 
 def read_lines(shard: Path, key: str) -> list[dict]:
-    return [json.loads(line) for line in (shard / FILES[key]).read_text().splitlines()]
+    return [
+        json.loads(line)
+        for path in shard_files(shard, key)
+        for line in path.read_text().splitlines()
+    ]
 
 
 def all_exported_users(directory: Path) -> list[str]:
@@ -146,7 +153,7 @@ def test_selects_agent_answers_corrections_and_upvoted_replies(
     }
     manifest = json.loads((result.path / "manifest.json").read_text())
     assert manifest["sources"] == {"correction": 1, "human_agent": 1, "upvoted": 1}
-    assert manifest["exchanges"] == 3 and manifest["schema_version"] == 1
+    assert manifest["exchanges"] == 3 and manifest["schema_version"] == 2
 
 
 def test_unrated_replies_only_when_asked_and_never_downvoted(
@@ -205,12 +212,12 @@ def test_datasets_and_trl_take_the_messages_form_as_it_is(
 
     assert result.path is not None
     loaded = datasets.load_dataset(
-        "json", data_files=str(result.path / FILES["messages"]), split="train"
+        "json", data_files=data_files(result.path, "messages"), split="train"
     )
     assert loaded.column_names == ["messages"] and len(loaded) == 3
     assert all(is_conversational(example) for example in loaded)
     completions = datasets.load_dataset(
-        "json", data_files=str(result.path / FILES["completions"]), split="train"
+        "json", data_files=data_files(result.path, "completions"), split="train"
     )
     assert sorted(completions.column_names) == ["agent", "user"]
 
@@ -284,9 +291,12 @@ def test_redaction_and_pseudonyms_before_anything_is_written(
         "user": "I'm <EMAIL>, call <PHONE>",
         "agent": "Thanks <USER>, card <CARD> noted.",
     }
-    everything = "".join((result.path / name).read_text() for name in FILES.values())
+    everything = "".join(
+        path.read_text() for key in FORMATS for path in shard_files(result.path, key)
+    )
     assert "jane@example.com" not in everything and "U-jane" not in everything
-    [index_line] = (result.path / FILES["index"]).read_text().splitlines()
+    [index_file] = shard_files(result.path, "index")
+    [index_line] = index_file.read_text().splitlines()
     assert index_line.split("\t")[1] == Pseudonymizer(KEY)("console", "U-jane")
 
 
@@ -320,7 +330,11 @@ def test_manifest_hash_matches_the_files(database: Database, tmp_path: Path) -> 
     result = exporter_for(database, tmp_path).run()
     assert result.path is not None
     manifest = json.loads((result.path / "manifest.json").read_text())
-    for entry in manifest["files"].values():
+    entries = [entry for files in manifest["files"].values() for entry in files]
+    assert sorted(entry["name"] for entry in entries) == sorted(
+        path.name for path in result.path.iterdir() if path.name != "manifest.json"
+    )
+    for entry in entries:
         assert (
             hashlib.sha256((result.path / entry["name"]).read_bytes()).hexdigest()
             == entry["sha256"]
@@ -363,9 +377,7 @@ def test_invalid_utf8_in_sqlite_is_exported_with_replacement_characters(tmp_path
 
 def assert_nothing_changed(database: Database, directory: Path) -> None:
     with database.session() as session:
-        marked = session.exec(
-            select(ExchangeRecord).where(ExchangeRecord.export_shard_id.is_not(None))  # type: ignore[union-attr]
-        ).all()
+        marked = session.execute(text("SELECT exchange_id FROM export_marks")).all()
         shards = session.exec(select(ExportShardRecord)).all()
     assert marked == [] and shards == []
     if directory.exists():
@@ -479,6 +491,97 @@ def test_a_held_lease_makes_other_instances_skip(database: Database, tmp_path: P
     assert exporter_for(database, tmp_path).run().exchanges == 1
 
 
+# --------------------------------------------------------------------------- several processes
+
+
+def varied_exchanges(database: Database, count: int) -> set[str]:
+    """``count`` upvoted or agent-answered questions over many conversations, three to a
+    conversation (so context matters), and for each fifth an older near-duplicate elsewhere
+    (superseded); returns the questions that should be written."""
+    winners = set()
+    for n in range(count):
+        thread = f"t{n // 3}"
+        question = f"Agent question {n}?" if n % 2 else f"Bot question {n}?"
+        if n % 5 == 0:
+            bot_exchange(database, question.upper().rstrip("?"), "Old.", thread=f"d{n}", rating=1)
+        if n % 2:
+            agent_exchange(database, question, f"Agent answer {n}.", thread=thread)
+        else:
+            bot_exchange(database, question, f"Bot answer {n}.", thread=thread, rating=1)
+        winners.add(question)
+    return winners
+
+
+def every_line(shard: Path) -> dict[str, list[str]]:
+    return {
+        key: sorted(
+            line for path in shard_files(shard, key) for line in path.read_text().splitlines()
+        )
+        for key in FORMATS
+    }
+
+
+def test_a_large_export_is_written_by_several_processes_with_the_same_lines(
+    database: Database, tmp_path: Path
+) -> None:
+    datasets = pytest.importorskip("datasets")
+    expected = varied_exchanges(database, 60)
+
+    parallel = exporter_for(
+        database, tmp_path / "parallel", create_directory=True, workers=2, parallel_from=1
+    ).run()
+    with database.engine.begin() as connection:  # forget that export, then write it again alone
+        connection.execute(text("DELETE FROM export_marks"))
+        connection.execute(text("DELETE FROM export_shards"))
+    alone = exporter_for(database, tmp_path / "alone", create_directory=True).run()
+
+    assert parallel.processes == 2 and alone.processes == 1
+    assert parallel.path is not None and alone.path is not None
+    assert (
+        (parallel.exchanges, parallel.superseded)
+        == (alone.exchanges, alone.superseded)
+        == (
+            60,
+            12,
+        )
+    )
+    assert sorted(all_exported_users(tmp_path / "parallel")) == sorted(expected)
+    assert every_line(parallel.path) == every_line(alone.path)
+    assert len(shard_files(parallel.path, "messages")) >= 2
+    assert len(shard_files(alone.path, "messages")) == 1
+    manifest = json.loads((parallel.path / "manifest.json").read_text())
+    for key in FORMATS:
+        listed = manifest["files"][key]
+        assert [entry["name"] for entry in listed] == [
+            p.name for p in shard_files(parallel.path, key)
+        ]
+        assert sum(entry["lines"] for entry in listed) == 60
+    loaded = datasets.load_dataset(
+        "json", data_files=data_files(parallel.path, "messages"), split="train"
+    )
+    assert len(loaded) == 60
+
+
+def test_a_failing_worker_stops_the_export_and_changes_nothing(
+    database: Database, tmp_path: Path
+) -> None:
+    from tests.fakes.formatters import fails_in_a_worker
+
+    varied_exchanges(database, 30)
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    exporter = Exporter(
+        database=database,
+        options=ExportOptions(directory=exports, workers=2, parallel_from=1),
+        formatter=fails_in_a_worker,
+        pseudonymize=Pseudonymizer(KEY),
+    )
+    with pytest.raises(ExportError, match="the formatter broke in a worker"):
+        exporter.run()
+    assert_nothing_changed(database, exports)
+    assert exporter_for(database, exports).run().exchanges == 30  # nothing was lost
+
+
 # --------------------------------------------------------------------------- kills
 
 KILL_SCRIPT = """
@@ -541,3 +644,77 @@ def test_a_kill_at_any_step_neither_duplicates_nor_skips(
     with database.session() as session:
         names = {s.name for s in session.exec(select(ExportShardRecord)).all()}
     assert names == {p.name for p in shard_folders(directory)}
+
+
+PARALLEL_KILL_SCRIPT = """
+import sys, time
+from pathlib import Path
+from bot.export import Exporter, ExportOptions
+from bot.redaction import Pseudonymizer
+from bot.storage import Database
+from tests.fakes.formatters import slow
+
+url, directory, marker = sys.argv[1:4]
+
+def progress(done, total):
+    Path(marker).write_text(str(done))
+    time.sleep(600)  # the test kills us here, while the worker is still writing
+
+exporter = Exporter(database=Database(url),
+                    options=ExportOptions(directory=Path(directory), workers=2, parallel_from=1),
+                    formatter=slow, pseudonymize=Pseudonymizer(b"k"))
+exporter.run(progress=progress)
+"""
+
+
+def processes_tagged(tag: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if tag.encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_workers_stop_when_the_exporting_process_is_killed(
+    database: Database, tmp_path: Path
+) -> None:
+    directory = tmp_path / "exports"
+    directory.mkdir()
+    expected = varied_exchanges(database, 90)
+    marker = tmp_path / "marker"
+    tag = f"EXPORT_TEST_TAG={uuid.uuid4().hex}"
+    url = database.engine.url.render_as_string(hide_password=False)
+    process = subprocess.Popen(
+        [sys.executable, "-c", PARALLEL_KILL_SCRIPT, url, str(directory), str(marker)],
+        env={**os.environ, "PYTHONPATH": str(REPO), tag.split("=")[0]: tag.split("=")[1]},
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        assert process.poll() is None, process.stderr.read() if process.stderr else ""
+        assert time.monotonic() < deadline, "the export never reported progress"
+        time.sleep(0.05)
+    workers = [
+        pid
+        for pid in processes_tagged(tag)
+        if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    assert workers, "no worker process at work"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+    # A worker has two or more parts of 20-odd exchanges at 0.2 s each left: had it gone on
+    # writing, it would need ten seconds or more.
+    deadline = time.monotonic() + 4
+    while processes_tagged(tag):  # the orphaned worker is stopped at once
+        assert time.monotonic() < deadline, "the worker outlived the exporting process"
+        time.sleep(0.1)
+    result = exporter_for(database, directory).run()
+
+    assert result.exchanges == 90
+    assert sorted(all_exported_users(directory)) == sorted(expected)
+    assert not [p for p in directory.iterdir() if p.name.startswith(".tmp-")]

@@ -13,7 +13,7 @@ import pytest
 from sqlmodel import col, select
 
 from bot.commands import CommandRequest, Commands
-from bot.export import FILES, Exporter, ExportOptions, shard_folders
+from bot.export import Exporter, ExportOptions, shard_files, shard_folders
 from bot.learning import LearningActions, load_pseudonym_key
 from bot.redaction import Pseudonymizer
 from bot.scheduler import ExportScheduler, ScheduleError, parse_schedule
@@ -103,6 +103,28 @@ async def test_forget_me_deletes_the_users_data_and_confirms(
     assert texts == ["Someone else's question?", "Answer to them."]
     assert deletion.user_pseudonym == Pseudonymizer(KEY)("console", "U1")
     assert (deletion.messages_deleted, deletion.exchanges_deleted) == (2, 1)
+
+
+async def test_an_exchange_after_forget_me_is_exported_even_with_a_reused_id(
+    database: Database, tmp_path: Path
+) -> None:
+    """SQLite hands the id of a deleted newest row to the next one: the forgotten exchange's
+    export mark must go with it, or the new exchange would pass for exported."""
+    forgotten = bot_exchange(database, "Mine?", "Yours.", thread="a", author="U1", rating=1)
+    commands = commands_for(database, tmp_path / "exports")
+    assert (await commands.run(request("export", admin=True))).startswith("Exported 1 ")
+    await commands.run(request("forget-me", user="U1"))
+    newer = bot_exchange(database, "Theirs?", "Also yours.", thread="b", author="U2", rating=1)
+    if database.engine.dialect.name == "sqlite":
+        assert newer == forgotten  # the reuse this test is about
+
+    assert (await commands.run(request("export", admin=True))).startswith("Exported 1 ")
+    exported = [
+        line["user"]
+        for shard in shard_folders(tmp_path / "exports")
+        for line in read_lines(shard, "completions")
+    ]
+    assert exported == ["Mine?", "Theirs?"]
 
 
 async def test_corrections_are_admin_only_and_rank_first(
@@ -265,7 +287,8 @@ def test_chatbot_export_command(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Exported 1 exchanges to shard-")
     [shard] = shard_folders(data / "exports")
-    assert json.loads((shard / FILES["completions"]).read_text()) == {
+    [completions] = shard_files(shard, "completions")
+    assert json.loads(completions.read_text()) == {
         "user": "CLI?",
         "agent": "Yes.",
     }

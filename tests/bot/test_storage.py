@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import threading
+import uuid
+from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import inspect, text
-from sqlalchemy.exc import IntegrityError
+from alembic import command
+from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import select
 
 from bot.conversation import Role
-from bot.migrations import current_revision
+from bot.migrations import alembic_config, current_revision
 from bot.storage import (
     AnsweredBy,
     AnswerState,
@@ -34,9 +38,9 @@ from bot.storage import (
     undelivered_replies,
     update_message_text,
 )
-from tests.conftest import make_message
+from tests.conftest import IN_CI, POSTGRES_URL, make_message
 
-HEAD_REVISION = "0002"
+HEAD_REVISION = "0003"
 
 
 def test_upgrade_creates_every_table_and_is_idempotent(database: Database) -> None:
@@ -45,6 +49,91 @@ def test_upgrade_creates_every_table_and_is_idempotent(database: Database) -> No
     assert current_revision(database.engine) == HEAD_REVISION
     database.upgrade()  # a second run applies nothing and fails nothing
     assert current_revision(database.engine) == HEAD_REVISION
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def unmigrated_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
+    """An empty database of its own (not the shared, migrated one)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'old.db'}"
+        return
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    name = f"chatbot_migration_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+    except OperationalError as error:
+        admin.dispose()
+        if IN_CI:
+            raise
+        pytest.skip(f"PostgreSQL not reachable: {error.orig}")
+    try:
+        yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def test_upgrading_a_database_with_data_keeps_every_row(unmigrated_url: str) -> None:
+    """Rebuilding ``exchanges`` on SQLite once deleted every rating through ON DELETE CASCADE;
+    exported exchanges must stay exported (their marks move to ``export_marks``)."""
+    db = Database(unmigrated_url)
+    command.upgrade(alembic_config(db.engine), "0002")
+    with db.engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO conversations (id, platform, workspace, channel, thread, created_at)"
+                " VALUES (1, 'slack', 'W', 'C', 'T', CURRENT_TIMESTAMP)"
+            )
+        )
+        for message_id, role in ((1, "user"), (2, "assistant"), (3, "user"), (4, "assistant")):
+            connection.execute(
+                text(
+                    "INSERT INTO messages (id, conversation_id, platform, channel, "
+                    "platform_message_id, author_id, author_name, role, text, text_key, "
+                    "is_direct, mentions_bot, sent_at, stored_at) VALUES (:id, 1, 'slack', 'C', "
+                    ":pid, 'U1', 'u', :role, 'hello', 7, FALSE, FALSE, CURRENT_TIMESTAMP, "
+                    "CURRENT_TIMESTAMP)"
+                ),
+                {"id": message_id, "pid": f"m{message_id}", "role": role},
+            )
+        connection.execute(
+            text(
+                "INSERT INTO export_shards (id, name, created_at, exchange_count, "
+                "superseded_count, schema_version, content_hash) "
+                "VALUES (5, 'shard-old', CURRENT_TIMESTAMP, 1, 0, 1, 'x')"
+            )
+        )
+        connection.execute(
+            text(
+                "INSERT INTO exchanges (id, conversation_id, user_message_id, answer_message_id,"
+                " answered_by, created_at, for_training, export_shard_id) VALUES "
+                "(1, 1, 1, 2, 'bot', CURRENT_TIMESTAMP, TRUE, 5), "
+                "(2, 1, 3, 4, 'bot', CURRENT_TIMESTAMP, TRUE, NULL)"
+            )
+        )
+        connection.execute(
+            text(
+                "INSERT INTO ratings (exchange_id, rater_id, value, created_at) VALUES "
+                "(1, 'R1', 1, CURRENT_TIMESTAMP), (2, 'R1', -1, CURRENT_TIMESTAMP)"
+            )
+        )
+    db.upgrade()
+    assert current_revision(db.engine) == HEAD_REVISION
+    with db.engine.connect() as connection:
+        assert connection.execute(text("SELECT COUNT(*) FROM ratings")).scalar_one() == 2
+        assert connection.execute(text("SELECT COUNT(*) FROM exchanges")).scalar_one() == 2
+        marks = connection.execute(text("SELECT exchange_id, shard_id FROM export_marks")).all()
+        assert [tuple(mark) for mark in marks] == [(1, 5)]
+        if db.engine.dialect.name == "sqlite":
+            assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    command.downgrade(alembic_config(db.engine), "0002")
+    with db.engine.connect() as connection:
+        assert connection.execute(text("SELECT COUNT(*) FROM ratings")).scalar_one() == 2
+        shards = connection.execute(text("SELECT id, export_shard_id FROM exchanges ORDER BY id"))
+        assert [tuple(row) for row in shards] == [(1, 5), (2, None)]
+    db.dispose()
 
 
 def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path) -> None:
