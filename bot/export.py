@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -126,6 +127,7 @@ class ExportResult:
     skipped_too_long: int = 0
     skipped_reason: str | None = None  # why the run did nothing (lease held elsewhere, ...)
     processes: int = 1  # how many processes wrote the shard
+    worker_peak_memory_mb: tuple[float, ...] = ()  # each worker process's peak resident memory
 
     def describe(self) -> str:
         if self.skipped_reason:
@@ -277,6 +279,7 @@ class Exporter:
         self.pseudonymize = pseudonymize
         self.holder = _lease_holder()
         self._processes = 1
+        self._worker_peaks: list[float] = []
 
     # ------------------------------------------------------------------ public
 
@@ -350,14 +353,24 @@ class Exporter:
     ) -> ExportResult:
         name = f"{SHARD_PREFIX}{utcnow():%Y%m%dT%H%M%S.%fZ}-{secrets.token_hex(3)}"
         folder = directory / f"{TEMP_PREFIX}{name}"
+        workers: _Workers | None = None
         try:
+            if self._processes_wanted() > 1 and self._probably_large():
+                # They take a second or so to start: let them do it while the pick runs.
+                workers = _Workers(self._processes_wanted() - 1)
             with self.database.engine.connect() as connection:
                 picked = self._pick(connection)
                 step("selected")
                 if picked.winners + picked.superseded == 0:
                     return ExportResult(None, None)
                 folder.mkdir()
-                results = self._write(folder, picked, progress)
+                large = picked.winners >= self.options.parallel_from
+                if not large and workers is not None:
+                    workers.stop()
+                    workers = None
+                elif large and workers is None and self._processes_wanted() > 1:
+                    workers = _Workers(self._processes_wanted() - 1)
+                results = self._write(folder, picked, progress, workers)
                 manifest = self._manifest(connection, folder, name, results)
                 step("written")
                 self._commit(connection, name, manifest, picked.superseded)
@@ -371,6 +384,9 @@ class Exporter:
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
+        finally:
+            if workers is not None:
+                workers.stop()
         # Committed: publishing can only be finished from here, by us or by recovery.
         final = directory / name
         folder.rename(final)
@@ -384,6 +400,7 @@ class Exporter:
             superseded=picked.superseded,
             skipped_too_long=manifest["skipped_too_long"],
             processes=manifest["processes"],
+            worker_peak_memory_mb=tuple(self._worker_peaks),
         )
 
     def _pick(self, connection: Connection) -> _Picked:
@@ -439,14 +456,31 @@ class Exporter:
         with self.database.engine.begin() as connection:
             connection.execute(text(f"DROP TABLE IF EXISTS {SCRATCH_TABLE}"))
 
+    def _processes_wanted(self) -> int:
+        return self.options.workers or min(os.cpu_count() or 1, MAX_WORKERS)
+
+    def _probably_large(self) -> bool:
+        """Whether this run will likely write at least ``parallel_from`` exchanges: counts the
+        exchanges newer than the newest exported one (cheap: a range of the primary key)."""
+        with self.database.engine.connect() as connection:
+            newer = connection.execute(
+                text(
+                    "SELECT COUNT(*) FROM exchanges WHERE id > "
+                    "(SELECT COALESCE(MAX(exchange_id), 0) FROM export_marks)"
+                )
+            ).scalar_one()
+        return int(newer) >= self.options.parallel_from
+
     def _write(
-        self, folder: Path, picked: _Picked, progress: ProgressCallback | None
+        self,
+        folder: Path,
+        picked: _Picked,
+        progress: ProgressCallback | None,
+        workers: _Workers | None,
     ) -> list[_PartResult]:
-        """Write every part of the shard into ``folder``, in this process or in several."""
+        """Write every part of the shard into ``folder``, alone or with ``workers``."""
         total = picked.winners
-        processes = self.options.workers or min(os.cpu_count() or 1, MAX_WORKERS)
-        if total < self.options.parallel_from:
-            processes = 1
+        processes = 1 if workers is None else len(workers.processes) + 1
         # Two parts per process, handed out in turn, so that a process that started late or
         # met long conversations takes fewer of them (more parts cost PostgreSQL more joins).
         parts = 1 if processes == 1 else processes * 2
@@ -475,11 +509,12 @@ class Exporter:
                 self._renew_lease()
                 renewed_at = time.monotonic()
 
-        if processes == 1:
+        if workers is None:
             with self.database.engine.connect() as connection:
                 results = [_write_part(job, 0, connection, tick)]
         else:
-            results = _write_in_processes(job, processes, self.database, tick)
+            results = workers.write(job, self.database, tick)
+            self._worker_peaks = sorted(workers.peaks_mb)
         if progress is not None:
             progress(total, total)
         _fsync_directory(folder)
@@ -724,6 +759,18 @@ def _question_lookup(connection: Connection) -> Callable[[int], str | None]:
     return lookup
 
 
+@functools.lru_cache(maxsize=4096)
+def _redact_repeated(text: str) -> str:
+    return redact(text)
+
+
+def _redacted(text: str) -> str:
+    """:func:`bot.redaction.redact`, remembered for short texts: answers repeat (a bot's
+    answers, human agents' canned replies), and redaction is most of the per-line work. Long
+    texts are not kept, so the cache stays within a few megabytes."""
+    return _redact_repeated(text) if len(text) <= 1000 else redact(text)
+
+
 def _format_rows(
     rows: Iterator[tuple[Any, ...]],
     job: _Job,
@@ -741,6 +788,7 @@ def _format_rows(
     encode = json.encoder.encode_basestring  # C, no ASCII escaping
     formatter = job.formatter
     pseudonymize = job.pseudonymize
+    redacted = _redacted
     limit = job.max_chars
     keep = job.context_turns
     completions = pending["completions"].append
@@ -748,6 +796,7 @@ def _format_rows(
     conversations = pending["messages"].append
     index = pending["index"].append
     sources = result.sources
+    pseudonyms: dict[tuple[str, str], str] = {}  # the users of this part, seen again and again
     # (message id, "user" | "assistant", redacted text); long enough for the context plus the
     # messages between a question and its answer.
     context: deque[tuple[int, str, str]] = deque(maxlen=keep + 8)
@@ -773,7 +822,7 @@ def _format_rows(
         chat_role = "user" if role == "user" else "assistant"
         if exchange_id is None:
             if role != "system" and message_text:
-                context.append((message_id, chat_role, redact(message_text)))
+                context.append((message_id, chat_role, redacted(message_text)))
             continue
         seen += 1
         since_tick += 1
@@ -781,7 +830,9 @@ def _format_rows(
             flush()
             tick(since_tick)
             since_tick = 0
-        if context and context[-1][0] == user_message_id:  # the usual case: Q, then A
+        if len(context) == 1 and context[0][0] == user_message_id:  # Q, then A: the most usual
+            turns = [context[0]]
+        elif context and context[-1][0] == user_message_id:  # the usual case: Q, then A
             turns = list(context)
         else:
             turns = [turn for turn in context if turn[0] <= user_message_id]
@@ -792,17 +843,20 @@ def _format_rows(
                 if len(question_text) > limit:
                     too_long += 1
                     continue
-                turns.append((user_message_id, "user", redact(question_text)))
+                turns.append((user_message_id, "user", redacted(question_text)))
         if len(message_text) > limit or len(turns[-1][2]) > limit:
             too_long += 1
             context.append((message_id, chat_role, ""))
             continue
-        answer = redact(message_text)
+        answer = redacted(message_text)
         context.append((message_id, chat_role, answer))
         question = turns[-1][2]
-        if not question.strip() or not answer.strip():
+        if not question or not answer or question.isspace() or answer.isspace():
             continue
-        conversation = _alternating(turns[-(keep + 1) :])
+        if len(turns) == 1:
+            conversation = [{"role": "user", "content": question}]
+        else:
+            conversation = _alternating(turns[-(keep + 1) :])
         conversation.append({"role": "assistant", "content": answer})
         encoded_question = encode(question)
         encoded_answer = encode(answer)
@@ -822,10 +876,14 @@ def _format_rows(
                 )
                 + "]}\n"
             )
-        index(
-            f"{exchange_id}\t{pseudonymize(platform or '', author_id or '')}\t"
-            f"{question_key}\t{source}\n"
-        )
+        pseudonym = pseudonyms.get((platform, author_id))
+        if pseudonym is None:
+            if len(pseudonyms) >= 100_000:  # bounded: a few MB
+                pseudonyms.clear()
+            pseudonym = pseudonyms[(platform, author_id)] = pseudonymize(
+                platform or "", author_id or ""
+            )
+        index(f"{exchange_id}\t{pseudonym}\t{question_key}\t{source}\n")
         sources[source] = sources.get(source, 0) + 1
         written += 1
     tick(since_tick)
@@ -834,77 +892,92 @@ def _format_rows(
     result.too_long += too_long
 
 
-def _write_in_processes(
-    job: _Job, processes: int, database: Database, tick: Tick
-) -> list[_PartResult]:
-    """Write ``job.parts`` parts with this process and ``processes - 1`` workers.
+class _Workers:
+    """Worker processes for one export: started first (imports take them a second or so),
+    then handed the job. Parts go out through a shared counter; workers report through a
+    queue. A worker that fails stops the export (its error is raised by :meth:`write`);
+    workers die with the exporting process."""
 
-    Parts are handed out through a shared counter; workers report through a queue. A worker
-    that fails stops the export (its error is raised here); workers stop by themselves when
-    this process dies.
-    """
-    context = multiprocessing.get_context("spawn")  # no fork: this process has threads
-    next_part = context.Value("i", 0)
-    seen = context.Value("q", 0)
-    reports: multiprocessing.Queue[tuple[str, Any]] = context.Queue()
-    workers = [
-        context.Process(
-            target=_worker_main,
-            args=(job, next_part, seen, reports, os.getpid()),
-            name=f"export-worker-{number}",
-            daemon=True,
-        )
-        for number in range(1, processes)
-    ]
-    for worker in workers:
-        worker.start()
-    results: list[_PartResult] = []
-    reported = 0
-    finished = 0
+    def __init__(self, count: int) -> None:
+        context = multiprocessing.get_context("spawn")  # no fork: this process has threads
+        self.next_part = context.Value("i", 0)
+        self.seen = context.Value("q", 0)
+        self.jobs: multiprocessing.Queue[_Job | None] = context.Queue()
+        self.reports: multiprocessing.Queue[tuple[str, Any]] = context.Queue()
+        self.peaks_mb: list[float] = []
+        self.processes = [
+            context.Process(
+                target=_worker_main,
+                args=(self.jobs, self.next_part, self.seen, self.reports, os.getpid()),
+                name=f"export-worker-{number}",
+                daemon=True,
+            )
+            for number in range(1, count + 1)
+        ]
+        for process in self.processes:
+            process.start()
 
-    def drain(timeout: float | None) -> None:
-        """Take the workers' reports; raise at the first failure."""
-        nonlocal finished
-        while True:
-            try:
-                kind, payload = reports.get(timeout=timeout) if timeout else reports.get_nowait()
-            except queue.Empty:
-                return
-            timeout = None
-            if kind == "error":
-                raise ExportError(f"an export worker failed: {payload}")
-            if kind == "part":
-                results.append(payload)
-            else:  # "finished"
-                finished += 1
+    def write(self, job: _Job, database: Database, tick: Tick) -> list[_PartResult]:
+        """Write ``job.parts`` parts with this process and the workers."""
+        for _ in self.processes:
+            self.jobs.put(job)
+        results: list[_PartResult] = []
+        reported = 0
+        finished = 0
 
-    def shared_tick(count: int) -> None:
-        nonlocal reported
-        with seen.get_lock():
-            seen.value += count
-            total_seen = seen.value
-        tick(total_seen - reported)
-        reported = total_seen
-        drain(None)  # a worker's failure stops this process's writing too
+        def drain(timeout: float | None) -> None:
+            """Take the workers' reports; raise at the first failure."""
+            nonlocal finished
+            while True:
+                try:
+                    kind, payload = (
+                        self.reports.get(timeout=timeout) if timeout else self.reports.get_nowait()
+                    )
+                except queue.Empty:
+                    return
+                timeout = None
+                if kind == "error":
+                    raise ExportError(f"an export worker failed: {payload}")
+                if kind == "part":
+                    results.append(payload)
+                else:  # "finished", with the worker's peak memory
+                    finished += 1
+                    self.peaks_mb.append(float(payload))
 
-    try:
+        def shared_tick(count: int) -> None:
+            nonlocal reported
+            with self.seen.get_lock():
+                self.seen.value += count
+                total_seen = self.seen.value
+            tick(total_seen - reported)
+            reported = total_seen
+            drain(None)  # a worker's failure stops this process's writing too
+
         with database.engine.connect() as connection:
-            while (part := _claim(next_part, job.parts)) is not None:
+            while (part := _claim(self.next_part, job.parts)) is not None:
                 results.append(_write_part(job, part, connection, shared_tick))
-        while finished < len(workers):
+        while finished < len(self.processes):
             drain(0.5)
             shared_tick(0)
-            if finished < len(workers) and any(w.exitcode not in (None, 0) for w in workers):
+            if finished < len(self.processes) and any(
+                p.exitcode not in (None, 0) for p in self.processes
+            ):
                 drain(0.5)  # its last report may still be on the way
-                if finished < len(workers):
+                if finished < len(self.processes):
                     raise ExportError("an export worker process died")
-    finally:
-        for worker in workers:
-            if worker.is_alive():
-                worker.terminate()
-            worker.join()
-        reports.close()
-    return results
+        return results
+
+    def stop(self) -> None:
+        for _ in self.processes:
+            with contextlib.suppress(ValueError, OSError):
+                self.jobs.put(None)  # a worker still waiting for a job leaves
+        for process in self.processes:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.terminate()
+                process.join()
+        self.jobs.close()
+        self.reports.close()
 
 
 def _claim(next_part: Any, parts: int) -> int | None:
@@ -917,7 +990,7 @@ def _claim(next_part: Any, parts: int) -> int | None:
 
 
 def _worker_main(
-    job: _Job, next_part: Any, seen: Any, reports: Any, parent: int
+    jobs: Any, next_part: Any, seen: Any, reports: Any, parent: int
 ) -> None:  # pragma: no cover - runs in worker processes (covered by tests through the parent)
     def tick(count: int) -> None:
         if os.getppid() != parent:  # the exporting process died: its shard will be undone
@@ -926,12 +999,15 @@ def _worker_main(
             seen.value += count
 
     _die_with(parent)
+    job = jobs.get()
+    if job is None:  # the export turned out small, or failed before writing
+        return
     database = Database(job.url)
     try:
         with database.engine.connect() as connection:
             while (part := _claim(next_part, job.parts)) is not None:
                 reports.put(("part", _write_part(job, part, connection, tick)))
-        reports.put(("finished", None))
+        reports.put(("finished", peak_memory_mb()))
     except OSError as error:
         reports.put(("error", _describe_os_error(error, job.folder.parent)))
     except SQLAlchemyError as error:
@@ -940,6 +1016,18 @@ def _worker_main(
         reports.put(("error", f"{type(error).__name__}: {error}"))
     finally:
         database.dispose()
+
+
+def peak_memory_mb() -> float:
+    """This process's peak resident memory. VmHWM, where Linux has it: ``ru_maxrss`` survives
+    exec, so a process started from a large one would report that one's peak as its own."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 _PR_SET_PDEATHSIG = 1

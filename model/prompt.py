@@ -71,6 +71,12 @@ def format_prompt(messages: Sequence[ChatMessage], *, bos: str = BOS, eos: str =
     Raises:
         PromptFormatError: no user message, or roles out of order.
     """
+    if len(messages) == 2:  # one exchange: most training lines; the general loop costs double
+        first, second = messages
+        if first["role"] == "user" and second["role"] == "assistant":
+            question = neutralise(first["content"]).strip()
+            answer = neutralise(second["content"]).strip()
+            return f"{bos}{B_INST} {question} {E_INST} {answer} {eos}"
     turns = [(m["role"], neutralise(m["content"])) for m in messages]
     if turns and turns[0][0] == "system":
         system = turns[0][1]

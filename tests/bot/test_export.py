@@ -536,6 +536,8 @@ def test_a_large_export_is_written_by_several_processes_with_the_same_lines(
     alone = exporter_for(database, tmp_path / "alone", create_directory=True).run()
 
     assert parallel.processes == 2 and alone.processes == 1
+    [worker_peak] = parallel.worker_peak_memory_mb  # reported by the worker itself
+    assert 20 < worker_peak < 1000 and alone.worker_peak_memory_mb == ()
     assert parallel.path is not None and alone.path is not None
     assert (
         (parallel.exchanges, parallel.superseded)
