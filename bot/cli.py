@@ -117,6 +117,7 @@ def build_exporter(settings: Settings, database: Database, **overrides: Any) -> 
         include_unrated=settings.export_include_unrated,
         context_turns=settings.export_context_turns,
         create_directory=settings.export_dir is None,
+        workers=settings.export_workers,
     )
     if overrides:
         options = dataclasses.replace(options, **overrides)

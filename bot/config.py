@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     export_schedule: str = ""  # "interval:<seconds>" or "cron:<crontab>", empty for none
     export_include_unrated: bool = False
     export_context_turns: int = Field(default=6, ge=0, le=100)
+    export_workers: int = Field(default=0, ge=0, le=64)  # processes for large exports; 0: auto
     pseudonym_key: str = ""  # secret for user pseudonyms; empty: DATA_DIR/pseudonym.key
 
     # Slack (adapters/slack_adapter.py). Socket Mode when SLACK_APP_TOKEN is set, else HTTP mode.

@@ -143,3 +143,19 @@ def test_a_model_folder_that_is_not_a_model_is_one_clear_line(tmp_path) -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("chatbot: error: ")
+
+
+def test_export_settings_reach_the_exporter(tmp_path, monkeypatch) -> None:
+    from bot.cli import build_exporter
+    from bot.config import ConfigurationError, load_settings
+    from bot.storage import Database
+
+    monkeypatch.setenv("EXPORT_WORKERS", "3")
+    monkeypatch.setenv("EXPORT_CONTEXT_TURNS", "2")
+    settings = load_settings(data_dir=tmp_path)
+    exporter = build_exporter(settings, Database(f"sqlite:///{tmp_path / 'bot.db'}"))
+    assert (exporter.options.workers, exporter.options.context_turns) == (3, 2)
+    assert exporter.options.directory == tmp_path / "exports"
+    monkeypatch.setenv("EXPORT_WORKERS", "-1")
+    with pytest.raises(ConfigurationError, match="EXPORT_WORKERS"):
+        load_settings(data_dir=tmp_path)
