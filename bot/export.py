@@ -357,7 +357,7 @@ class Exporter:
         try:
             if self._processes_wanted() > 1 and self._probably_large():
                 # They take a second or so to start: let them do it while the pick runs.
-                workers = _Workers(self._processes_wanted() - 1)
+                workers = _Workers.start(self._processes_wanted() - 1)
             with self.database.engine.connect() as connection:
                 picked = self._pick(connection)
                 step("selected")
@@ -369,7 +369,7 @@ class Exporter:
                     workers.stop()
                     workers = None
                 elif large and workers is None and self._processes_wanted() > 1:
-                    workers = _Workers(self._processes_wanted() - 1)
+                    workers = _Workers.start(self._processes_wanted() - 1)
                 results = self._write(folder, picked, progress, workers)
                 manifest = self._manifest(connection, folder, name, results)
                 step("written")
@@ -878,7 +878,7 @@ def _format_rows(
             )
         pseudonym = pseudonyms.get((platform, author_id))
         if pseudonym is None:
-            if len(pseudonyms) >= 100_000:  # bounded: a few MB
+            if len(pseudonyms) >= 50_000:  # bounded: about 13 MB
                 pseudonyms.clear()
             pseudonym = pseudonyms[(platform, author_id)] = pseudonymize(
                 platform or "", author_id or ""
@@ -914,8 +914,21 @@ class _Workers:
             )
             for number in range(1, count + 1)
         ]
-        for process in self.processes:
-            process.start()
+        try:
+            for process in self.processes:
+                process.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    @classmethod
+    def start(cls, count: int) -> _Workers | None:
+        """Start ``count`` workers; None (the export goes on alone) when the system refuses."""
+        try:
+            return cls(count)
+        except OSError as error:
+            logger.warning("export goes on in one process: cannot start workers (%s)", error)
+            return None
 
     def write(self, job: _Job, database: Database, tick: Tick) -> list[_PartResult]:
         """Write ``job.parts`` parts with this process and the workers."""
@@ -972,6 +985,8 @@ class _Workers:
             with contextlib.suppress(ValueError, OSError):
                 self.jobs.put(None)  # a worker still waiting for a job leaves
         for process in self.processes:
+            if process.pid is None:  # never started
+                continue
             process.join(timeout=5)
             if process.is_alive():
                 process.terminate()

@@ -152,8 +152,8 @@ class Pseudonymizer:
         return _pseudonym(self.key, platform, user_id)
 
 
-@functools.lru_cache(maxsize=65_536)
+@functools.lru_cache(maxsize=4096)
 def _pseudonym(key: bytes, platform: str, user_id: str) -> str:
-    # Cached: an export meets the same users again and again.
+    # Cached: commands and the export meet the same users again (the export also keeps its own).
     digest = hmac.digest(key, f"{platform}:{user_id}".encode(), "sha256")  # one C call
     return f"user-{digest[:8].hex()}"

@@ -564,6 +564,26 @@ def test_a_large_export_is_written_by_several_processes_with_the_same_lines(
     assert len(loaded) == 60
 
 
+def test_an_export_goes_on_alone_when_workers_cannot_start(
+    database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    import errno
+    import multiprocessing.context
+
+    def refuse(self: object) -> None:
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", refuse)
+    expected = varied_exchanges(database, 20)
+    with caplog.at_level(logging.WARNING, logger="bot.export"):
+        result = exporter_for(
+            database, tmp_path / "out", create_directory=True, workers=3, parallel_from=1
+        ).run()
+    assert result.processes == 1 and result.exchanges == 20
+    assert sorted(all_exported_users(tmp_path / "out")) == sorted(expected)
+    assert "cannot start workers" in caplog.text
+
+
 def test_a_failing_worker_stops_the_export_and_changes_nothing(
     database: Database, tmp_path: Path
 ) -> None:
