@@ -412,6 +412,10 @@ class Exporter:
             # Enough for the ranking sort and the joins to stay in memory (the default 4 MB
             # spills a million rows to disk several times over).
             connection.execute(text("SET LOCAL work_mem = '64MB'"))
+        else:
+            # SQLite sorts with helper threads when allowed: the ranking sort and the index
+            # below take a fifth less time with two.
+            connection.exec_driver_sql(f"PRAGMA threads = {self._processes_wanted()}")
         max_exchange_id, max_message_id = connection.execute(
             text(
                 "SELECT (SELECT COALESCE(MAX(id), 0) FROM exchanges), "
@@ -444,6 +448,8 @@ class Exporter:
             )
         ).one()
         connection.commit()
+        if not postgres:
+            connection.exec_driver_sql("PRAGMA threads = 0")  # the connection goes back to the pool
         return _Picked(
             winners=int(winners),
             superseded=int(superseded),
