@@ -433,9 +433,10 @@ class Exporter:
                 )
             )
         )
-        connection.execute(
-            text(f"CREATE INDEX {SCRATCH_TABLE}_answer ON {SCRATCH_TABLE} (answer_message_id)")
-        )
+        if not postgres:  # SQLite joins by nested loops; PostgreSQL hashes the part's rows
+            connection.execute(
+                text(f"CREATE INDEX {SCRATCH_TABLE}_answer ON {SCRATCH_TABLE} (answer_message_id)")
+            )
         # Fresh tables have no statistics; without them PostgreSQL plans the stream as nested
         # loops over whole tables.
         connection.execute(text(f"ANALYZE {SCRATCH_TABLE}"))
