@@ -527,15 +527,17 @@ def test_a_large_export_is_written_by_several_processes_with_the_same_lines(
     datasets = pytest.importorskip("datasets")
     expected = varied_exchanges(database, 60)
 
+    reports: list[tuple[int, int]] = []
     parallel = exporter_for(
         database, tmp_path / "parallel", create_directory=True, workers=2, parallel_from=1
-    ).run()
+    ).run(progress=lambda done, total: reports.append((done, total)))
     with database.engine.begin() as connection:  # forget that export, then write it again alone
         connection.execute(text("DELETE FROM export_marks"))
         connection.execute(text("DELETE FROM export_shards"))
     alone = exporter_for(database, tmp_path / "alone", create_directory=True).run()
 
     assert parallel.processes == 2 and alone.processes == 1
+    assert reports[-1] == (60, 60) and [d for d, _ in reports] == sorted(d for d, _ in reports)
     [worker_peak] = parallel.worker_peak_memory_mb  # reported by the worker itself
     assert 20 < worker_peak < 1000 and alone.worker_peak_memory_mb == ()
     assert parallel.path is not None and alone.path is not None
