@@ -629,6 +629,15 @@ exporter.run(on_step=step)
 """
 
 
+def wait_for(marker: Path, process: subprocess.Popen[bytes]) -> None:
+    """Until the export in ``process`` writes ``marker`` (where the test kills it)."""
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        assert process.poll() is None, process.stderr.read() if process.stderr else ""
+        assert time.monotonic() < deadline, "the export never got there"
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("kill_at", ["leased", "recovered", "selected", "written", "committed"])
 def test_a_kill_at_any_step_neither_duplicates_nor_skips(
     database: Database, tmp_path: Path, kill_at: str
@@ -644,11 +653,7 @@ def test_a_kill_at_any_step_neither_duplicates_nor_skips(
         env={**os.environ, "PYTHONPATH": str(REPO)},
         stderr=subprocess.PIPE,
     )
-    deadline = time.monotonic() + 60
-    while not marker.exists():
-        assert process.poll() is None, process.stderr.read() if process.stderr else ""
-        assert time.monotonic() < deadline, "the export never reached the step"
-        time.sleep(0.05)
+    wait_for(marker, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
 
@@ -717,11 +722,7 @@ def test_workers_stop_when_the_exporting_process_is_killed(
         env={**os.environ, "PYTHONPATH": str(REPO), tag.split("=")[0]: tag.split("=")[1]},
         stderr=subprocess.PIPE,
     )
-    deadline = time.monotonic() + 60
-    while not marker.exists():
-        assert process.poll() is None, process.stderr.read() if process.stderr else ""
-        assert time.monotonic() < deadline, "the export never reported progress"
-        time.sleep(0.05)
+    wait_for(marker, process)
     workers = [
         pid
         for pid in processes_tagged(tag)
