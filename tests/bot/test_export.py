@@ -25,6 +25,7 @@ from bot.export import (
     ExportError,
     ExportOptions,
     data_files,
+    part_name,
     shard_files,
     shard_folders,
 )
@@ -564,6 +565,26 @@ def test_a_large_export_is_written_by_several_processes_with_the_same_lines(
         "json", data_files=data_files(parallel.path, "messages"), split="train"
     )
     assert len(loaded) == 60
+
+
+def test_parts_left_empty_are_dropped_and_the_rest_renamed(
+    database: Database, tmp_path: Path
+) -> None:
+    for n in range(10):  # one conversation: every part but one is empty
+        bot_exchange(database, f"Same thread {n}?", f"Answer {n}.", thread="one", rating=1)
+    result = exporter_for(
+        database, tmp_path / "out", create_directory=True, workers=2, parallel_from=1
+    ).run()
+    assert result.path is not None and result.processes == 2
+    assert sorted(p.name for p in result.path.iterdir()) == sorted(
+        [part_name(key, 0, 1) for key in FORMATS] + ["manifest.json"]
+    )
+    manifest = json.loads((result.path / "manifest.json").read_text())
+    assert [entry["lines"] for entry in manifest["files"]["instruct"]] == [10]
+    last = read_lines(result.path, "messages")[-1]["messages"]
+    # Six earlier messages of context (EXPORT_CONTEXT_TURNS), the question, the answer.
+    assert len(last) == 8 and last[0]["content"] == "Same thread 6?"
+    assert last[-1]["content"] == "Answer 9."
 
 
 def test_an_export_goes_on_alone_when_workers_cannot_start(
