@@ -254,7 +254,6 @@ class _PartResult:
     part: int
     files: dict[str, tuple[str, str, int]] = field(default_factory=dict)  # key: name, hash, lines
     exchanges: int = 0
-    seen: int = 0
     too_long: int = 0
     sources: dict[str, int] = field(default_factory=dict)
 
@@ -278,8 +277,6 @@ class Exporter:
         self.formatter = formatter
         self.pseudonymize = pseudonymize
         self.holder = _lease_holder()
-        self._processes = 1
-        self._worker_peaks: list[float] = []
 
     # ------------------------------------------------------------------ public
 
@@ -371,7 +368,8 @@ class Exporter:
                 elif large and workers is None and self._processes_wanted() > 1:
                     workers = _Workers.start(self._processes_wanted() - 1)
                 results = self._write(folder, picked, progress, workers)
-                manifest = self._manifest(connection, folder, name, results)
+                processes = 1 if workers is None else len(workers.processes) + 1
+                manifest = self._manifest(connection, folder, name, results, processes)
                 step("written")
                 self._commit(connection, name, manifest, picked.superseded)
             step("committed")
@@ -380,7 +378,7 @@ class Exporter:
             raise ExportError(_describe_os_error(error, directory)) from error
         except SQLAlchemyError as error:
             shutil.rmtree(folder, ignore_errors=True)
-            raise ExportError(f"database error during export: {_reason(error)}") from error
+            raise ExportError(_describe_database_error(error)) from error
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -399,8 +397,8 @@ class Exporter:
             exchanges=manifest["exchanges"],
             superseded=picked.superseded,
             skipped_too_long=manifest["skipped_too_long"],
-            processes=manifest["processes"],
-            worker_peak_memory_mb=tuple(self._worker_peaks),
+            processes=processes,
+            worker_peak_memory_mb=() if workers is None else tuple(sorted(workers.peaks_mb)),
         )
 
     def _pick(self, connection: Connection) -> _Picked:
@@ -521,27 +519,32 @@ class Exporter:
                 results = [_write_part(job, 0, connection, tick)]
         else:
             results = workers.write(job, self.database, tick)
-            self._worker_peaks = sorted(workers.peaks_mb)
         if progress is not None:
             progress(total, total)
         _fsync_directory(folder)
-        self._processes = processes
         return results
 
     def _manifest(
-        self, connection: Connection, folder: Path, name: str, results: list[_PartResult]
+        self,
+        connection: Connection,
+        folder: Path,
+        name: str,
+        results: list[_PartResult],
+        processes: int,
     ) -> dict[str, Any]:
-        """Drop empty parts, name the rest in order, and write the manifest (fsynced)."""
-        results = sorted((r for r in results if r.exchanges), key=lambda r: r.part)
+        """Drop the files of parts without lines, name the rest in order, and write the
+        manifest (fsynced). Counts are over every part."""
+        kept = sorted((r for r in results if r.exchanges), key=lambda r: r.part)
         files: dict[str, list[dict[str, Any]]] = {key: [] for key in FORMATS}
-        for position, result in enumerate(results):
+        for position, result in enumerate(kept):
             for key, (temporary, digest, lines) in result.files.items():
-                final = part_name(key, position, len(results))
+                final = part_name(key, position, len(kept))
                 if final != temporary:
                     (folder / temporary).rename(folder / final)
                 files[key].append({"name": final, "sha256": digest, "lines": lines})
-        for leftover in folder.iterdir():  # the files of empty parts
-            if not any(leftover.name == f["name"] for entries in files.values() for f in entries):
+        listed = {entry["name"] for entries in files.values() for entry in entries}
+        for leftover in folder.iterdir():  # the files of parts without lines
+            if leftover.name not in listed:
                 leftover.unlink()
         sources: dict[str, int] = {}
         for result in results:
@@ -557,7 +560,7 @@ class Exporter:
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "shard": name,
-            "processes": self._processes,
+            "processes": processes,
             "created_at": utcnow().isoformat(),
             "exchanges": sum(r.exchanges for r in results),
             "skipped_too_long": sum(r.too_long for r in results),
@@ -662,9 +665,10 @@ class Exporter:
 
 
 def _write_part(job: _Job, part: int, connection: Connection, tick: Tick) -> _PartResult:
-    """Write part ``part`` of ``job.parts``: the conversations whose id is ``part`` modulo
-    ``job.parts``. Each file is written in batches, hashed on the way and fsynced."""
+    """Write part ``part`` of ``job.parts``: the conversations in the part's range of ids (see
+    :class:`_Job`). Each file is written in batches, hashed on the way and fsynced."""
     result = _PartResult(part)
+    names = {key: part_name(key, part, job.parts) for key in FORMATS}
     handles: dict[str, IO[bytes]] = {}
     hashes: dict[str, Any] = {}
     pending: dict[str, list[str]] = {key: [] for key in FORMATS}
@@ -680,8 +684,7 @@ def _write_part(job: _Job, part: int, connection: Connection, tick: Tick) -> _Pa
                 hashes[key].update(data)
 
     try:
-        for key in FORMATS:
-            name = part_name(key, part, job.parts)
+        for key, name in names.items():
             handles[key] = open(job.folder / name, "wb", buffering=1 << 20)  # noqa: SIM115
             hashes[key] = hashlib.sha256()
         rows = _stream(connection, job, part)
@@ -690,11 +693,7 @@ def _write_part(job: _Job, part: int, connection: Connection, tick: Tick) -> _Pa
         for key, handle in handles.items():
             handle.flush()
             os.fsync(handle.fileno())
-            result.files[key] = (
-                part_name(key, part, job.parts),
-                hashes[key].hexdigest(),
-                lines[key],
-            )
+            result.files[key] = (names[key], hashes[key].hexdigest(), lines[key])
     finally:
         while handles:
             with contextlib.suppress(OSError):  # a full disk: the caller reports the first error
@@ -808,7 +807,7 @@ def _format_rows(
     # messages between a question and its answer.
     context: deque[tuple[int, str, str]] = deque(maxlen=keep + 8)
     current_conversation = None
-    written = seen = too_long = since_tick = 0
+    written = too_long = since_tick = 0
     for (
         message_id,
         conversation_id,
@@ -831,15 +830,12 @@ def _format_rows(
             if role != "system" and message_text:
                 context.append((message_id, chat_role, redacted(message_text)))
             continue
-        seen += 1
         since_tick += 1
         if since_tick == 5000:
             flush()
             tick(since_tick)
             since_tick = 0
-        if len(context) == 1 and context[0][0] == user_message_id:  # Q, then A: the most usual
-            turns = [context[0]]
-        elif context and context[-1][0] == user_message_id:  # the usual case: Q, then A
+        if context and context[-1][0] == user_message_id:  # the usual case: Q, then A
             turns = list(context)
         else:
             turns = [turn for turn in context if turn[0] <= user_message_id]
@@ -895,7 +891,6 @@ def _format_rows(
         written += 1
     tick(since_tick)
     result.exchanges += written
-    result.seen += seen
     result.too_long += too_long
 
 
@@ -1033,7 +1028,7 @@ def _worker_main(
     except OSError as error:
         reports.put(("error", _describe_os_error(error, job.folder.parent)))
     except SQLAlchemyError as error:
-        reports.put(("error", f"database error during export: {_reason(error)}"))
+        reports.put(("error", _describe_database_error(error)))
     except BaseException as error:  # reported to the parent, which raises it
         reports.put(("error", f"{type(error).__name__}: {error}"))
     finally:
@@ -1094,6 +1089,10 @@ def _as_datetime(value: Any) -> datetime:
 
 def _reason(error: SQLAlchemyError) -> str:
     return str(getattr(error, "orig", error)).strip().splitlines()[0]
+
+
+def _describe_database_error(error: SQLAlchemyError) -> str:
+    return f"database error during export: {_reason(error)}"
 
 
 def _describe_os_error(error: OSError, directory: Path) -> str:

@@ -355,6 +355,19 @@ def test_huge_texts_are_skipped_and_counted(database: Database, tmp_path: Path) 
     assert all_exported_users(tmp_path) == ["Normal?"]
 
 
+def test_a_part_of_only_huge_texts_is_still_counted(database: Database, tmp_path: Path) -> None:
+    for n in range(9):
+        bot_exchange(database, f"Normal {n}?", "B.", thread=f"ok{n}", rating=1)
+    # The tenth conversation, alone in the last of four parts: no line, one skipped.
+    bot_exchange(database, "Huge? " + "x" * 30_000, "A.", thread="huge", rating=1)
+    result = exporter_for(database, tmp_path, workers=2, parallel_from=1).run()
+
+    assert result.processes == 2
+    assert result.exchanges == 9 and result.skipped_too_long == 1
+    assert result.path is not None
+    assert json.loads((result.path / "manifest.json").read_text())["skipped_too_long"] == 1
+
+
 def test_invalid_utf8_in_sqlite_is_exported_with_replacement_characters(tmp_path: Path) -> None:
     database = Database(f"sqlite:///{tmp_path / 'bad.db'}")
     database.upgrade()
@@ -585,6 +598,19 @@ def test_parts_left_empty_are_dropped_and_the_rest_renamed(
     # Six earlier messages of context (EXPORT_CONTEXT_TURNS), the question, the answer.
     assert len(last) == 8 and last[0]["content"] == "Same thread 6?"
     assert last[-1]["content"] == "Answer 9."
+
+
+def test_each_run_reports_its_own_processes(database: Database, tmp_path: Path) -> None:
+    exporter = exporter_for(database, tmp_path, workers=2, parallel_from=20)
+    varied_exchanges(database, 30)
+    first = exporter.run()
+    bot_exchange(database, "One more?", "Yes.", thread="late", rating=1)
+    second = exporter.run()  # small: written by this process alone
+
+    assert (first.processes, len(first.worker_peak_memory_mb)) == (2, 1)
+    assert (second.processes, second.worker_peak_memory_mb) == (1, ())
+    assert second.path is not None
+    assert json.loads((second.path / "manifest.json").read_text())["processes"] == 1
 
 
 def test_an_export_goes_on_alone_when_workers_cannot_start(
