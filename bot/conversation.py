@@ -7,7 +7,7 @@ platform-shaped (a Slack payload, a ``discord.Message``) travels past ``adapters
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -89,19 +89,28 @@ class Conversation:
 
 def to_chat_messages(turns: Sequence[Turn], *, system_prompt: str = "") -> list[dict[str, str]]:
     """See :meth:`Conversation.chat_messages`."""
+    messages = alternating_messages(
+        ("user" if turn.role == Role.USER else "assistant", turn.text)
+        for turn in turns
+        if turn.role != Role.SYSTEM and turn.text.strip()
+    )
+    if system_prompt and messages:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+def alternating_messages(turns: Iterable[tuple[str, str]]) -> list[dict[str, str]]:
+    """Chat messages from ``("user" | "assistant", text)`` turns, as a chat template wants them:
+    starting with a user message (earlier assistant turns are dropped) and alternating (a turn
+    of the same role as the one before is joined to it on a new line)."""
     messages: list[dict[str, str]] = []
-    for turn in turns:
-        if turn.role == Role.SYSTEM or not turn.text.strip():
-            continue
-        role = "user" if turn.role == Role.USER else "assistant"
+    for role, text in turns:
         if not messages and role != "user":
             continue
         if messages and messages[-1]["role"] == role:
-            messages[-1]["content"] += "\n" + turn.text
+            messages[-1]["content"] += "\n" + text
         else:
-            messages.append({"role": role, "content": turn.text})
-    if system_prompt and messages:
-        messages.insert(0, {"role": "system", "content": system_prompt})
+            messages.append({"role": role, "content": text})
     return messages
 
 

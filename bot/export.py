@@ -58,7 +58,7 @@ from sqlalchemy import delete, select, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from bot.conversation import utcnow
+from bot.conversation import alternating_messages, utcnow
 from bot.redaction import redact
 from bot.storage import Database, ExportShardRecord, LeaseRecord
 
@@ -859,7 +859,9 @@ def _format_rows(
         if len(turns) == 1:
             conversation = [{"role": "user", "content": question}]
         else:
-            conversation = _alternating(turns[-(keep + 1) :])
+            conversation = alternating_messages(
+                (role, text) for _, role, text in turns[-(keep + 1) :]
+            )
         conversation.append({"role": "assistant", "content": answer})
         encoded_question = encode(question)
         encoded_answer = encode(answer)
@@ -1062,21 +1064,6 @@ def _die_with(parent: int) -> None:  # pragma: no cover - runs in worker process
 
 def _by_name(entry: dict[str, Any]) -> str:
     return str(entry["name"])
-
-
-def _alternating(turns: list[tuple[int, str, str]]) -> list[dict[str, str]]:
-    """Chat messages that alternate user/assistant, starting with a user turn (as
-    :func:`bot.conversation.to_chat_messages`), from (id, role, text) turns."""
-    messages: list[dict[str, str]] = []
-    for _, role, content in turns:
-        if not messages:
-            if role == "user":
-                messages.append({"role": role, "content": content})
-        elif messages[-1]["role"] == role:
-            messages[-1]["content"] += "\n" + content
-        else:
-            messages.append({"role": role, "content": content})
-    return messages
 
 
 def _as_datetime(value: Any) -> datetime:
