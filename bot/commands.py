@@ -1,8 +1,11 @@
 """Chat commands, shared by every platform.
 
-Admins: ``retrain``, ``export``, ``status``, ``rollback``. Everyone: ``forget-me``, ``help``.
-Adapters parse the platform's form (a slash command, or a ``!word`` message to the bot), decide
-whether the user is an admin (each platform has its own rules) and call :meth:`Commands.run`.
+Everyone: ``forget-me``, ``help``. Channel admins (Manage Server on Discord, workspace admins
+on Slack) and configured admins: ``training off|on`` for a channel. Configured admins only
+(``SLACK_ADMIN_IDS``, ``DISCORD_ADMIN_IDS`` / ``DISCORD_ADMIN_ROLE_IDS``, ...): everything that
+touches the shared model or its data (``status``, ``export``, ``correct``, ``retrain``,
+``rollback``). Adapters parse the platform's form (a slash command, or a ``!word`` message to the
+bot), say who the user is (each platform has its own rules) and call :meth:`Commands.run`.
 Features that later work adds (export, forget-me, retrain, rollback) register an action; until
 then the command answers that it is not available yet.
 """
@@ -31,6 +34,11 @@ class Command(StrEnum):
     TRAINING = "training"
 
 
+#: Commands that only touch one channel of one server: a server's own moderators may run them.
+CHANNEL_ADMIN = frozenset({Command.TRAINING})
+
+#: Commands that need an admin of some kind; all but CHANNEL_ADMIN need a configured admin,
+#: since they touch the model and the data every server shares.
 ADMIN_ONLY = frozenset(
     {
         Command.RETRAIN,
@@ -65,10 +73,11 @@ class CommandRequest:
     channel: str
     user_id: str
     user_name: str
-    user_is_admin: bool
+    user_is_admin: bool  # a configured admin: may change the shared model and its data
     thread: str = ""  # the conversation's thread / reply-chain root, when there is one
     replied_to: str | None = None  # platform id of the message this command replies to
     message_id: str | None = None  # platform id of the command message itself
+    user_manages_channel: bool = False  # may run CHANNEL_ADMIN commands (server moderators)
 
 
 class CommandAction(Protocol):
@@ -108,7 +117,10 @@ class Commands:
             command = Command(request.command.lower())
         except ValueError:
             return f"I don't know the command `{request.command}`. {self.help_text()}"
-        if command in ADMIN_ONLY and not request.user_is_admin:
+        allowed = request.user_is_admin or (
+            command in CHANNEL_ADMIN and request.user_manages_channel
+        )
+        if command in ADMIN_ONLY and not allowed:
             logger.warning(
                 "refused admin command %s from %s user %s (%s)",
                 command.value,

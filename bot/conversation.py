@@ -55,6 +55,7 @@ class IncomingMessage:
     event_id: str | None = None  # the platform's id for the delivery, when it has one
     is_direct: bool = False
     mentions_bot: bool = False
+    parent_channel: str = ""  # the channel a thread lives in (Discord threads); "" when none
 
     @property
     def key(self) -> ConversationKey:

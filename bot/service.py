@@ -80,9 +80,11 @@ class ProgressSink(Protocol):
 
     Called once with ``text=""`` before generation starts, then with the text so far at most
     once per ``PipelineOptions.progress_interval`` seconds; the final text goes to the sender.
+    Returns the platform id of the placeholder or partial reply once one is posted (``None``
+    before that, or when the platform shows progress without a message, e.g. typing).
     """
 
-    async def __call__(self, *, text: str, in_reply_to: IncomingMessage) -> None: ...
+    async def __call__(self, *, text: str, in_reply_to: IncomingMessage) -> str | None: ...
 
 
 class Outcome(StrEnum):

@@ -38,7 +38,7 @@ from bot.storage import (
 )
 from tests.conftest import make_message, scratch_postgres
 
-HEAD_REVISION = "0003"
+HEAD_REVISION = "0004"
 
 
 def test_upgrade_creates_every_table_and_is_idempotent(database: Database) -> None:
@@ -47,6 +47,18 @@ def test_upgrade_creates_every_table_and_is_idempotent(database: Database) -> No
     assert current_revision(database.engine) == HEAD_REVISION
     database.upgrade()  # a second run applies nothing and fails nothing
     assert current_revision(database.engine) == HEAD_REVISION
+
+
+def test_migrations_create_exactly_the_tables_the_models_describe(database: Database) -> None:
+    """A column or index added to a model without a migration (or the other way round) shows
+    up as a difference between the migrated schema and the SQLModel metadata."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    from sqlmodel import SQLModel
+
+    with database.engine.connect() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection), SQLModel.metadata)
+    assert differences == []
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -1,0 +1,106 @@
+"""Storage: SQLModel tables and the functions that read and write them.
+
+SQLite (a file under the data directory, WAL mode, foreign keys on) is the embedded default;
+any SQLAlchemy URL works. The schema is managed by Alembic (``bot/migrations``).
+
+The functions take a keyword-only ``session`` and are synchronous; :class:`Store` runs them in
+worker threads so the event loop never waits on the database. By concern:
+
+- :mod:`bot.storage.tables`: the tables, their states, the near-duplicate text key;
+- :mod:`bot.storage.database`: engine, sessions, migrations, the async :class:`Store`;
+- :mod:`bot.storage.records`: recording messages, answers, edits, deletions, ratings;
+- :mod:`bot.storage.history`: reading conversations back;
+- :mod:`bot.storage.delivery`: the queue of replies on their way to the platform;
+- :mod:`bot.storage.privacy`: forget-me and per-channel training opt-out;
+- :mod:`bot.storage.commands`: command deliveries already run (dedupe).
+"""
+
+from bot.storage.commands import claim_command
+from bot.storage.database import Database, StorageError, Store, create_database_engine
+from bot.storage.delivery import (
+    RETRY_CLAIM_SECONDS,
+    UndeliveredReply,
+    set_delivery,
+    undelivered_replies,
+)
+from bot.storage.history import (
+    Counts,
+    bot_is_in_conversation,
+    conversation_history,
+    counts,
+    last_export_summary,
+)
+from bot.storage.privacy import Forgotten, forget_user, set_training_opt_out, training_allowed
+from bot.storage.records import (
+    get_or_create_conversation,
+    mark_message_deleted,
+    record_agent_answer,
+    record_answer,
+    record_correction,
+    record_incoming,
+    remove_rating,
+    set_answer_state,
+    set_rating,
+    update_message_text,
+)
+from bot.storage.tables import (
+    AnsweredBy,
+    AnswerState,
+    ChannelSettingRecord,
+    ConversationRecord,
+    DeletionRecord,
+    DeliveryState,
+    ExchangeRecord,
+    ExportShardRecord,
+    HandledCommandRecord,
+    LeaseRecord,
+    MessageRecord,
+    RatingRecord,
+    export_marks,
+    text_key,
+)
+
+__all__ = [
+    "RETRY_CLAIM_SECONDS",
+    "AnswerState",
+    "AnsweredBy",
+    "ChannelSettingRecord",
+    "ConversationRecord",
+    "Counts",
+    "Database",
+    "DeletionRecord",
+    "DeliveryState",
+    "ExchangeRecord",
+    "ExportShardRecord",
+    "Forgotten",
+    "HandledCommandRecord",
+    "LeaseRecord",
+    "MessageRecord",
+    "RatingRecord",
+    "StorageError",
+    "Store",
+    "UndeliveredReply",
+    "bot_is_in_conversation",
+    "claim_command",
+    "conversation_history",
+    "counts",
+    "create_database_engine",
+    "export_marks",
+    "forget_user",
+    "get_or_create_conversation",
+    "last_export_summary",
+    "mark_message_deleted",
+    "record_agent_answer",
+    "record_answer",
+    "record_correction",
+    "record_incoming",
+    "remove_rating",
+    "set_answer_state",
+    "set_delivery",
+    "set_rating",
+    "set_training_opt_out",
+    "text_key",
+    "training_allowed",
+    "undelivered_replies",
+    "update_message_text",
+]

@@ -1,0 +1,122 @@
+"""The database: the engine (SQLite pragmas), sessions, migrations and the async facade."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
+from sqlmodel import Session, create_engine
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class StorageError(Exception):
+    """The database cannot be used; the message says why."""
+
+
+def _is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
+
+
+def _decode_text(data: bytes) -> str:
+    return data.decode("utf-8", "replace")
+
+
+def create_database_engine(url: str) -> Engine:
+    """An engine for ``url``; for SQLite, creates the file's folder and turns on WAL and FKs."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise StorageError(f"DATABASE_URL is not a valid SQLAlchemy URL: {url!r}") from None
+    if _is_sqlite(url):
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+            # Text written by other tools may hold invalid UTF-8; read it with U+FFFD instead
+            # of failing the whole query.
+            dbapi_connection.text_factory = _decode_text
+
+        return engine
+    try:
+        return create_engine(url, pool_pre_ping=True)
+    except (ArgumentError, ImportError) as error:
+        raise StorageError(
+            f"cannot use DATABASE_URL {parsed.render_as_string()}: {error}"
+        ) from None
+
+
+def _describe(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)
+
+
+class Database:
+    """Owns the engine; hands out sessions; upgrades the schema."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = create_database_engine(url)
+
+    def check_connection(self) -> None:
+        """Raise :class:`StorageError` with a one-line reason when the database is unreachable."""
+        try:
+            with self.engine.connect() as connection:
+                connection.exec_driver_sql("SELECT 1")
+        except SQLAlchemyError as error:
+            reason = str(getattr(error, "orig", error)).strip().splitlines()[0]
+            raise StorageError(
+                f"cannot reach the database at {_describe(self.url)}: {reason}"
+            ) from None
+
+    def upgrade(self) -> None:
+        """Bring the schema to the newest Alembic revision."""
+        from bot.migrations import upgrade_to_head
+
+        self.check_connection()
+        upgrade_to_head(self.engine)
+
+    def session(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+class Store:
+    """Runs the storage functions in worker threads, one session per call."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    async def run(self, function: Callable[..., T], /, **kwargs: Any) -> T:
+        """Call ``function(session=..., **kwargs)`` in a worker thread.
+
+        Raises:
+            StorageError: the database failed (unreachable, locked, schema missing).
+        """
+        return await asyncio.to_thread(self._call, function, kwargs)
+
+    def _call(self, function: Callable[..., T], kwargs: dict[str, Any]) -> T:
+        try:
+            with self.database.session() as session:
+                return function(session=session, **kwargs)
+        except (OperationalError, SQLAlchemyError) as error:
+            if isinstance(error, IntegrityError):
+                raise
+            reason = str(getattr(error, "orig", error)).strip().splitlines()[0]
+            raise StorageError(f"database error: {reason}") from error
