@@ -56,5 +56,10 @@ class Adapter(Protocol):
     name: str
 
     async def run(self) -> int:
-        """Serve until stopped or the input ends; return a process exit status."""
+        """Serve until :meth:`request_stop` or the input ends; return a process exit status."""
+        ...
+
+    def request_stop(self, *, drain_within: float) -> None:
+        """Stop taking new events, let the replies in flight finish (at most ``drain_within``
+        seconds), close the connection; :meth:`run` then returns 0. Safe to call twice."""
         ...

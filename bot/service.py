@@ -69,6 +69,16 @@ class StreamingReplyGenerator(ReplyGenerator, Protocol):
     ) -> AsyncIterator[str]: ...
 
 
+class PartialDelivery(Exception):
+    """Raised by a :class:`ReplySender` that put the start of a reply on the platform (the
+    message ``message_id``) but not all of it: the retry edits that message and sends the
+    rest, so the reply is never posted twice."""
+
+    def __init__(self, message_id: str, reason: str = "") -> None:
+        super().__init__(f"reply only partly sent (first message {message_id}): {reason}")
+        self.message_id = message_id
+
+
 class ReplySender(Protocol):
     """Sends text back to where ``in_reply_to`` came from; returns the platform's message id."""
 

@@ -45,6 +45,9 @@ class UndeliveredReply:
     thread: str
     in_reply_to: str | None  # the platform id of the user message it answers
     text: str
+    # The placeholder or partial reply already on the platform for it: edit that message
+    # into the reply instead of posting a second one.
+    placeholder_id: str | None = None
 
 
 RETRY_CLAIM_SECONDS = 600
@@ -96,6 +99,7 @@ def undelivered_replies(
                 thread=conversation.thread,
                 in_reply_to=question.platform_message_id if question is not None else None,
                 text=answer.text,
+                placeholder_id=question.reply_placeholder_id if question is not None else None,
             )
         )
     return replies
