@@ -7,10 +7,16 @@ Usage::
     model = LocalModel.load(path)
     reply = await model.generate(messages=[{"role": "user", "content": "Hi"}])
 
-Every prompt is built by :func:`model.prompt.format_prompt`, the one formatter shared with
-training. Generation runs on one dedicated worker thread, so the event loop never blocks and
-requests are answered one at a time (the model is not re-entrant, and two CPU cores gain nothing
-from running two generations at once).
+Every prompt has the layout of :func:`model.prompt.format_prompt`, the one formatter shared with
+training, but is tokenized segment by segment (:class:`PromptEncoder`): the template's control
+tokens go in by id and message text is encoded as plain text only, so no text can forge
+structure whatever the tokenizer's normaliser does. Generation stops at any control token (the
+model starting a turn of its own, ``[INST]``, as well as ``</s>``), and the reply, streamed or
+not, is cut before any control string spelled out in text (:class:`model.prompt.ReplyCleaner`).
+
+Generation runs on one dedicated worker thread, so the event loop never blocks and requests are
+answered one at a time (the model is not re-entrant, and two CPU cores gain nothing from running
+two generations at once).
 """
 
 from __future__ import annotations
@@ -27,7 +33,14 @@ import torch
 from transformers import TextStreamer
 from transformers.generation.streamers import BaseStreamer
 
-from model.prompt import format_prompt, neutralise
+from model.prompt import (
+    CONTROL_STRINGS,
+    ReplyCleaner,
+    clean_reply,
+    format_prompt,
+    neutralise,
+    prompt_segments,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +96,113 @@ def _check_local_folder(folder: Path) -> None:
         raise ModelLoadError(f"{folder} is not a model folder: it has no tokenizer files")
 
 
+class PromptEncoder:
+    """Prompt token ids built from :func:`model.prompt.prompt_segments`, for one tokenizer.
+
+    The template's control strings (``<s>``, ``[INST]``, ``[/INST]``, ``<<SYS>>``, ``<</SYS>>``,
+    ``</s>``; bos and eos are the tokenizer's own) go in as the tokenizer's ids where it has them
+    as added tokens. Everything else, the template's spaces and newlines and the message text, is
+    encoded with ``split_special_tokens=True``, so no message text can become a special token,
+    even where the tokenizer normalises text before matching its added tokens (NFKC turns
+    ``［INST］`` into ``[INST]``; a normaliser may drop the neutralising zero-width space). Added
+    tokens that are not special, which ``split_special_tokens`` leaves alone, are caught after
+    encoding: the text they came from is encoded again one character at a time. So the plain-text
+    ids never hold a control token or any other special token (``<unk>`` aside).
+
+    A control string the tokenizer has no token for is written as text, joined to the text
+    around it (as Llama-2's own tokenizer writes ``[INST]``); there the neutraliser in the text
+    is all that tells a user's ``[INST]`` from the template's.
+
+    For ordinary text the ids equal those of the whole :func:`~model.prompt.format_prompt`
+    string, since a tokenizer splits at its added tokens before anything else.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.bos: str = tokenizer.bos_token or ""
+        self.eos: str = tokenizer.eos_token or ""
+        added: dict[str, int] = tokenizer.get_added_vocab()
+        controls = {*CONTROL_STRINGS, self.bos, self.eos} - {""}
+        #: The control strings that have a token of their own, and its id.
+        self.control_ids = {text: added[text] for text in sorted(controls) if text in added}
+        special = {*self.control_ids.values(), *tokenizer.all_special_ids}
+        #: Ids that plain text must never produce.
+        self.forbidden_ids = frozenset(special - {tokenizer.unk_token_id})
+
+    def encode(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """The prompt's token ids (raises PromptFormatError like format_prompt)."""
+        ids: list[int] = []
+        text: list[str] = []  # plain text since the last control token
+        for kind, piece in prompt_segments(messages, bos=self.bos, eos=self.eos):
+            if kind == "control" and piece in self.control_ids:
+                ids += self.encode_text("".join(text))
+                text.clear()
+                ids.append(self.control_ids[piece])
+            else:
+                text.append(piece)
+        ids += self.encode_text("".join(text))
+        return ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """``text`` as plain text: ids with no control or other special token among them."""
+        if not text:
+            return []
+        ids: list[int] = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)[
+            "input_ids"
+        ]
+        if self.forbidden_ids.isdisjoint(ids):
+            return ids
+        return self._encode_around_forbidden(text)
+
+    def _encode_around_forbidden(self, text: str) -> list[int]:
+        """Encode ``text`` with each stretch that made a forbidden id encoded character-wise."""
+        if not getattr(self.tokenizer, "is_fast", False):  # no offsets: all of it, characterwise
+            return self._encode_characters(text)
+        encoding = self.tokenizer(
+            text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True
+        )
+        ids: list[int] = encoding["input_ids"]
+        offsets: list[tuple[int, int]] = encoding["offset_mapping"]
+        # Mark the characters forbidden tokens came from, and those of any token sharing one of
+        # them (a normaliser can make several tokens of one character), until nothing changes.
+        bad = [token in self.forbidden_ids for token in ids]
+        marked = bytearray(len(text))
+        while True:
+            for (start, end), is_bad in zip(offsets, bad, strict=True):
+                if is_bad and end > start:
+                    marked[start:end] = b"\x01" * (end - start)
+            widened = [
+                is_bad or any(marked[start:end])
+                for (start, end), is_bad in zip(offsets, bad, strict=True)
+            ]
+            if widened == bad:
+                break
+            bad = widened
+        result: list[int] = []
+        done_until = 0  # the marked stretches before this index are encoded already
+        for token, (start, end), is_bad in zip(ids, offsets, bad, strict=True):
+            if not is_bad:
+                result.append(token)
+            elif end > start and start >= done_until:
+                first, last = start, end
+                while first > done_until and marked[first - 1]:
+                    first -= 1
+                while last < len(text) and marked[last]:
+                    last += 1
+                result += self._encode_characters(text[first:last])
+                done_until = last
+        return [token for token in result if token not in self.forbidden_ids]
+
+    def _encode_characters(self, text: str) -> list[int]:
+        """``text`` encoded one character at a time, forbidden ids left out."""
+        if not text:
+            return []
+        batch: list[list[int]] = self.tokenizer(
+            list(text), add_special_tokens=False, split_special_tokens=True
+        )["input_ids"]
+        return [token for ids in batch for token in ids if token not in self.forbidden_ids]
+
+
 class LocalModel:
     """A loaded causal LM and its tokenizer, answering chat messages greedily."""
 
@@ -111,6 +231,17 @@ class LocalModel:
             declared = getattr(model.config, "chat_history_pairs", None)
             history_pairs = declared if isinstance(declared, int) and declared >= 0 else None
         self.history_pairs = history_pairs
+        self.prompt_encoder = PromptEncoder(tokenizer)
+        controls = self.prompt_encoder.control_ids
+        eos_id = tokenizer.eos_token_id
+        #: Generation stops at any control token, [INST] (a new user turn) as well as eos.
+        self.stop_ids = list(
+            dict.fromkeys([*([eos_id] if eos_id is not None else []), *controls.values()])
+        )
+        #: Control strings without a token of their own stop generation as text.
+        self.stop_strings = [c for c in CONTROL_STRINGS if c not in controls]
+        #: The strings no reply may contain (see :class:`model.prompt.ReplyCleaner`).
+        self.reply_controls = (*CONTROL_STRINGS, *controls)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-generate")
 
     @staticmethod
@@ -173,18 +304,13 @@ class LocalModel:
         return len(self._encode_prompt(messages))
 
     def _encode_prompt(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
-        prompt = format_prompt(
-            messages, bos=self.tokenizer.bos_token or "", eos=self.tokenizer.eos_token or ""
-        )
-        ids: list[int] = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        return ids
+        return self.prompt_encoder.encode(messages)
 
     def _truncate_content(
         self, head: list[dict[str, str]], role: str, content: str, budget: int
     ) -> str:
         """The longest beginning of ``content`` such that ``head + [message]`` fits ``budget``."""
-        text = neutralise(content.strip())
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = self.prompt_encoder.encode_text(neutralise(content.strip()))
         keep = len(ids)
         while keep > 0:
             candidate = self.tokenizer.decode(ids[:keep], skip_special_tokens=False).strip()
@@ -273,26 +399,32 @@ class LocalModel:
     ) -> str:
         """Answer ``messages`` (ending with a user message) by greedy decoding; blocking.
 
-        ``streamer`` (a transformers streamer) receives the tokens as they are generated.
+        Stops at eos or any other control token; the reply is cut before a control string
+        spelled out in text (:func:`model.prompt.clean_reply`). ``streamer`` (a transformers
+        streamer) receives the tokens as they are generated, uncleaned.
         """
         fitted = self.fit_to_context(messages, max_new_tokens=max_new_tokens)
         prompt_ids = self._encode_prompt(fitted)
         input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
         eos_id = self.tokenizer.eos_token_id
         pad_id = self.tokenizer.pad_token_id
+        stopping: dict[str, Any] = {}
+        if self.stop_strings:
+            stopping = {"stop_strings": self.stop_strings, "tokenizer": self.tokenizer}
         with torch.inference_mode():
             output = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
-                eos_token_id=eos_id,
+                eos_token_id=self.stop_ids or None,
                 pad_token_id=pad_id if pad_id is not None else eos_id,
                 streamer=streamer,
+                **stopping,
             )
         new_tokens = output[0, input_ids.shape[1] :]
         text: str = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
-        return text.strip()
+        return clean_reply(text, self.reply_controls).strip()
 
     async def generate(
         self, *, messages: Sequence[Mapping[str, str]], max_new_tokens: int = 128
@@ -307,10 +439,16 @@ class LocalModel:
     async def stream(
         self, *, messages: Sequence[Mapping[str, str]], max_new_tokens: int = 128
     ) -> AsyncIterator[str]:
-        """Yield the reply piece by piece (whole words) while the worker thread generates it."""
+        """Yield the reply piece by piece (whole words) while the worker thread generates it.
+
+        The pieces are cleaned like :meth:`generate_sync`'s reply and add up to it (less the
+        whitespace it strips): none holds a control string, and a possible start of one is held
+        back until the next piece shows what it is.
+        """
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str | None] = asyncio.Queue()
-        streamer = _LoopStreamer(self.tokenizer, loop=loop, pieces=pieces)
+        cleaner = ReplyCleaner(self.reply_controls)
+        streamer = _LoopStreamer(self.tokenizer, loop=loop, pieces=pieces, cleaner=cleaner)
         generation = loop.run_in_executor(
             self._executor,
             lambda: self.generate_sync(
@@ -329,7 +467,7 @@ class LocalModel:
 
 
 class _LoopStreamer(TextStreamer):
-    """Hands decoded text from the generation thread to an asyncio queue."""
+    """Hands decoded text, cleaned, from the generation thread to an asyncio queue."""
 
     def __init__(
         self,
@@ -337,12 +475,17 @@ class _LoopStreamer(TextStreamer):
         *,
         loop: asyncio.AbstractEventLoop,
         pieces: asyncio.Queue[str | None],
+        cleaner: ReplyCleaner,
     ) -> None:
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
         self.loop = loop
         self.pieces = pieces
+        self.cleaner = cleaner
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        text = self.cleaner.feed(text)
+        if stream_end:
+            text += self.cleaner.finish()
         if text:
             self.loop.call_soon_threadsafe(self.pieces.put_nowait, text)
 
