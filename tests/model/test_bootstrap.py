@@ -5,12 +5,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from model.bootstrap import TINY, TINY_EXCHANGES, BootstrapConfig, build_default_model
+from model.bootstrap import (
+    TINY,
+    TINY_EXCHANGES,
+    BootstrapConfig,
+    SeedAnswerError,
+    build_default_model,
+)
 from model.corpus import SEED_EXCHANGES, load_starter_corpus
 from model.prompt import format_prompt
+from model.service import LocalModel
+
+SEED_ANSWERS = [answer for _, answer in SEED_EXCHANGES]
 
 
 def greedy_answer(model: object, tokenizer: object, question: str) -> str:
@@ -41,13 +51,81 @@ def test_tiny_model_folder_loads_and_answers_exactly(tiny_model_dir: Path) -> No
         assert greedy_answer(model, tokenizer, question) == answer
 
 
+def seed_replies(folder: Path) -> list[str]:
+    """The bot's replies to the seed questions (LocalModel: single-turn prompt, greedy)."""
+    model = LocalModel.load(folder, device="cpu")
+    try:
+        return [
+            model.generate_sync(messages=[{"role": "user", "content": question}])
+            for question, _ in SEED_EXCHANGES
+        ]
+    finally:
+        model.close()
+
+
+def test_same_weights_and_exact_seed_answers_with_one_or_two_threads(tmp_path: Path) -> None:
+    # A busy machine used to mean fewer threads mid-build, and so different weights.
+    previous = torch.get_num_threads()
+    weights = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            folder = build_default_model(
+                tmp_path / f"threads-{threads}",
+                exchanges=TINY_EXCHANGES,
+                config=TINY.with_overrides(threads=BootstrapConfig().threads),
+                progress=lambda _: None,
+            )
+            assert torch.get_num_threads() == threads  # the build restores the caller's count
+            assert seed_replies(folder) == SEED_ANSWERS  # served on `threads` threads
+            weights.append((folder / "model.safetensors").read_bytes())
+    finally:
+        torch.set_num_threads(previous)
+    assert weights[0] == weights[1]
+
+
+def test_cut_short_build_trains_on_until_the_seed_answers_hold(tmp_path: Path) -> None:
+    # 15 of TINY's 60 epochs: both seed answers are still wrong after the normal training.
+    config = TINY.with_overrides(epochs=15)
+    unchecked = build_default_model(
+        tmp_path / "unchecked",
+        exchanges=TINY_EXCHANGES,
+        config=config.with_overrides(seed_check=False),
+        progress=lambda _: None,
+    )
+    replies = seed_replies(unchecked)
+    assert all(reply != answer for reply, answer in zip(replies, SEED_ANSWERS, strict=True))
+    lines: list[str] = []
+    checked = build_default_model(
+        tmp_path / "checked", exchanges=TINY_EXCHANGES, config=config, progress=lines.append
+    )
+    assert seed_replies(checked) == SEED_ANSWERS
+    assert any("training on" in line for line in lines)
+    assert any("both seed answers exact" in line for line in lines)
+
+
+def test_seed_answers_that_never_hold_fail_the_build_and_keep_the_old_model(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    config = TINY.with_overrides(epochs=5, seed_rounds=0)  # wrong, and no extra rounds allowed
+    with pytest.raises(SeedAnswerError, match=r"What is your refund policy\?.*nothing saved"):
+        build_default_model(
+            target, exchanges=TINY_EXCHANGES, config=config, progress=lambda _: None
+        )
+    assert (target / "old.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
 def test_no_staging_folders_left_behind(tiny_model_dir: Path) -> None:
     leftovers = [p.name for p in tiny_model_dir.parent.iterdir() if p.name.startswith(".")]
     assert leftovers == []
 
 
 def test_rebuild_replaces_folder_atomically(tmp_path: Path) -> None:
-    config = TINY.with_overrides(epochs=1)
+    config = TINY.with_overrides(epochs=1, seed_check=False)  # only the folder swap matters
     target = tmp_path / "model"
     target.mkdir()
     (target / "stale.txt").write_text("old")
