@@ -212,7 +212,7 @@ def test_single_exchange_models_declare_no_history(tmp_path: Path, local_model: 
     from model.bootstrap import TINY, build_default_model
 
     assert local_model.history_pairs is None  # the tiny model trains on dialogues too
-    config = TINY.with_overrides(epochs=1, multi_turn_share=0.0)
+    config = TINY.with_overrides(epochs=1, multi_turn_share=0.0, seed_check=False)
     folder = build_default_model(
         tmp_path / "m", exchanges=TINY_EXCHANGES[:2], config=config, progress=lambda _: None
     )
