@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
+import inspect
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -191,6 +194,9 @@ def build_pipeline(settings: Settings, *, generator: ReplyGenerator | None = Non
         max_new_tokens=settings.max_new_tokens,
         history_turns=settings.history_turns,
         max_message_chars=settings.max_message_chars,
+        unanswered_max_age=settings.unanswered_max_age_seconds,
+        instance_lease=settings.instance_lease_seconds,
+        delivery_grace=settings.delivery_grace_seconds,
     )
     return ReplyPipeline(
         store=Store(database),
@@ -226,12 +232,33 @@ def platform_adapters(
     if settings.slack_configured:
         from adapters.slack_adapter import SlackAdapter
 
-        adapters.append(SlackAdapter(settings=settings, handler=pipeline, commands=commands))
+        adapters.append(
+            SlackAdapter(
+                settings=settings,
+                handler=pipeline,
+                commands=commands,
+                **_retry_interval(SlackAdapter, settings),
+            )
+        )
     if settings.discord_configured:
         from adapters.discord_adapter import DiscordAdapter
 
-        adapters.append(DiscordAdapter(settings=settings, handler=pipeline, commands=commands))
+        adapters.append(
+            DiscordAdapter(
+                settings=settings,
+                handler=pipeline,
+                commands=commands,
+                **_retry_interval(DiscordAdapter, settings),
+            )
+        )
     return adapters
+
+
+def _retry_interval(adapter_class: type, settings: Settings) -> dict[str, Any]:
+    # Adapters that run a retry queue take its interval (DELIVERY_RETRY_SECONDS).
+    if "retry_interval" in inspect.signature(adapter_class).parameters:
+        return {"retry_interval": settings.delivery_retry_seconds}
+    return {}
 
 
 async def _serve(settings: Settings, *, chat_only: bool, json_lines: bool) -> int:
@@ -253,14 +280,97 @@ async def _serve(settings: Settings, *, chat_only: bool, json_lines: bool) -> in
         )
         if not adapters:
             _tolerant_console_streams()
-            return await ConsoleChat(handler=pipeline, json_lines=json_lines).run()
+            return await ConsoleChat(
+                handler=pipeline, commands=commands, json_lines=json_lines
+            ).run()
         logger.warning("serving %s", ", ".join(adapter.name for adapter in adapters))
-        statuses = await asyncio.gather(*(adapter.run() for adapter in adapters))
-        return max(statuses, default=0)
+        return await _serve_adapters(settings, pipeline=pipeline, adapters=adapters)
     finally:
         if scheduler is not None:
             scheduler.shutdown()
         pipeline.store.database.dispose()
+
+
+#: After the drain time, how long the adapters get to close their connections.
+CLOSE_GRACE_SECONDS = 5.0
+
+
+async def _serve_adapters(
+    settings: Settings, *, pipeline: ReplyPipeline, adapters: Sequence[Adapter]
+) -> int:
+    """Run the adapters and the recovery loop until the adapters end or SIGTERM / SIGINT.
+
+    On a signal: stop taking events, let the replies in flight finish (at most
+    ``SHUTDOWN_DRAIN_SECONDS``), close the adapters, drop this instance's lease; 0.
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    drain = settings.shutdown_drain_seconds
+
+    def on_signal(signum: signal.Signals) -> None:
+        if stop.is_set():
+            return
+        logger.warning(
+            "%s: stopping; replies in flight get up to %.0f s to finish", signum.name, drain
+        )
+        stop.set()
+        for adapter in adapters:
+            _request_stop(adapter, drain_within=drain)
+
+    handled = (signal.SIGTERM, signal.SIGINT)
+    for signum in handled:
+        loop.add_signal_handler(signum, on_signal, signum)
+    maintenance = asyncio.create_task(
+        pipeline.maintain(
+            platforms=[adapter.name for adapter in adapters],
+            interval=settings.recovery_interval_seconds,
+            stop=stop,
+        )
+    )
+    serving: asyncio.Future[list[int]] = asyncio.gather(*(adapter.run() for adapter in adapters))
+    stopping: asyncio.Future[Any] = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait([serving, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if not serving.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(serving), drain + CLOSE_GRACE_SECONDS)
+            except TimeoutError:
+                # Cancelled replies leave their messages to recovery (another instance, or
+                # this one after its restart), so nothing is lost.
+                logger.warning("adapters still busy after %.0f s; cancelling them", drain)
+                serving.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await serving
+                return 0
+        return max(serving.result(), default=0)
+    finally:
+        stop.set()
+        stopping.cancel()
+        for signum in handled:
+            loop.remove_signal_handler(signum)
+        with contextlib.suppress(asyncio.CancelledError):
+            await maintenance
+        await pipeline.close()
+
+
+def _request_stop(adapter: Adapter, *, drain_within: float) -> None:
+    """``adapter.request_stop(drain_within=...)``; adapters written before that contract get
+    what they offer: ``request_stop()`` or ``close(drain_within=...)``."""
+    request_stop: Any = getattr(adapter, "request_stop", None)
+    if request_stop is not None:
+        if "drain_within" in inspect.signature(request_stop).parameters:
+            request_stop(drain_within=drain_within)
+        else:
+            request_stop()
+        return
+    close: Any = getattr(adapter, "close", None)
+    if close is not None:
+        task = asyncio.ensure_future(close(drain_within=drain_within))
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
+
+
+_closing: set[asyncio.Future[Any]] = set()
 
 
 def _tolerant_console_streams() -> None:

@@ -40,6 +40,19 @@ class Settings(BaseSettings):
     max_message_chars: int = Field(default=1_000_000, ge=1)
     log_level: str = "WARNING"
 
+    # Crash recovery and stopping (bot/service.py, bot/cli.py).
+    # Unanswered messages younger than this are answered after a crash; older ones give up.
+    unanswered_max_age_seconds: float = Field(default=600.0, gt=0)
+    recovery_interval_seconds: float = Field(default=15.0, gt=0)  # between recovery passes
+    # An instance's heartbeat lease: a crashed instance's messages are taken over this long
+    # after its last renewal (at once when it ran on this host and its process is gone).
+    instance_lease_seconds: float = Field(default=60.0, gt=0)
+    # A reply recorded but not sent this long after goes to the retry queue.
+    delivery_grace_seconds: float = Field(default=60.0, ge=0)
+    delivery_retry_seconds: float = Field(default=30.0, gt=0)  # between retry-queue passes
+    # SIGTERM / SIGINT: how long replies in flight may take to finish before the bot exits.
+    shutdown_drain_seconds: float = Field(default=20.0, ge=0)
+
     # Learning data (bot/export.py).
     export_dir: Path | None = Field(
         default=None, description="Where export shards go; empty means DATA_DIR/exports."

@@ -5,19 +5,29 @@ store the reply and the exchange → hand the reply to the adapter to send.
 
 The incoming message is committed before generation starts, so a failure later loses nothing:
 the user gets a short apology, one trace is logged, and the message stays marked unanswered.
+
+Nothing lost, nothing twice: the message is stored claimed by this instance (its id), and
+:meth:`ReplyPipeline.recover` (run at start and then periodically) answers the messages whose
+claimant is gone (crashed, killed, cancelled) while they are young enough, queueing the reply
+for the adapters' retry queue; older ones are marked ``gave_up``. The messages of one
+conversation are answered one after the other, in the order they were stored, so each prompt
+sees the answers to the earlier ones, across replicas too (see :meth:`_wait_for_turn`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import timedelta
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
-from bot.conversation import IncomingMessage, Role, to_chat_messages
+from bot.conversation import IncomingMessage, Role, to_chat_messages, utcnow
 from bot.storage import (
     AnsweredBy,
     AnswerState,
@@ -32,12 +42,23 @@ from bot.storage import (
     record_answer,
     record_incoming,
     remove_rating,
-    set_answer_state,
     set_delivery,
     set_rating,
     undelivered_replies,
     update_message_text,
 )
+from bot.storage.delivery import PENDING_GRACE_SECONDS, queue_partial_reply
+from bot.storage.history import earlier_turn_waiting
+from bot.storage.records import (
+    claim_unanswered,
+    drop_instance_lease,
+    give_up_unanswered,
+    instance_id,
+    release_answer_claim,
+    renew_instance_lease,
+    set_reply_placeholder,
+)
+from bot.storage.tables import MessageRecord
 
 logger = logging.getLogger(__name__)
 
@@ -125,17 +146,51 @@ class PipelineOptions:
     bot_id: str = "chatbot"
     bot_name: str = "chatbot"
     progress_interval: float = 1.0  # seconds between streamed edits (platform rate limits)
+    # Crash recovery: unanswered messages younger than this are answered after a crash;
+    # older ones are marked gave_up.
+    unanswered_max_age: float = 600.0
+    # The instance's heartbeat: its claims are its own while its lease (renewed every third
+    # of this) runs; a crashed instance's claims are free this long after its last renewal.
+    instance_lease: float = 60.0
+    # How long a message waits for the earlier messages of its conversation to be answered.
+    turn_wait: float = 30.0
+    turn_poll_interval: float = 0.1  # how often a waiting message looks again (replicas)
+    # A reply recorded but not sent this long after belongs to the retry queue.
+    delivery_grace: float = PENDING_GRACE_SECONDS
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryReport:
+    """What one recovery pass did."""
+
+    answered: int = 0  # answered and queued for the retry queue
+    failed: int = 0  # tried and failed again (left for the next pass)
+    gave_up: int = 0  # too old: marked gave_up
 
 
 class ReplyPipeline:
     """One async pipeline shared by every adapter."""
 
     def __init__(
-        self, *, store: Store, generator: ReplyGenerator, options: PipelineOptions
+        self,
+        *,
+        store: Store,
+        generator: ReplyGenerator,
+        options: PipelineOptions,
+        instance: str | None = None,
     ) -> None:
+        """``instance`` names this instance in the claims (default: host, pid and a random
+        part, unique per pipeline)."""
         self.store = store
         self.generator = generator
         self.options = options
+        self.instance = instance or instance_id()
+        self._lease_renewed_at: float | None = None
+        # One condition per conversation with messages waiting for their turn: woken when a
+        # message of it is done, so a waiting one goes on at once within this process.
+        self._turns: weakref.WeakValueDictionary[int, asyncio.Condition] = (
+            weakref.WeakValueDictionary()
+        )
 
     async def handle(
         self,
@@ -149,20 +204,18 @@ class ReplyPipeline:
         With ``progress``, the reply is streamed to it while it is generated (when the model
         can stream); ``send`` always gets the final text.
         """
-        if len(message.text) > self.options.max_message_chars:
-            reason = (
-                f"Sorry, your message is too long for me ({len(message.text):,} characters; "
-                f"the limit is {self.options.max_message_chars:,})."
-            )
-            logger.warning(
-                "refused a %d-character message from %s", len(message.text), message.platform
-            )
-            delivered = await self._send_quietly(send, reason, message)
-            return PipelineResult(Outcome.REFUSED, reply=reason, delivered=delivered)
+        limit = self.options.max_message_chars
+        if len(message.text) > limit:
+            return await self._refuse(message, send=send)
 
-        # Dedupe and store, committed before anything can fail later.
+        # Dedupe and store, claimed by this instance, committed before anything can fail later.
         try:
-            stored = await self.store.run(record_incoming, message=message)
+            stored = await self.store.run(
+                record_incoming,
+                message=message,
+                claimed_by=self.instance,
+                lease_seconds=self._lease_due(),
+            )
         except StorageError:
             logger.exception("could not store an incoming %s message", message.platform)
             delivered = await self._send_quietly(send, STORAGE_APOLOGY, message)
@@ -176,8 +229,99 @@ class ReplyPipeline:
         if message.role != Role.USER or not message.text.strip():
             return PipelineResult(Outcome.IGNORED, message_id=stored.id)
 
-        # History → prompt messages → generation.
+        # Its turn → history → prompt messages → generation → the reply stored.
         try:
+            reply, answer_id, exchange_id = await self._answer(
+                stored, progress=progress, message=message, delivery=DeliveryState.PENDING
+            )
+        except Exception:
+            logger.exception("failed to answer %s message %s", message.platform, message.message_id)
+            delivered = await self._send_quietly(send, APOLOGY, message)
+            return PipelineResult(
+                Outcome.FAILED, reply=APOLOGY, message_id=stored.id, delivered=delivered
+            )
+
+        # Send; the reply is already stored, so a failed send can be retried later. Delivery is
+        # recorded the moment the platform accepted it: a crash in between is the one window
+        # where the retry could post the reply a second time.
+        try:
+            platform_id = await send(text=reply, in_reply_to=message)
+        except PartialDelivery as partial:
+            logger.warning(
+                "the reply to %s message %s was only partly sent: %s",
+                message.platform,
+                message.message_id,
+                partial,
+            )
+            await self._queue_partial(answer_id, partial.message_id)
+            return PipelineResult(
+                Outcome.ANSWERED, reply=reply, message_id=stored.id, exchange_id=exchange_id
+            )
+        except asyncio.CancelledError:
+            await self._set_delivery(answer_id, DeliveryState.FAILED, None)
+            raise
+        except Exception:
+            logger.exception(
+                "failed to send the reply to %s message %s", message.platform, message.message_id
+            )
+            await self._set_delivery(answer_id, DeliveryState.FAILED, None)
+            return PipelineResult(
+                Outcome.ANSWERED, reply=reply, message_id=stored.id, exchange_id=exchange_id
+            )
+        await self._set_delivery(answer_id, DeliveryState.SENT, platform_id)
+        return PipelineResult(
+            Outcome.ANSWERED,
+            reply=reply,
+            message_id=stored.id,
+            exchange_id=exchange_id,
+            delivered=True,
+        )
+
+    async def _refuse(self, message: IncomingMessage, *, send: ReplySender) -> PipelineResult:
+        """Refuse a message over the size limit, once however often it is delivered: it is
+        stored (cut to the limit, state ``refused``) so redeliveries are duplicates."""
+        limit = self.options.max_message_chars
+        reason = (
+            f"Sorry, your message is too long for me ({len(message.text):,} characters; "
+            f"the limit is {limit:,})."
+        )
+        try:
+            stored = await self.store.run(
+                record_incoming,
+                message=replace(message, text=message.text[:limit]),
+                state=AnswerState.REFUSED,
+            )
+            duplicate = stored is None
+        except StorageError:
+            # Without the database there is no dedupe; the refusal is still owed.
+            logger.warning("could not store a refused %s message", message.platform)
+            duplicate = False
+        if duplicate:
+            logger.info(
+                "duplicate delivery of refused %s message %s ignored",
+                message.platform,
+                message.message_id,
+            )
+            return PipelineResult(Outcome.DUPLICATE)
+        logger.warning(
+            "refused a %d-character message from %s", len(message.text), message.platform
+        )
+        delivered = await self._send_quietly(send, reason, message)
+        return PipelineResult(Outcome.REFUSED, reply=reason, delivered=delivered)
+
+    async def _answer(
+        self,
+        stored: MessageRecord,
+        *,
+        progress: ProgressSink | None,
+        message: IncomingMessage | None,
+        delivery: DeliveryState,
+    ) -> tuple[str, int, int | None]:
+        """Generate and store the reply to ``stored`` (claimed by this instance), in its
+        conversation's turn; returns the reply, the stored answer's id and the exchange id."""
+        assert stored.id is not None
+        try:
+            await self._wait_for_turn(stored)
             turns = await self.store.run(
                 conversation_history,
                 conversation_id=stored.conversation_id,
@@ -185,7 +329,7 @@ class ReplyPipeline:
                 limit=self.options.history_turns,
             )
             chat = to_chat_messages(turns, system_prompt=self.options.system_prompt)
-            reply = (await self._generate(chat, message, progress)).strip()
+            reply = (await self._generate(chat, message, progress, stored.id)).strip()
             if not reply:
                 raise ValueError("the model produced an empty reply")
             answer, exchange = await self.store.run(
@@ -196,46 +340,72 @@ class ReplyPipeline:
                 author_id=self.options.bot_id,
                 author_name=self.options.bot_name,
                 model_version=self.generator.version,
+                delivery=delivery,
             )
+        except asyncio.CancelledError:
+            # Stopped (a shutdown past its drain time): the message stays answerable.
+            await self._release(stored.id, AnswerState.PENDING)
+            raise
         except Exception:
-            logger.exception("failed to answer %s message %s", message.platform, message.message_id)
-            await self._mark_unanswered(stored.id)
-            delivered = await self._send_quietly(send, APOLOGY, message)
-            return PipelineResult(
-                Outcome.FAILED, reply=APOLOGY, message_id=stored.id, delivered=delivered
-            )
-
-        # Send; the reply is already stored, so a failed send can be retried later.
+            await self._release(stored.id, AnswerState.UNANSWERED)
+            raise
+        finally:
+            # Released (or answered) before the next message of the conversation wakes.
+            await self._turn_done(stored.conversation_id)
         assert answer.id is not None
-        try:
-            platform_id = await send(text=reply, in_reply_to=message)
-        except Exception:
-            logger.exception(
-                "failed to send the reply to %s message %s", message.platform, message.message_id
-            )
-            await self._set_delivery(answer.id, DeliveryState.FAILED, None)
-            return PipelineResult(
-                Outcome.ANSWERED, reply=reply, message_id=stored.id, exchange_id=exchange.id
-            )
-        await self._set_delivery(answer.id, DeliveryState.SENT, platform_id)
-        return PipelineResult(
-            Outcome.ANSWERED,
-            reply=reply,
+        return reply, answer.id, exchange.id
+
+    async def _wait_for_turn(self, stored: MessageRecord) -> None:
+        """Wait (at most ``turn_wait`` seconds) until the earlier messages of the conversation
+        are answered, so the prompt holds their answers. The database decides, so a message
+        handled by another replica waits too; within this process a finished message wakes
+        the waiting ones at once, across processes they look again every poll interval."""
+        assert stored.id is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.turn_wait
+        since = utcnow() - timedelta(seconds=self.options.unanswered_max_age)
+        condition = self._turns.get(stored.conversation_id)
+        if condition is None:
+            condition = asyncio.Condition()
+            self._turns[stored.conversation_id] = condition
+        while await self.store.run(
+            earlier_turn_waiting,
+            conversation_id=stored.conversation_id,
             message_id=stored.id,
-            exchange_id=exchange.id,
-            delivered=True,
-        )
+            since=since,
+        ):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                logger.warning(
+                    "message %d did not get its turn within %.0f s; answering it anyway",
+                    stored.id,
+                    self.options.turn_wait,
+                )
+                return
+            async with condition:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        condition.wait(), min(remaining, self.options.turn_poll_interval)
+                    )
+
+    async def _turn_done(self, conversation_id: int) -> None:
+        condition = self._turns.get(conversation_id)
+        if condition is not None:
+            async with condition:
+                condition.notify_all()
 
     async def _generate(
         self,
         chat: list[dict[str, str]],
-        message: IncomingMessage,
+        message: IncomingMessage | None,
         progress: ProgressSink | None,
+        message_id: int,
     ) -> str:
         limit = self.options.max_new_tokens
-        if progress is None:
+        if progress is None or message is None:
             return await self.generator.generate(messages=chat, max_new_tokens=limit)
-        await self._progress_quietly(progress, "", message)
+        shown_in = Placeholder(pipeline=self, progress=progress, message=message, id=message_id)
+        await shown_in.show("")
         if not isinstance(self.generator, StreamingReplyGenerator):
             return await self.generator.generate(messages=chat, max_new_tokens=limit)
         text = ""
@@ -247,17 +417,8 @@ class ReplyPipeline:
             if now - last_update >= self.options.progress_interval and text.strip() != shown:
                 shown = text.strip()
                 last_update = now
-                await self._progress_quietly(progress, shown, message)
+                await shown_in.show(shown)
         return text
-
-    async def _progress_quietly(
-        self, progress: ProgressSink, text: str, message: IncomingMessage
-    ) -> None:
-        # A failed placeholder or edit must not cost the reply itself.
-        try:
-            await progress(text=text, in_reply_to=message)
-        except Exception as error:
-            logger.warning("could not show reply progress on %s: %s", message.platform, error)
 
     # ------------------------------------------------------------------ other platform events
 
@@ -310,13 +471,10 @@ class ReplyPipeline:
         For messages the bot was not asked about but should see, such as the earlier messages
         of a reply chain or thread it is then called into.
         """
-        stored = await self.store.run(record_incoming, message=message)
-        if stored is None or stored.id is None:
-            return False
-        if stored.answer_state == AnswerState.PENDING.value:
-            # Not addressed to the bot: nothing is waiting for an answer.
-            await self.store.run(set_answer_state, message_id=stored.id, state=AnswerState.IGNORED)
-        return True
+        # Stored as ignored in the same commit: not addressed to the bot, nothing waits for an
+        # answer (a crash must not leave it looking unanswered to recovery).
+        stored = await self.store.run(record_incoming, message=message, state=AnswerState.IGNORED)
+        return stored is not None and stored.id is not None
 
     async def agent_answered(self, message: IncomingMessage) -> bool:
         """A human agent's reply in a bot conversation, stored as the answer it gives."""
@@ -329,7 +487,13 @@ class ReplyPipeline:
     async def undelivered_replies(self, *, platform: str) -> list[UndeliveredReply]:
         """Claim stored replies whose sending failed, for the adapter to send again; report
         each with ``reply_delivered`` or ``reply_not_delivered``."""
-        claiming = asyncio.ensure_future(self.store.run(undelivered_replies, platform=platform))
+        claiming = asyncio.ensure_future(
+            self.store.run(
+                undelivered_replies,
+                platform=platform,
+                pending_grace_seconds=self.options.delivery_grace,
+            )
+        )
         try:
             return await asyncio.shield(claiming)
         except asyncio.CancelledError:
@@ -354,27 +518,168 @@ class ReplyPipeline:
             return False
         return True
 
-    async def _mark_unanswered(self, message_id: int) -> None:
+    # ------------------------------------------------------------------ crash recovery
+
+    async def recover(self, *, platforms: Sequence[str], batch: int = 20) -> RecoveryReport:
+        """One recovery pass over the messages of ``platforms`` (those with an adapter to post
+        the replies): the ones too old to answer are marked gave_up; the unanswered ones nobody
+        alive is answering are claimed and answered through the normal path, the replies
+        queued for the adapters' retry queue (which replaces any placeholder left behind)."""
+        if not platforms:
+            return RecoveryReport()
+        await self._keep_lease()
+        max_age = self.options.unanswered_max_age
+        gave_up = await self.store.run(
+            give_up_unanswered, platforms=list(platforms), max_age_seconds=max_age
+        )
+        if gave_up:
+            logger.warning("gave up on %d message(s) older than %.0f s", gave_up, max_age)
+        claimed = await self.store.run(
+            claim_unanswered,
+            holder=self.instance,
+            platforms=list(platforms),
+            max_age_seconds=max_age,
+            limit=batch,
+        )
+        answered = failed = 0
+        for record in claimed:
+            assert record.id is not None
+            try:
+                await self._answer(
+                    record, progress=None, message=None, delivery=DeliveryState.FAILED
+                )
+            except asyncio.CancelledError:
+                # The rest of the batch was claimed but not started: give it back.
+                for rest in claimed[claimed.index(record) + 1 :]:
+                    await self._release(rest.id, AnswerState.PENDING)  # type: ignore[arg-type]
+                raise
+            except Exception:
+                logger.exception("recovery failed to answer message %d", record.id)
+                failed += 1
+                continue
+            answered += 1
+        if answered:
+            logger.warning("recovered %d unanswered message(s); replies queued", answered)
+        return RecoveryReport(answered=answered, failed=failed, gave_up=gave_up)
+
+    async def maintain(
+        self, *, platforms: Sequence[str], interval: float, stop: asyncio.Event
+    ) -> None:
+        """Until ``stop``: renew this instance's lease (the heartbeat) every third of its
+        length and run a recovery pass at once and then every ``interval`` seconds."""
+        heartbeat = asyncio.create_task(self._heartbeat(stop))
         try:
-            await self.store.run(
-                set_answer_state, message_id=message_id, state=AnswerState.UNANSWERED
+            while not stop.is_set():
+                try:
+                    await self.recover(platforms=platforms)
+                except StorageError as error:
+                    logger.warning("recovery pass skipped: %s", error)
+                except Exception:
+                    logger.exception("the recovery pass failed")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), interval)
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+
+    async def close(self) -> None:
+        """A clean stop: drop this instance's lease, so whatever it still claims is free."""
+        try:
+            await self.store.run(drop_instance_lease, holder=self.instance)
+        except StorageError as error:
+            logger.warning("could not drop the instance lease: %s", error)
+
+    async def _heartbeat(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self._keep_lease()
+            except StorageError as error:
+                logger.warning("could not renew the instance lease: %s", error)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.options.instance_lease / 3)
+
+    def _lease_due(self) -> float | None:
+        """The lease length when this instance's lease is due for renewal (a third of it has
+        passed), to renew it together with the next claim; ``None`` when it is not due."""
+        now = time.monotonic()
+        if self._lease_renewed_at is not None and (
+            now - self._lease_renewed_at < self.options.instance_lease / 3
+        ):
+            return None
+        self._lease_renewed_at = now
+        return self.options.instance_lease
+
+    async def _keep_lease(self) -> None:
+        """Renew this instance's lease now."""
+        await self.store.run(
+            renew_instance_lease, holder=self.instance, seconds=self.options.instance_lease
+        )
+        self._lease_renewed_at = time.monotonic()
+
+    async def _release(self, message_id: int, state: AnswerState) -> None:
+        # Shielded: it runs when a cancellation is under way and must still reach the database.
+        try:
+            await asyncio.shield(
+                self.store.run(
+                    release_answer_claim, message_id=message_id, holder=self.instance, state=state
+                )
             )
         except StorageError:
-            logger.warning(
-                "could not mark message %d unanswered (database unavailable)", message_id
+            logger.warning("could not release message %d (database unavailable)", message_id)
+
+    async def _queue_partial(self, answer_id: int, placeholder_id: str) -> None:
+        try:
+            await self.store.run(
+                queue_partial_reply, answer_message_id=answer_id, placeholder_id=placeholder_id
             )
+        except StorageError:
+            logger.warning("could not queue reply %d (database unavailable)", answer_id)
 
     async def _set_delivery(
         self, answer_id: int, state: DeliveryState, platform_id: str | None
     ) -> None:
         try:
-            await self.store.run(
-                set_delivery,
-                answer_message_id=answer_id,
-                state=state,
-                platform_message_id=platform_id,
+            await asyncio.shield(
+                self.store.run(
+                    set_delivery,
+                    answer_message_id=answer_id,
+                    state=state,
+                    platform_message_id=platform_id,
+                )
             )
         except StorageError:
             logger.warning(
                 "could not record delivery of reply %d (database unavailable)", answer_id
             )
+
+
+@dataclass
+class Placeholder:
+    """Shows the reply to one message while it is generated, and records the placeholder's
+    platform id on the message the moment the sink reports it: a reply recovered or retried
+    after a crash then replaces that message instead of posting a second one next to it."""
+
+    pipeline: ReplyPipeline
+    progress: ProgressSink
+    message: IncomingMessage
+    id: int  # our database id of the message
+    recorded: str | None = None
+
+    async def show(self, text: str) -> None:
+        # A failed placeholder or edit must not cost the reply itself.
+        try:
+            platform_id = await self.progress(text=text, in_reply_to=self.message)
+        except Exception as error:
+            logger.warning("could not show reply progress on %s: %s", self.message.platform, error)
+            return
+        if platform_id is None or platform_id == self.recorded:
+            return
+        try:
+            await self.pipeline.store.run(
+                set_reply_placeholder, message_id=self.id, placeholder_id=str(platform_id)
+            )
+        except StorageError as error:
+            logger.warning("could not record the placeholder of message %d: %s", self.id, error)
+            return
+        self.recorded = platform_id

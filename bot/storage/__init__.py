@@ -27,6 +27,7 @@ from bot.storage.history import (
     Counts,
     bot_is_in_conversation,
     conversation_history,
+    conversation_thread_of,
     counts,
     last_export_summary,
 )
@@ -83,6 +84,7 @@ __all__ = [
     "bot_is_in_conversation",
     "claim_command",
     "conversation_history",
+    "conversation_thread_of",
     "counts",
     "create_database_engine",
     "export_marks",

@@ -1,12 +1,21 @@
-"""The delivery queue: stored bot replies on their way to the platform."""
+"""The delivery queue: stored bot replies on their way to the platform.
+
+A reply is recorded ``PENDING`` just before it is sent and ``SENT`` as soon as the platform
+accepted it. ``FAILED`` replies (sending failed, or recovery queued them) are the retry queue;
+so are ``PENDING`` replies older than a grace period (the sender died between recording and
+sending) and ``RETRYING`` claims older than :data:`RETRY_CLAIM_SECONDS` (the retrier died).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
+from sqlalchemy import func, literal_column
 from sqlalchemy import update as sql_update
+from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, col, select
+from sqlmodel.sql.expression import SelectOfScalar
 
 from bot.conversation import utcnow
 from bot.storage.tables import (
@@ -34,6 +43,25 @@ def set_delivery(
     session.commit()
 
 
+def queue_partial_reply(*, session: Session, answer_message_id: int, placeholder_id: str) -> None:
+    """A reply whose start is on the platform (message ``placeholder_id``) but not the rest:
+    one transaction records that message on the question and queues the reply, so the retry
+    edits it into the whole reply instead of posting the reply a second time."""
+    exchange = session.exec(
+        select(ExchangeRecord).where(ExchangeRecord.answer_message_id == answer_message_id)
+    ).first()
+    if exchange is not None:
+        question = session.get(MessageRecord, exchange.user_message_id)
+        if question is not None:
+            question.reply_placeholder_id = placeholder_id[:255]
+            session.add(question)
+    answer = session.get(MessageRecord, answer_message_id)
+    if answer is not None:
+        answer.delivery_state = DeliveryState.FAILED.value
+        session.add(answer)
+    session.commit()
+
+
 @dataclass(frozen=True, slots=True)
 class UndeliveredReply:
     """A stored bot reply that never reached the platform, with where it belongs."""
@@ -51,38 +79,112 @@ class UndeliveredReply:
 
 
 RETRY_CLAIM_SECONDS = 600
+#: How long a reply recorded ``PENDING`` belongs to the instance that is sending it.
+PENDING_GRACE_SECONDS = 60.0
+
+_QUEUED_STATES = (
+    DeliveryState.FAILED.value,
+    DeliveryState.PENDING.value,
+    DeliveryState.RETRYING.value,
+)
+
+
+def _claimable(*, now: datetime, pending_grace_seconds: float) -> ColumnElement[bool]:
+    state = col(MessageRecord.delivery_state)
+    abandoned_send = now - timedelta(seconds=pending_grace_seconds)
+    abandoned_retry = now - timedelta(seconds=RETRY_CLAIM_SECONDS)
+    return (
+        (state == DeliveryState.FAILED.value)
+        | (
+            (state == DeliveryState.PENDING.value)
+            # Rows recorded before the sender's claim time existed count from stored_at.
+            & (
+                (col(MessageRecord.delivery_claimed_at) < abandoned_send)
+                | (
+                    col(MessageRecord.delivery_claimed_at).is_(None)
+                    & (col(MessageRecord.stored_at) < abandoned_send)
+                )
+            )
+        )
+        | (
+            (state == DeliveryState.RETRYING.value)
+            & (col(MessageRecord.delivery_claimed_at) < abandoned_retry)
+        )
+    )
+
+
+def rare(condition: ColumnElement[bool], *, dialect: str) -> ColumnElement[bool]:
+    """``condition``, marked as true for few rows where the planner cannot know it: SQLite's
+    statistics hold only the average rows per value of an indexed column, in which the
+    delivered replies and answered messages dominate, so it would rather scan the table;
+    PostgreSQL's statistics show how few rows are queued."""
+    if dialect == "sqlite":
+        return func.likelihood(condition, literal_column("0.001"))
+    return condition
+
+
+def delivery_queue(
+    *,
+    platform: str,
+    now: datetime,
+    pending_grace_seconds: float,
+    limit: int,
+    dialect: str,
+) -> SelectOfScalar[MessageRecord]:
+    """The select of the replies of ``platform`` the retry queue may claim now, oldest first.
+
+    The ``IN`` on the state and the platform equality go through
+    ``ix_messages_delivery_queue`` (delivery_state, platform): the queue is read without a
+    scan of the messages table, however many replies were delivered.
+    """
+    return (
+        select(MessageRecord)
+        .where(
+            rare(col(MessageRecord.delivery_state).in_(_QUEUED_STATES), dialect=dialect),
+            MessageRecord.platform == platform,
+            col(MessageRecord.deleted_at).is_(None),
+            _claimable(now=now, pending_grace_seconds=pending_grace_seconds),
+        )
+        .order_by(col(MessageRecord.id))
+        .limit(limit)
+    )
 
 
 def undelivered_replies(
-    *, session: Session, platform: str, limit: int = 100
+    *,
+    session: Session,
+    platform: str,
+    limit: int = 100,
+    pending_grace_seconds: float = PENDING_GRACE_SECONDS,
 ) -> list[UndeliveredReply]:
-    """Claim bot replies of ``platform`` whose sending failed, oldest first (the retry queue).
+    """Claim bot replies of ``platform`` that are not on the platform yet (the retry queue).
 
     Each reply is claimed with a conditional update, so when several instances share the
     database only one of them gets (and sends) it. The claimant reports back with
     ``set_delivery``: ``SENT``, or ``FAILED`` to put it back in the queue.
     """
     now = utcnow()
-    claimable = (col(MessageRecord.delivery_state) == DeliveryState.FAILED.value) | (
-        (col(MessageRecord.delivery_state) == DeliveryState.RETRYING.value)
-        & (col(MessageRecord.delivery_claimed_at) < now - timedelta(seconds=RETRY_CLAIM_SECONDS))
-    )
-    rows = session.exec(
-        select(MessageRecord, ConversationRecord, ExchangeRecord)
-        .join(ConversationRecord, col(ConversationRecord.id) == MessageRecord.conversation_id)
-        .join(ExchangeRecord, col(ExchangeRecord.answer_message_id) == MessageRecord.id)
-        .where(
-            MessageRecord.platform == platform,
-            col(MessageRecord.deleted_at).is_(None),
-            claimable,
+    claimable = _claimable(now=now, pending_grace_seconds=pending_grace_seconds)
+    answers = session.exec(
+        delivery_queue(
+            platform=platform,
+            now=now,
+            pending_grace_seconds=pending_grace_seconds,
+            limit=limit,
+            dialect=session.get_bind().dialect.name,
         )
-        .order_by(col(MessageRecord.id))
-        .limit(limit)
     ).all()
     replies = []
-    for answer, conversation, exchange in rows:
+    for answer in answers:
+        exchange = session.exec(
+            select(ExchangeRecord).where(ExchangeRecord.answer_message_id == answer.id)
+        ).first()
+        conversation = session.get(ConversationRecord, answer.conversation_id)
+        if exchange is None or conversation is None:
+            continue  # not a reply to anything (never happens for bot replies)
         claimed = session.execute(
             sql_update(MessageRecord)
+            .execution_options(synchronize_session=False)
             .where(col(MessageRecord.id) == answer.id, claimable)
             .values(delivery_state=DeliveryState.RETRYING.value, delivery_claimed_at=now)
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func
@@ -21,19 +22,52 @@ from bot.storage.tables import (
 def conversation_history(
     *, session: Session, conversation_id: int, up_to_message_id: int, limit: int
 ) -> list[Turn]:
-    """The newest ``limit`` live messages up to and including one, oldest first."""
+    """The newest ``limit`` live messages up to and including one, oldest first, each answer
+    right after the message it answers.
+
+    Answers to earlier messages count even when they were stored after this message (it
+    arrived while they were generated and waited for its turn). Refused messages are left
+    out: the bot never answered them, they are no turn.
+    """
+    not_refused = col(MessageRecord.answer_state).is_(None) | (
+        col(MessageRecord.answer_state) != AnswerState.REFUSED.value
+    )
+    answered = col(ExchangeRecord.user_message_id)
+    # An answer sits where its question is; everything else where it was stored.
+    position = func.coalesce(answered, MessageRecord.id)
     query = (
         select(MessageRecord.role, MessageRecord.text)
+        .outerjoin(ExchangeRecord, col(ExchangeRecord.answer_message_id) == MessageRecord.id)
         .where(
             MessageRecord.conversation_id == conversation_id,
-            col(MessageRecord.id) <= up_to_message_id,
+            (col(MessageRecord.id) <= up_to_message_id) | (answered < up_to_message_id),
             col(MessageRecord.deleted_at).is_(None),
+            not_refused,
         )
-        .order_by(col(MessageRecord.id).desc())
+        .order_by(position.desc(), col(MessageRecord.id).desc())
         .limit(limit)
     )
     rows = session.exec(query).all()
     return [Turn(role=Role(role), text=text) for role, text in reversed(rows)]
+
+
+def earlier_turn_waiting(
+    *, session: Session, conversation_id: int, message_id: int, since: datetime
+) -> bool:
+    """Whether an earlier user message of the conversation (stored after ``since``) still
+    waits for its answer: a message takes its turn only after those before it."""
+    waiting = session.exec(
+        select(MessageRecord.id)
+        .where(
+            MessageRecord.conversation_id == conversation_id,
+            col(MessageRecord.id) < message_id,
+            col(MessageRecord.answer_state) == AnswerState.PENDING.value,
+            col(MessageRecord.stored_at) >= since,
+            col(MessageRecord.deleted_at).is_(None),
+        )
+        .limit(1)
+    ).first()
+    return waiting is not None
 
 
 def bot_is_in_conversation(*, session: Session, message: IncomingMessage) -> bool:
@@ -63,6 +97,7 @@ class Counts:
     messages: int
     exchanges: int
     unanswered: int
+    gave_up: int = 0  # still unanswered when too old to answer after a crash
 
 
 def counts(*, session: Session) -> Counts:
@@ -77,6 +112,7 @@ def counts(*, session: Session) -> Counts:
         messages=count(MessageRecord),
         exchanges=count(ExchangeRecord),
         unanswered=count(MessageRecord, MessageRecord.answer_state == AnswerState.UNANSWERED.value),
+        gave_up=count(MessageRecord, MessageRecord.answer_state == AnswerState.GAVE_UP.value),
     )
 
 
@@ -90,3 +126,19 @@ def last_export_summary(*, session: Session) -> str | None:
     return (
         f"{shard.name} at {shard.created_at:%Y-%m-%d %H:%M} UTC ({shard.exchange_count} exchanges)"
     )
+
+
+def conversation_thread_of(
+    *, session: Session, platform: str, channel: str, platform_message_id: str
+) -> str | None:
+    """The thread (root) of the conversation a stored message belongs to; ``None`` when the
+    message was never stored. A reply to a stored message joins its conversation."""
+    return session.exec(
+        select(ConversationRecord.thread)
+        .join(MessageRecord, col(MessageRecord.conversation_id) == ConversationRecord.id)
+        .where(
+            MessageRecord.platform == platform,
+            MessageRecord.channel == channel,
+            MessageRecord.platform_message_id == platform_message_id,
+        )
+    ).first()

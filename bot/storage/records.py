@@ -1,12 +1,30 @@
-"""Recording what happens on a platform: messages, answers, edits, deletions, ratings."""
+"""Recording what happens on a platform: messages, answers, edits, deletions, ratings; and the
+claims that make every user message answered exactly once across crashes and replicas.
+
+Claims: the instance answering a user message writes its id into
+``messages.answer_claimed_by``. Each instance keeps a lease row ``instance:<id>`` in ``leases``
+alive while it runs (a heartbeat, :func:`renew_instance_lease`). A claim is free again when its
+holder's lease has expired or is gone, or when the holder is a process of this host that no
+longer runs (a restart after SIGKILL takes over at once). Taking a claim over is a conditional
+update on the holder seen, so two instances never both take one.
+"""
 
 from __future__ import annotations
 
+import os
+import socket
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, exists
+from sqlalchemy import delete as sql_delete
+from sqlalchemy import update as sql_update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
+from sqlmodel.sql.expression import SelectOfScalar
 
 from bot.conversation import IncomingMessage, Role, storable_text, utcnow
 from bot.storage.database import StorageError
+from bot.storage.delivery import rare
 from bot.storage.privacy import training_allowed
 from bot.storage.tables import (
     AnsweredBy,
@@ -14,10 +32,14 @@ from bot.storage.tables import (
     ConversationRecord,
     DeliveryState,
     ExchangeRecord,
+    LeaseRecord,
     MessageRecord,
     RatingRecord,
     text_key,
 )
+
+#: User messages that still wait for an answer (recovery answers them; turns wait for them).
+WAITING_STATES = (AnswerState.PENDING.value, AnswerState.UNANSWERED.value)
 
 
 def get_or_create_conversation(*, session: Session, message: IncomingMessage) -> ConversationRecord:
@@ -48,9 +70,52 @@ def get_or_create_conversation(*, session: Session, message: IncomingMessage) ->
     return record
 
 
-def record_incoming(*, session: Session, message: IncomingMessage) -> MessageRecord | None:
-    """Store ``message`` and commit; return ``None`` when it is a duplicate delivery."""
+def record_incoming(
+    *,
+    session: Session,
+    message: IncomingMessage,
+    claimed_by: str | None = None,
+    state: AnswerState | None = None,
+    lease_seconds: float | None = None,
+) -> MessageRecord | None:
+    """Store ``message`` and commit; return ``None`` when it is a duplicate delivery.
+
+    ``claimed_by``: the instance that is going to answer it (stored with it, in the same
+    commit, so a crash right after leaves a claim that recovery can take over); with
+    ``lease_seconds`` its lease is renewed in the same commit, so the claim is never seen
+    without a live holder. ``state`` overrides the answer state of a user message
+    (``IGNORED`` for context, ``REFUSED``).
+    """
+    if claimed_by is not None and lease_seconds is not None:
+        _renew_lease(session=session, holder=claimed_by, seconds=lease_seconds)
+    record = _insert_incoming(session=session, message=message, claimed_by=claimed_by, state=state)
+    session.commit()
+    return record
+
+
+def _insert_incoming(
+    *,
+    session: Session,
+    message: IncomingMessage,
+    claimed_by: str | None = None,
+    state: AnswerState | None = None,
+    savepoint: bool = True,
+) -> MessageRecord | None:
+    """Add ``message`` without committing; ``None`` for a duplicate.
+
+    In a savepoint by default. ``savepoint=False`` for a caller that commits more with it:
+    on SQLite a savepoint opened outside a transaction is one, and its release commits it;
+    a duplicate then rolls the whole transaction back.
+    """
     text = storable_text(message.text)
+    if message.role != Role.USER:
+        answer_state = None
+    elif state is not None:
+        answer_state = state.value
+    else:
+        answer_state = (AnswerState.PENDING if text.strip() else AnswerState.IGNORED).value
+    waiting = answer_state == AnswerState.PENDING.value
+    now = utcnow()
     conversation = get_or_create_conversation(session=session, message=message)
     record = MessageRecord(
         conversation_id=conversation.id,  # type: ignore[arg-type]
@@ -65,24 +130,51 @@ def record_incoming(*, session: Session, message: IncomingMessage) -> MessageRec
         text_key=text_key(text),
         is_direct=message.is_direct,
         mentions_bot=message.mentions_bot,
-        answer_state=(
-            (AnswerState.PENDING if text.strip() else AnswerState.IGNORED).value
-            if message.role == Role.USER
-            else None
-        ),
+        answer_state=answer_state,
         sent_at=message.timestamp,
-        stored_at=utcnow(),
+        stored_at=now,
+        answer_claimed_by=claimed_by if waiting else None,
+        answer_claimed_at=now if waiting and claimed_by is not None else None,
     )
+    if not savepoint:
+        if _already_stored(session=session, message=message):
+            return None
+        session.add(record)
+        try:
+            session.flush()
+        except IntegrityError:  # stored by another instance since the check
+            session.rollback()
+            return None
+        return record
     try:
         with session.begin_nested():
             session.add(record)
     except IntegrityError:
         # The savepoint is rolled back; what came before it (nothing, or the conversation)
         # stays valid, and returned records are not expired.
-        session.commit()
         return None
-    session.commit()
     return record
+
+
+def _already_stored(*, session: Session, message: IncomingMessage) -> bool:
+    same_event = and_(
+        col(MessageRecord.platform) == message.platform,
+        col(MessageRecord.event_id) == message.event_id,
+    )
+    same_message = and_(
+        col(MessageRecord.platform) == message.platform,
+        col(MessageRecord.channel) == message.channel,
+        col(MessageRecord.platform_message_id) == message.message_id,
+    )
+    keys = [
+        key
+        for key, present in ((same_event, message.event_id), (same_message, message.message_id))
+        if present is not None
+    ]
+    if not keys:
+        return False
+    condition = keys[0] if len(keys) == 1 else keys[0] | keys[1]
+    return session.exec(select(MessageRecord.id).where(condition).limit(1)).first() is not None
 
 
 def set_answer_state(*, session: Session, message_id: int, state: AnswerState) -> None:
@@ -103,12 +195,21 @@ def record_answer(
     author_name: str,
     model_version: str | None,
     platform_message_id: str | None = None,
+    delivery: DeliveryState | None = None,
 ) -> tuple[MessageRecord, ExchangeRecord]:
-    """Store an answer to a user message and the exchange they form, in one transaction."""
+    """Store an answer to a user message and the exchange they form, in one transaction.
+
+    A bot answer is stored ``PENDING`` (the caller sends it now; the retry queue takes it
+    over after a grace period if the caller dies), or with ``delivery=FAILED`` to hand it
+    straight to the retry queue (recovery). Other answers are already on the platform.
+    """
     question = session.get(MessageRecord, user_message_id)
     if question is None:
         raise StorageError(f"message {user_message_id} no longer exists")
     now = utcnow()
+    is_bot = answered_by == AnsweredBy.BOT
+    if delivery is None:
+        delivery = DeliveryState.PENDING if is_bot else DeliveryState.SENT
     answer = MessageRecord(
         conversation_id=question.conversation_id,
         platform=question.platform,
@@ -119,9 +220,10 @@ def record_answer(
         role=(Role.ASSISTANT if answered_by == AnsweredBy.BOT else Role.HUMAN_AGENT).value,
         text=storable_text(text),
         text_key=text_key(text),
-        delivery_state=(
-            DeliveryState.PENDING if answered_by == AnsweredBy.BOT else DeliveryState.SENT
-        ).value,
+        delivery_state=delivery.value,
+        # The sender's own claim on the send: the retry queue leaves a PENDING reply alone
+        # for a grace period after this.
+        delivery_claimed_at=now if delivery == DeliveryState.PENDING else None,
         sent_at=now,
         stored_at=now,
     )
@@ -279,8 +381,10 @@ def record_agent_answer(*, session: Session, message: IncomingMessage) -> Exchan
     """Store a human agent's reply as the answer to the newest earlier user message.
 
     Returns ``None`` for a duplicate delivery or when there is no user message to answer.
+    The message and the exchange are committed together: a failure in between leaves
+    neither, so the platform's redelivery records the answer instead of being a duplicate.
     """
-    stored = record_incoming(session=session, message=message)
+    stored = _insert_incoming(session=session, message=message, savepoint=False)
     if stored is None or stored.id is None:
         return None
     question = session.exec(
@@ -294,6 +398,7 @@ def record_agent_answer(*, session: Session, message: IncomingMessage) -> Exchan
         .order_by(col(MessageRecord.id).desc())
     ).first()
     if question is None or question.id is None:
+        session.commit()  # the agent's message is still context
         return None
     exchange = ExchangeRecord(
         conversation_id=stored.conversation_id,
@@ -306,7 +411,7 @@ def record_agent_answer(*, session: Session, message: IncomingMessage) -> Exchan
         ),
     )
     session.add(exchange)
-    if question.answer_state in {AnswerState.PENDING.value, AnswerState.UNANSWERED.value}:
+    if question.answer_state in WAITING_STATES:
         question.answer_state = AnswerState.ANSWERED.value
         session.add(question)
     session.commit()
@@ -366,3 +471,202 @@ def record_correction(
         model_version=None,
     )
     return exchange
+
+
+# --------------------------------------------------------------------------- answer claims
+
+
+def instance_id() -> str:
+    """A fresh id for one running instance: ``host:pid:random`` (short enough for a lease
+    name), so a process of this host can tell that a holder no longer runs."""
+    return f"{socket.gethostname()[:32]}:{os.getpid()}:{os.urandom(4).hex()}"
+
+
+def _lease_name(holder: str) -> str:
+    return f"instance:{holder}"
+
+
+def holder_is_gone_here(holder: str) -> bool:
+    """Whether ``holder`` is a process of this host that no longer runs (checked at once,
+    without waiting for its lease to expire)."""
+    host, _, rest = holder.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname()[:32] or not pid_text.isdigit() or int(pid_text) <= 0:
+        return False
+    if int(pid_text) == os.getpid():
+        return False  # this process: alive, whatever the random part says
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def renew_instance_lease(*, session: Session, holder: str, seconds: float) -> None:
+    """The heartbeat: keep ``holder``'s claims its own for ``seconds`` more; expired leases of
+    other instances are dropped on the way (their claims are free either way)."""
+    session.execute(
+        sql_delete(LeaseRecord)
+        .execution_options(synchronize_session=False)
+        .where(
+            col(LeaseRecord.name).like("instance:%"),
+            col(LeaseRecord.expires_at) < utcnow(),
+            col(LeaseRecord.name) != _lease_name(holder),
+        )
+    )
+    _renew_lease(session=session, holder=holder, seconds=seconds)
+    session.commit()
+
+
+def _renew_lease(*, session: Session, holder: str, seconds: float) -> None:
+    name = _lease_name(holder)
+    expires = utcnow() + timedelta(seconds=seconds)
+    renewed = session.execute(
+        sql_update(LeaseRecord)
+        .execution_options(synchronize_session=False)
+        .where(col(LeaseRecord.name) == name)
+        .values(expires_at=expires)
+    )
+    if renewed.rowcount == 0:  # type: ignore[attr-defined]
+        try:
+            with session.begin_nested():
+                session.add(LeaseRecord(name=name, holder=holder, expires_at=expires))
+        except IntegrityError:
+            pass  # written at the same moment by another task of this instance
+
+
+def drop_instance_lease(*, session: Session, holder: str) -> None:
+    """A clean stop: ``holder``'s remaining claims are free at once."""
+    session.execute(sql_delete(LeaseRecord).where(col(LeaseRecord.name) == _lease_name(holder)))
+    session.commit()
+
+
+def _live_holders(*, session: Session, now: datetime) -> set[str]:
+    rows = session.exec(
+        select(LeaseRecord.holder).where(
+            col(LeaseRecord.name).like("instance:%"), col(LeaseRecord.expires_at) > now
+        )
+    ).all()
+    return {holder for holder in rows if not holder_is_gone_here(holder)}
+
+
+def release_answer_claim(
+    *, session: Session, message_id: int, holder: str, state: AnswerState
+) -> None:
+    """``holder`` stops answering the message: it becomes ``state`` (``PENDING`` after a
+    cancellation, ``UNANSWERED`` after a failure) and free for recovery. Nothing changes when
+    it was answered meanwhile or another instance took the claim over."""
+    session.execute(
+        sql_update(MessageRecord)
+        .execution_options(synchronize_session=False)
+        .where(
+            col(MessageRecord.id) == message_id,
+            col(MessageRecord.answer_claimed_by) == holder,
+            col(MessageRecord.answer_state).in_(WAITING_STATES),
+        )
+        .values(answer_state=state.value, answer_claimed_by=None, answer_claimed_at=None)
+    )
+    session.commit()
+
+
+def set_reply_placeholder(*, session: Session, message_id: int, placeholder_id: str) -> None:
+    """Record the platform id of the placeholder or partial reply shown for a user message,
+    so a reply recovered or retried after a crash replaces it instead of adding another."""
+    session.execute(
+        sql_update(MessageRecord)
+        .execution_options(synchronize_session=False)
+        .where(col(MessageRecord.id) == message_id)
+        .values(reply_placeholder_id=placeholder_id[:255])
+    )
+    session.commit()
+
+
+def answer_queue(
+    *, platforms: list[str], since: datetime, limit: int, dialect: str
+) -> SelectOfScalar[MessageRecord]:
+    """The select of user messages still waiting for an answer, stored after ``since``,
+    oldest first. It goes through ``ix_messages_answer_queue`` (answer_state, stored_at)."""
+    answered = exists().where(col(ExchangeRecord.user_message_id) == MessageRecord.id)
+    return (
+        select(MessageRecord)
+        .where(
+            rare(col(MessageRecord.answer_state).in_(WAITING_STATES), dialect=dialect),
+            col(MessageRecord.stored_at) >= since,
+            col(MessageRecord.platform).in_(platforms),
+            col(MessageRecord.deleted_at).is_(None),
+            ~answered,
+        )
+        .order_by(col(MessageRecord.stored_at), col(MessageRecord.id))
+        .limit(limit)
+    )
+
+
+def claim_unanswered(
+    *,
+    session: Session,
+    holder: str,
+    platforms: list[str],
+    max_age_seconds: float,
+    limit: int = 20,
+) -> list[MessageRecord]:
+    """Claim for ``holder`` the user messages of ``platforms`` that are still unanswered,
+    younger than ``max_age_seconds`` and claimed by nobody alive; oldest first.
+
+    Each claim is a conditional update on the holder seen, so when several instances run
+    this at once every message goes to one of them.
+    """
+    now = utcnow()
+    query = answer_queue(
+        platforms=platforms,
+        since=now - timedelta(seconds=max_age_seconds),
+        limit=limit,
+        dialect=session.get_bind().dialect.name,
+    )
+    candidates = list(session.exec(query).all())
+    live = _live_holders(session=session, now=now)
+    claimed: list[MessageRecord] = []
+    for record in candidates:
+        seen = record.answer_claimed_by
+        if seen == holder or (seen is not None and seen in live):
+            continue  # being answered (by this instance, or one that is alive)
+        same_holder = (
+            col(MessageRecord.answer_claimed_by).is_(None)
+            if seen is None
+            else col(MessageRecord.answer_claimed_by) == seen
+        )
+        taken = session.execute(
+            sql_update(MessageRecord)
+            .execution_options(synchronize_session=False)
+            .where(
+                col(MessageRecord.id) == record.id,
+                col(MessageRecord.answer_state).in_(WAITING_STATES),
+                same_holder,
+            )
+            .values(answer_claimed_by=holder, answer_claimed_at=now)
+        )
+        session.commit()
+        if taken.rowcount == 1:  # type: ignore[attr-defined]
+            record.answer_claimed_by = holder
+            record.answer_claimed_at = now
+            claimed.append(record)
+    return claimed
+
+
+def give_up_unanswered(*, session: Session, platforms: list[str], max_age_seconds: float) -> int:
+    """Mark ``GAVE_UP`` the user messages of ``platforms`` still unanswered after
+    ``max_age_seconds`` (an answer that late would only confuse); returns how many."""
+    cutoff = utcnow() - timedelta(seconds=max_age_seconds)
+    result = session.execute(
+        sql_update(MessageRecord)
+        .execution_options(synchronize_session=False)
+        .where(
+            col(MessageRecord.answer_state).in_(WAITING_STATES),
+            col(MessageRecord.stored_at) < cutoff,
+            col(MessageRecord.platform).in_(platforms),
+        )
+        .values(answer_state=AnswerState.GAVE_UP.value)
+    )
+    session.commit()
+    return int(result.rowcount)  # type: ignore[attr-defined]

@@ -20,6 +20,7 @@ class AnswerState(StrEnum):
     UNANSWERED = "unanswered"  # generation or storage of the reply failed
     IGNORED = "ignored"  # nothing to answer (empty text)
     GAVE_UP = "gave_up"  # still unanswered when it grew too old to answer (recovery)
+    REFUSED = "refused"  # refused with a reason (too long); stored once, for dedupe
 
 
 class DeliveryState(StrEnum):

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+from typing import Any
 
 import pytest
 from sqlmodel import col, select
 
-from bot.conversation import IncomingMessage, Role
+from bot.conversation import IncomingMessage, Role, utcnow
 from bot.service import (
     APOLOGY,
     STORAGE_APOLOGY,
     Outcome,
+    PartialDelivery,
     PipelineOptions,
+    RecoveryReport,
     ReplyGenerator,
     ReplyPipeline,
 )
@@ -24,7 +29,9 @@ from bot.storage import (
     ExchangeRecord,
     MessageRecord,
     Store,
+    record_incoming,
 )
+from bot.storage.records import set_reply_placeholder
 from model.corpus import SEED_EXCHANGES
 from tests.conftest import make_message
 from tests.fakes.models import BrokenModel, RecordingModel
@@ -249,3 +256,209 @@ async def test_a_failing_progress_sink_does_not_cost_the_reply(
         )
     assert result.outcome == Outcome.ANSWERED and sender.texts == [RESET_ANSWER]
     assert "could not show reply progress" in caplog.text
+
+
+# --------------------------------------------------------------------------- nothing lost, twice
+
+
+class HeldModel:
+    """The real model, held at the start of each generation until the test lets it go."""
+
+    def __init__(self, inner: ReplyGenerator) -> None:
+        self.inner = inner
+        self.version = inner.version
+        self.started = asyncio.Event()
+        self.go_on = asyncio.Event()
+
+    async def generate(self, *, messages: Sequence[Mapping[str, str]], max_new_tokens: int) -> str:
+        self.started.set()
+        await self.go_on.wait()
+        return await self.inner.generate(messages=messages, max_new_tokens=max_new_tokens)
+
+
+def message_row(database: Database, message_id: int) -> MessageRecord:
+    with database.session() as session:
+        row = session.get(MessageRecord, message_id)
+        assert row is not None
+        return row
+
+
+def answers_to(database: Database, message_id: int) -> list[MessageRecord]:
+    with database.session() as session:
+        return list(
+            session.exec(
+                select(MessageRecord)
+                .join(ExchangeRecord, col(ExchangeRecord.answer_message_id) == MessageRecord.id)
+                .where(ExchangeRecord.user_message_id == message_id)
+            ).all()
+        )
+
+
+def user_message_id(database: Database, text: str) -> int:
+    [row] = [m for m in stored_messages(database) if m.role == Role.USER and m.text == text]
+    assert row.id is not None
+    return row.id
+
+
+async def test_a_cancelled_generation_leaves_the_message_to_recovery(
+    database: Database, tiny_model
+) -> None:
+    held = HeldModel(tiny_model)
+    live = pipeline_for(database, held)
+    task = asyncio.create_task(live.handle(make_message(RESET_QUESTION), send=RecordingSender()))
+    await asyncio.wait_for(held.started.wait(), 10)
+    question_id = user_message_id(database, RESET_QUESTION)
+    assert message_row(database, question_id).answer_claimed_by == live.instance
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    row = message_row(database, question_id)
+    assert (row.answer_state, row.answer_claimed_by) == (AnswerState.PENDING, None)
+    report = await pipeline_for(database, tiny_model).recover(platforms=["console"])
+    assert report.answered == 1
+    [answer] = answers_to(database, question_id)
+    assert (answer.text, answer.delivery_state) == (RESET_ANSWER, DeliveryState.FAILED)
+
+
+async def test_recovery_answers_what_a_crashed_instance_left_exactly_once(
+    database: Database, tiny_model
+) -> None:
+    with database.session() as session:
+        # Stored by an instance that died: its process is gone and it left no lease.
+        orphan = record_incoming(
+            session=session, message=make_message(RESET_QUESTION), claimed_by="gone:1:dead"
+        )
+        assert orphan is not None and orphan.id is not None
+        set_reply_placeholder(session=session, message_id=orphan.id, placeholder_id="ph-9")
+    held = HeldModel(tiny_model)
+    alive = pipeline_for(database, held)
+    busy = asyncio.create_task(
+        alive.handle(make_message("Hello", thread="T-busy"), send=RecordingSender())
+    )
+    await asyncio.wait_for(held.started.wait(), 10)
+    context = make_message("just chatter", thread="T-busy")
+    assert await alive.remember(context)
+
+    replicas = [pipeline_for(database, tiny_model) for _ in range(3)]
+    reports = await asyncio.gather(*(r.recover(platforms=["console"]) for r in replicas))
+
+    assert sorted(r.answered for r in reports) == [0, 0, 1]  # the orphan, and only once
+    [answer] = answers_to(database, orphan.id)
+    assert answer.text == RESET_ANSWER
+    [queued] = await replicas[0].undelivered_replies(platform="console")
+    assert (queued.text, queued.placeholder_id) == (RESET_ANSWER, "ph-9")
+    # The live instance's message and the context message were left alone.
+    busy_id = user_message_id(database, "Hello")
+    assert message_row(database, busy_id).answer_claimed_by == alive.instance
+    assert answers_to(database, busy_id) == []
+    assert message_row(database, user_message_id(database, "just chatter")).answer_state == (
+        AnswerState.IGNORED
+    )
+    held.go_on.set()
+    assert (await busy).outcome == Outcome.ANSWERED
+
+
+async def test_messages_too_old_to_answer_are_given_up_and_counted(
+    database: Database, tiny_model
+) -> None:
+    from bot.commands import Commands
+
+    with database.session() as session:
+        old = record_incoming(session=session, message=make_message(RESET_QUESTION))
+        assert old is not None
+        old.stored_at = utcnow() - timedelta(minutes=11)
+        session.add(old)
+        session.commit()
+    pipeline = pipeline_for(database, tiny_model, unanswered_max_age=600.0)
+    report = await pipeline.recover(platforms=["console"])
+
+    assert (report.answered, report.gave_up) == (0, 1)
+    assert message_row(database, old.id).answer_state == AnswerState.GAVE_UP  # type: ignore[arg-type]
+    status = await Commands(store=pipeline.store, model_version=lambda: "v", actions={}).status()
+    assert "gave up: 1" in status
+
+
+async def test_the_placeholder_is_recorded_the_moment_it_is_shown(
+    database: Database, tiny_model
+) -> None:
+    seen_during_generation: list[str | None] = []
+
+    class Looking(HeldModel):
+        async def generate(self, **kwargs: Any) -> str:
+            seen_during_generation.append(message_row(database, question_id()).reply_placeholder_id)
+            return await self.inner.generate(**kwargs)
+
+    def question_id() -> int:
+        return user_message_id(database, RESET_QUESTION)
+
+    async def progress(*, text: str, in_reply_to: IncomingMessage) -> str | None:
+        return "ph-1"
+
+    result = await pipeline_for(database, Looking(tiny_model)).handle(
+        make_message(RESET_QUESTION), send=RecordingSender(), progress=progress
+    )
+    assert result.outcome == Outcome.ANSWERED
+    assert seen_during_generation == ["ph-1"]
+
+
+async def test_a_partly_sent_reply_is_queued_to_finish_its_first_message(
+    database: Database, tiny_model
+) -> None:
+    async def partial(*, text: str, in_reply_to: IncomingMessage) -> str | None:
+        raise PartialDelivery("ts-first", "the second chunk failed")
+
+    pipeline = pipeline_for(database, tiny_model)
+    result = await pipeline.handle(make_message(RESET_QUESTION), send=partial)
+
+    assert result.outcome == Outcome.ANSWERED and not result.delivered
+    [queued] = await pipeline.undelivered_replies(platform="console")
+    assert (queued.text, queued.placeholder_id) == (RESET_ANSWER, "ts-first")
+
+
+async def test_an_oversized_message_is_refused_once_however_often_delivered(
+    database: Database, tiny_model
+) -> None:
+    pipeline = pipeline_for(database, tiny_model, max_message_chars=1000)
+    sender = RecordingSender()
+    message = make_message("x" * 1001, event_id="EvBig")
+    outcomes = [(await pipeline.handle(message, send=sender)).outcome for _ in range(2)]
+
+    assert outcomes == [Outcome.REFUSED, Outcome.DUPLICATE]
+    assert len(sender.sent) == 1
+    [stored] = stored_messages(database)
+    assert stored.answer_state == AnswerState.REFUSED
+    assert await pipeline.recover(platforms=["console"]) == RecoveryReport()
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+async def test_one_conversations_messages_are_answered_in_order(
+    database: Database, tiny_model, replicas: int
+) -> None:
+    """Two messages 10 ms apart in one thread: the second prompt holds the first answer, also
+    when another replica (pipeline) on the same database answers the second."""
+    generator = RecordingModel(tiny_model)
+    pipelines = [pipeline_for(database, generator) for _ in range(replicas)]
+    for pipeline in pipelines:  # running instances: connected, their leases held
+        await pipeline.recover(platforms=["console"])
+    sender = RecordingSender()
+    first = asyncio.create_task(
+        pipelines[0].handle(make_message("Hello", thread="T-order"), send=sender)
+    )
+    await asyncio.sleep(0.01)  # the scenario itself: the second message 10 ms later
+    second = asyncio.create_task(
+        pipelines[-1].handle(make_message(RESET_QUESTION, thread="T-order"), send=sender)
+    )
+    results = await asyncio.gather(first, second)
+
+    assert [r.outcome for r in results] == [Outcome.ANSWERED, Outcome.ANSWERED]
+    # Turns follow the order the messages reached the database (on a loaded machine the one
+    # sent 10 ms later can get there first): the later one's prompt holds the earlier answer.
+    earlier, later = sorted(results, key=lambda r: r.message_id or 0)
+    texts = {r.message_id: t for r, t in zip(results, ["Hello", RESET_QUESTION], strict=True)}
+    [later_prompt] = [p for p in generator.prompts if p[-1]["content"] == texts[later.message_id]]
+    assert later_prompt == [
+        {"role": "user", "content": texts[earlier.message_id]},
+        {"role": "assistant", "content": earlier.reply},
+        {"role": "user", "content": texts[later.message_id]},
+    ]

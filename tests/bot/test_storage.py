@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
 
 import pytest
 from alembic import command
@@ -11,7 +13,7 @@ from sqlalchemy import inspect, text
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
-from bot.conversation import Role
+from bot.conversation import Role, utcnow
 from bot.migrations import alembic_config, current_revision
 from bot.storage import (
     AnsweredBy,
@@ -499,3 +501,135 @@ def test_only_one_instance_claims_a_queued_reply(database: Database) -> None:
     for thread in threads:
         thread.join()
     assert claims == [answer.id]
+
+
+def test_a_reply_recorded_but_never_sent_is_claimed_after_the_grace_period(
+    database: Database,
+) -> None:
+    _, answer, _ = _answered(database, answer_platform_id=None)  # type: ignore[arg-type]
+    with database.session() as session:
+        stored = session.get(MessageRecord, answer.id)
+        assert stored is not None and stored.delivery_state == DeliveryState.PENDING
+        # Its sender may still be sending it: left alone.
+        assert undelivered_replies(session=session, platform="console") == []
+        stored.delivery_claimed_at = utcnow() - timedelta(seconds=61)
+        session.add(stored)
+        session.commit()
+    # The sender died between recording and sending: the retry queue (another process, rows
+    # read back from the database) takes it.
+    with database.session() as session:
+        [queued] = undelivered_replies(
+            session=session, platform="console", pending_grace_seconds=60
+        )
+    assert queued.answer_id == answer.id
+
+
+def _plan(database: Database, statement: Any) -> str:
+    compiled = statement.compile(
+        dialect=database.engine.dialect, compile_kwargs={"literal_binds": True}
+    )
+    with database.engine.connect() as connection:
+        if database.engine.dialect.name == "sqlite":
+            rows = connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}").all()
+            return "\n".join(str(row[-1]) for row in rows)
+        # A test table is small enough that a scan is cheaper; forbid it to see what the
+        # planner can use (a full table with a million replies makes the same choice).
+        connection.exec_driver_sql("SET enable_seqscan = off")
+        rows = connection.exec_driver_sql(f"EXPLAIN {compiled}").all()
+        return "\n".join(str(row[0]) for row in rows)
+
+
+def test_the_queues_are_read_through_their_indexes(database: Database) -> None:
+    from bot.storage.delivery import delivery_queue
+    from bot.storage.records import answer_queue
+
+    question, _, _ = _answered(database)
+    now = utcnow()
+    dialect = database.engine.dialect.name
+    # Many replies delivered, many questions answered long ago: what the queues must not scan.
+    with database.engine.begin() as connection:
+        connection.execute(
+            MessageRecord.__table__.insert(),  # type: ignore[attr-defined]
+            [
+                {
+                    "conversation_id": question.conversation_id,
+                    "platform": "slack",
+                    "channel": "C1",
+                    "author_id": "U1",
+                    "author_name": "",
+                    "role": "user" if n % 2 else "assistant",
+                    "text": "x",
+                    "is_direct": False,
+                    "mentions_bot": False,
+                    "answer_state": "answered" if n % 2 else None,
+                    "delivery_state": None if n % 2 else "sent",
+                    "sent_at": now,
+                    "stored_at": now - timedelta(days=1),
+                }
+                for n in range(4000)
+            ],
+        )
+        connection.exec_driver_sql("ANALYZE")
+    delivery = _plan(
+        database,
+        delivery_queue(
+            platform="slack", now=now, pending_grace_seconds=60, limit=100, dialect=dialect
+        ),
+    )
+    answers = _plan(
+        database, answer_queue(platforms=["slack"], since=now, limit=20, dialect=dialect)
+    )
+
+    assert "ix_messages_delivery_queue" in delivery, delivery
+    assert "ix_messages_answer_queue" in answers, answers
+    for plan in (delivery, answers):
+        assert "SCAN messages" not in plan and "Seq Scan on messages" not in plan, plan
+
+
+class _RefusedExchange:
+    """Makes the database refuse every insert into ``exchanges`` while active."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    def __enter__(self) -> None:
+        with self.database.engine.begin() as connection:
+            if self.database.engine.dialect.name == "sqlite":
+                connection.exec_driver_sql(
+                    "CREATE TRIGGER refuse_exchanges BEFORE INSERT ON exchanges "
+                    "BEGIN SELECT RAISE(ABORT, 'exchanges refused'); END"
+                )
+                return
+            connection.exec_driver_sql(
+                "CREATE FUNCTION refuse_exchange() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN RAISE EXCEPTION 'exchanges refused'; END $$"
+            )
+            connection.exec_driver_sql(
+                "CREATE TRIGGER refuse_exchanges BEFORE INSERT ON exchanges "
+                "FOR EACH ROW EXECUTE FUNCTION refuse_exchange()"
+            )
+
+    def __exit__(self, *_exc: object) -> None:
+        with self.database.engine.begin() as connection:
+            if self.database.engine.dialect.name == "sqlite":
+                connection.exec_driver_sql("DROP TRIGGER refuse_exchanges")
+                return
+            connection.exec_driver_sql("DROP TRIGGER refuse_exchanges ON exchanges")
+            connection.exec_driver_sql("DROP FUNCTION refuse_exchange()")
+
+
+async def test_an_agent_answer_lost_halfway_is_recorded_on_redelivery(database: Database) -> None:
+    store = Store(database)
+    await store.run(record_incoming, message=make_message("a question"))
+    agent_reply = make_message("Here is how.", author_id="AGENT", role=Role.HUMAN_AGENT)
+    with _RefusedExchange(database), pytest.raises((StorageError, IntegrityError)):
+        await store.run(record_agent_answer, message=agent_reply)
+
+    exchange = await store.run(record_agent_answer, message=agent_reply)  # the redelivery
+    assert exchange is not None
+    with database.session() as session:
+        assert counts(session=session).exchanges == 1
+        [stored] = session.exec(
+            select(MessageRecord).where(MessageRecord.role == Role.HUMAN_AGENT.value)
+        ).all()
+    assert stored.text == "Here is how."
