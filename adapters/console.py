@@ -3,7 +3,11 @@
 Interactive (a terminal on stdin): readline editing, a ``you>`` prompt, ``/new`` starts a fresh
 conversation, ``/quit`` or Ctrl-D leaves. Piped: every input line is a user turn of one
 conversation and each reply is printed on its own; with ``json_lines`` each exchange is printed
-as one JSON line ``{"user": ..., "agent": ...}``.
+as one JSON line ``{"user": ..., "agent": ...}`` (a command as ``{"command": ..., "reply": ...}``).
+
+The local chat is its owner's admin console: ``/status``, ``/export``, ``/forget-me``, ``/help``,
+``/retrain`` and ``/rollback`` run the bot's commands (:class:`bot.commands.Commands`) as an
+admin; any other ``/word`` is an unknown command, never a message to the bot.
 """
 
 from __future__ import annotations
@@ -17,9 +21,24 @@ import uuid
 from typing import TextIO
 
 from adapters.base import MessageHandler
+from bot.commands import Command, CommandRequest, Commands
 from bot.conversation import IncomingMessage, Platform, Role, utcnow
 
 HELP = "Type a message and press Enter. /new starts a fresh conversation, /quit (or Ctrl-D) leaves."
+
+#: The bot commands the console's owner runs as ``/word``; the channel- and reply-bound ones
+#: (``correct``, ``training``) have no meaning in a terminal.
+CONSOLE_COMMANDS = frozenset(
+    {
+        Command.STATUS,
+        Command.EXPORT,
+        Command.FORGET_ME,
+        Command.HELP,
+        Command.RETRAIN,
+        Command.ROLLBACK,
+    }
+)
+_CHANNEL = "terminal"
 
 
 class ConsoleChat:
@@ -31,6 +50,7 @@ class ConsoleChat:
         self,
         *,
         handler: MessageHandler,
+        commands: Commands,
         stdin: TextIO | None = None,
         stdout: TextIO | None = None,
         json_lines: bool = False,
@@ -38,6 +58,7 @@ class ConsoleChat:
         user_id: str | None = None,
     ) -> None:
         self.handler = handler
+        self.commands = commands
         self.stdin = stdin if stdin is not None else sys.stdin
         self.stdout = stdout if stdout is not None else sys.stdout
         self.json_lines = json_lines
@@ -62,18 +83,48 @@ class ConsoleChat:
                 if self.interactive:
                     self._print("(started a new conversation)")
                 continue
-            if command == "/help":
-                self._print(HELP)
-                continue
             if not command:
                 continue  # an empty line is not a turn
+            if command.startswith("/"):
+                await self._run_command(command)
+                continue
             await self._exchange(text)
+
+    async def _run_command(self, line: str) -> None:
+        word, _, arguments = line[1:].partition(" ")
+        known = next((c for c in CONSOLE_COMMANDS if c.value == word.lower()), None)
+        if known is None:
+            self._show_command(line, f"unknown command: /{word}")
+            return
+        # The console's user owns the bot (they started it): an admin.
+        reply = await self.commands.run(
+            CommandRequest(
+                command=known.value,
+                arguments=arguments.strip(),
+                platform=Platform.CONSOLE.value,
+                workspace="local",
+                channel=_CHANNEL,
+                thread=self.thread,
+                user_id=self.user_id,
+                user_name=self.user_id,
+                user_is_admin=True,
+            )
+        )
+        self._show_command(line, f"{HELP}\n{reply}" if known == Command.HELP else reply)
+
+    def _show_command(self, line: str, reply: str) -> None:
+        if self.json_lines:
+            self._print(json.dumps({"command": line, "reply": reply}, ensure_ascii=False))
+        elif self.interactive:
+            self._print(f"bot> {reply}")
+        else:
+            self._print(reply)
 
     async def _exchange(self, text: str) -> None:
         message = IncomingMessage(
             platform=Platform.CONSOLE.value,
             workspace="local",
-            channel="terminal",
+            channel=_CHANNEL,
             thread=self.thread,
             author_id=self.user_id,
             author_name=self.user_id,

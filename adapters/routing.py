@@ -81,6 +81,10 @@ class Replier(Protocol):
 #: Loads the earlier messages of a conversation the bot is called into (oldest first).
 ContextLoader = Callable[[], Awaitable[Sequence[IncomingMessage]]]
 
+#: Adds to an event what costs the platform a call (the author's display name, whether they
+#: moderate the channel); run only for events that are not ignored.
+EventEnricher = Callable[[MessageEvent], Awaitable[MessageEvent]]
+
 
 class RoutedHandler(MessageHandler, Protocol):
     """The pipeline as the router uses it: it also stores context without answering."""
@@ -119,9 +123,16 @@ class Router:
         *,
         reply: Replier,
         load_context: ContextLoader | None = None,
+        enrich: EventEnricher | None = None,
     ) -> Route:
-        """Decide and act: run the command, store the agent's answer, or answer the turn."""
+        """Decide and act: run the command, store the agent's answer, or answer the turn.
+
+        ``enrich`` completes an event that is not ignored before it is acted on, so that
+        chatter the bot is not part of costs the platform no lookups.
+        """
         decision = await self.decide(event)
+        if decision != Route.IGNORED and enrich is not None:
+            event = await enrich(event)
         message = event.message
         if decision == Route.COMMAND:
             word, arguments = parse_bang_command(message.text) or ("help", "")
@@ -274,6 +285,17 @@ class EventTasks:
             if timeout == 0.0:
                 return False
             await asyncio.wait(pending, timeout=timeout)
+
+    async def cancel(self) -> int:
+        """Cancel the events still in flight (a drain ran out of time); returns how many.
+
+        What they stored stays in the database for crash recovery to finish or give up on.
+        """
+        pending = [task for task in self._tasks if task is not asyncio.current_task()]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        return len(pending)
 
     async def _logged(self, work: Awaitable[None], *, what: str) -> None:
         try:

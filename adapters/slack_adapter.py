@@ -5,10 +5,18 @@ interactivity and slash commands arrive on ``POST /slack/events`` (port ``SLACK_
 verified with ``SLACK_SIGNING_SECRET``. ``SLACK_BOT_TOKEN`` is always needed, and
 ``SLACK_API_URL`` points the Web API client elsewhere (proxies, gateways, tests).
 
-Every event is acknowledged at once; the work (generation included) runs afterwards in tasks
-this adapter tracks. Exactly one reply per message, across Slack's retries, the double delivery
-of a channel mention as ``app_mention`` and ``message``, restarts and several instances: the
-pipeline dedupes on the event id and on (channel, ts) in the database.
+This module only translates: a Slack event becomes a :class:`adapters.routing.MessageEvent`
+(or an edit, a deletion, a rating), and a :class:`ThreadReply` says how to answer it. What the
+event is (ignored, a command, an agent's answer, a turn) is the shared
+:class:`adapters.routing.Router`'s decision. Every event is acknowledged at once; the work
+(generation included) runs afterwards in tracked tasks. Exactly one reply per message, across
+Slack's retries, the double delivery of a channel mention as ``app_mention`` and ``message``,
+restarts and several instances: the pipeline dedupes on the event id and on (channel, ts), and
+commands on their delivery, in the database.
+
+Mentions are stored as Slack writes them (``<@U0123>``): a mentioned person's name never enters
+the message text (the export's redaction turns the mention into ``<USER>``); the author's
+display name is kept only as the message's author name.
 """
 
 from __future__ import annotations
@@ -16,12 +24,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import OrderedDict
-from collections.abc import Awaitable, Coroutine, Mapping
+import time
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any
 
 from aiohttp import web
+from multidict import MultiMapping
 from slack_bolt.adapter.aiohttp import to_aiohttp_response
 from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
 from slack_bolt.async_app import AsyncApp
@@ -33,10 +43,16 @@ from slack_sdk.http_retry.builtin_async_handlers import (
     AsyncConnectionErrorRetryHandler,
     AsyncRateLimitErrorRetryHandler,
 )
-from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
-from adapters.base import MessageHandler
+from adapters.routing import (
+    ContextLoader,
+    EventTasks,
+    MessageEvent,
+    RoutedHandler,
+    Router,
+    deliver_queued_replies,
+)
 from adapters.slack_format import (
     SLACK_MESSAGE_LIMIT,
     escape,
@@ -46,10 +62,13 @@ from adapters.slack_format import (
     to_plain_text,
     without_leading_mention,
 )
+from adapters.slack_signature import SLACK_CONTENT_TYPES, SlackSignatureVerifier
 from bot.commands import CommandRequest, Commands, parse_bang_command
 from bot.config import ConfigurationError, Settings
 from bot.conversation import IncomingMessage, Platform, Role
 from bot.replies import split_reply
+from bot.service import PartialDelivery
+from bot.storage import UndeliveredReply
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +80,8 @@ PLACEHOLDER = "…"
 #: is not a conversation turn.
 _CONVERSATION_SUBTYPES = frozenset({None, "thread_broadcast", "file_share", "me_message"})
 
-
-class SlackHandler(MessageHandler, Protocol):
-    """The pipeline as the Slack adapter uses it: it also stores context without answering."""
-
-    async def remember(self, message: IncomingMessage) -> bool: ...
+#: The pipeline as the Slack adapter uses it (the router's handler).
+SlackHandler = RoutedHandler
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +92,19 @@ class BotIdentity:
     bot_id: str
     team_id: str
     name: str
+
+
+@dataclass(frozen=True, slots=True)
+class SlackUser:
+    """What ``users.info`` says about a person, as far as the bot needs it."""
+
+    name: str  # the display name: stored only as a message's author name, never in its text
+    is_workspace_admin: bool  # a workspace admin or owner: may run channel-local commands
+
+
+class _Stopping(Exception):
+    """A listener refused an event because the adapter is stopping; bolt then answers with a
+    non-200 status (no Socket Mode ack), so Slack delivers the event again."""
 
 
 class SlackAdapter:
@@ -90,14 +119,18 @@ class SlackAdapter:
         handler: SlackHandler,
         commands: Commands,
         host: str = "0.0.0.0",
-        thread_history_limit: int = 50,
+        thread_history_limit: int | None = None,
+        thread_page_size: int = 200,
         retry_interval: float = 30.0,
         rate_limit_retries: int = 3,
         name_cache_size: int = 1_000,
+        name_cache_seconds: float = 3_600.0,
     ) -> None:
         """``host`` is the HTTP mode listening address; ``retry_interval`` the seconds between
         two passes over the queue of replies that could not be posted; ``thread_history_limit``
-        how many earlier messages of a thread are fetched when the bot is first called into it.
+        how many of a thread's newest earlier messages are stored when the bot is first called
+        into it (``Settings.history_turns`` by default), read ``thread_page_size`` at a time;
+        what ``users.info`` says (names, admin flags) is cached for ``name_cache_seconds``.
         """
         if not settings.slack_bot_token:
             raise ConfigurationError("SLACK_BOT_TOKEN is required for Slack")
@@ -108,9 +141,14 @@ class SlackAdapter:
         self.settings = settings
         self.handler = handler
         self.commands = commands
+        self.router = Router(handler=handler, commands=commands)
+        self.tasks = EventTasks(platform=PLATFORM)
         self.host = host
         self.retry_interval = retry_interval
-        self.thread_history_limit = thread_history_limit
+        self.thread_history_limit = (
+            settings.history_turns if thread_history_limit is None else thread_history_limit
+        )
+        self.thread_page_size = thread_page_size
         self.uses_socket_mode = bool(settings.slack_app_token)
         self.admin_ids = frozenset(settings.slack_admin_ids)
         self.agent_ids = frozenset(settings.slack_agent_ids)
@@ -141,22 +179,18 @@ class SlackAdapter:
         self.app.event("reaction_added")(self._on_reaction_added)
         self.app.event("reaction_removed")(self._on_reaction_removed)
         self.app.command("/chatbot")(self._on_slash_command)
-        self._verifier = (
-            SignatureVerifier(settings.slack_signing_secret)
-            if settings.slack_signing_secret
-            else None
-        )
+        self.app.error(self._on_listener_error)
 
         self.identity: BotIdentity | None = None
         self.port: int | None = None  # the bound HTTP port, once started
-        self._names: OrderedDict[str, str] = OrderedDict()
-        self._name_cache_size = name_cache_size
-        self._recent_commands: OrderedDict[tuple[str, str], None] = OrderedDict()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._users: OrderedDict[str, tuple[float, SlackUser]] = OrderedDict()
+        self._user_cache_size = name_cache_size
+        self._user_cache_seconds = name_cache_seconds
         self._retry_loop: asyncio.Task[None] | None = None
         self._runner: web.AppRunner | None = None
         self._socket: AsyncSocketModeHandler | None = None
         self._stop_requested = asyncio.Event()
+        self._drain_within: float | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -166,10 +200,19 @@ class SlackAdapter:
         try:
             await self._stop_requested.wait()
         finally:
-            await self.stop()
+            await self.stop(drain_within=self._drain_within)
         return 0
 
-    def request_stop(self) -> None:
+    def request_stop(self, *, drain_within: float) -> None:
+        """Stop taking events now, let the replies in flight finish for at most
+        ``drain_within`` seconds, then close; :meth:`run` returns 0. Safe to call twice."""
+        if self._stop_requested.is_set():
+            return
+        self._drain_within = drain_within
+        # New events are refused from here on: HTTP requests get 503 and Socket Mode
+        # envelopes no ack, so Slack delivers them again (to another instance).
+        self.tasks.close()
+        logger.warning("Slack: stopping; draining replies in flight for up to %ss", drain_within)
         self._stop_requested.set()
 
     async def start(self) -> None:
@@ -192,7 +235,7 @@ class SlackAdapter:
             await self._socket.connect_async()
             logger.warning("Slack: connected in Socket Mode as %s", self.identity.name)
         else:
-            server = web.Application()
+            server = web.Application(middlewares=[self._refuse_while_stopping()])
             server.router.add_post(EVENTS_PATH, self._serve_http)
             self._runner = web.AppRunner(server, access_log=None)
             await self._runner.setup()
@@ -214,25 +257,52 @@ class SlackAdapter:
             )
         self._retry_loop = asyncio.create_task(self._retry_undelivered_forever())
 
-    async def stop(self) -> None:
-        """Stop taking events, finish the work in flight, close the connection."""
+    async def stop(self, *, drain_within: float | None = None) -> None:
+        """Stop taking events, finish the work in flight (for at most ``drain_within``
+        seconds; what still runs then is cancelled), close the connection."""
+        self.tasks.close()
         if self._retry_loop is not None:
             self._retry_loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._retry_loop
             self._retry_loop = None
         if self._socket is not None:
+            # Closed first: Slack sends what comes next to the app's other connections.
             await self._socket.close_async()
             self._socket = None
+        if not await self.tasks.drain(within=drain_within):
+            stopped = await self.tasks.cancel()
+            logger.warning(
+                "Slack: %d event%s still running after %ss were stopped",
+                stopped,
+                "" if stopped == 1 else "s",
+                drain_within,
+            )
         if self._runner is not None:
+            # Kept open while draining, answering 503, so Slack retries instead of timing out.
             await self._runner.cleanup()
             self._runner = None
-        await self.drain()
 
     async def drain(self) -> None:
         """Wait until every event received so far is fully handled."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.tasks.drain()
+
+    def _refuse_while_stopping(self) -> Callable[..., Awaitable[web.StreamResponse]]:
+        tasks = self.tasks
+
+        @web.middleware
+        async def refuse_while_stopping(
+            request: web.Request,
+            handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+        ) -> web.StreamResponse:
+            if not tasks.accepting:
+                logger.warning("Slack: stopping, so a request was answered 503 (Slack retries)")
+                return web.json_response(
+                    {"error": "shutting down"}, status=503, headers={"Retry-After": "1"}
+                )
+            return await handler(request)
+
+        return refuse_while_stopping
 
     async def _authenticate(self) -> BotIdentity:
         try:
@@ -251,50 +321,79 @@ class SlackAdapter:
             team_id=str(response.get("team_id") or ""),
             name=str(response.get("user") or "chatbot"),
         )
-        self._remember_name(identity.user_id, identity.name)
+        self._remember_user(identity.user_id, SlackUser(identity.name, is_workspace_admin=False))
         return identity
 
     # ------------------------------------------------------------------ HTTP mode
 
     async def _serve_http(self, request: web.Request) -> web.StreamResponse:
+        # Every refusal is a 4xx with a JSON error and one warning, never a 5xx: strangers can
+        # reach this endpoint, so nothing they send may turn into a traceback. The order
+        # matters: size first (before reading), the signature on the raw bytes next, and only
+        # a request known to come from Slack is decoded and parsed.
+        limit = request.client_max_size  # aiohttp's body limit (0: none)
+        declared = request.content_length
+        raw: bytes | None = None
+        if not (limit and declared is not None and declared > limit):
+            # Without a Content-Length, read() itself stops once the body outgrows the limit.
+            with contextlib.suppress(web.HTTPRequestEntityTooLarge):
+                raw = await request.read()
+        if raw is None:
+            logger.warning("Slack: refused a request body over %s bytes", limit)
+            too_large = web.json_response(
+                {"error": f"request body too large (the limit is {limit} bytes)"}, status=413
+            )
+            # The rest of the body is not wanted: close instead of reading it to reuse the line.
+            too_large.force_close()
+            return too_large
+        if not self._has_valid_signature(raw, request.headers):
+            logger.warning("Slack: rejected a request with a bad or stale signature")
+            return web.json_response({"error": "invalid signature"}, status=401)
+        if not raw:
+            logger.warning("Slack: ignored a signed request with an empty body")
+            return web.json_response({"error": "empty body"}, status=400)
+        if request.content_type not in SLACK_CONTENT_TYPES:
+            logger.warning("Slack: ignored a request of content type %.80r", request.content_type)
+            return web.json_response({"error": "unsupported content type"}, status=415)
         try:
-            body = (await request.read()).decode("utf-8")
+            body = raw.decode("utf-8")
         except UnicodeDecodeError:
             logger.warning("Slack: ignored a request body that is not UTF-8")
             return web.json_response({"error": "body is not UTF-8"}, status=400)
-        if not self._has_valid_signature(body, request.headers):
-            logger.warning("Slack: rejected a request with a bad or stale signature")
-            return web.json_response({"error": "invalid signature"}, status=401)
         try:
             bolt_request = AsyncBoltRequest(
                 body=body,
                 query=request.query_string,
                 headers={key.lower(): value for key, value in request.headers.items()},
             )
-        except ValueError as error:  # malformed JSON
-            logger.warning("Slack: ignored a malformed request body: %s", error)
+        # Bolt assumes a JSON object: malformed JSON raises ValueError, and any other JSON value
+        # (a list, null, a number) an AttributeError or TypeError while it reads the payload.
+        except (ValueError, AttributeError, TypeError) as error:
+            logger.warning("Slack: ignored a malformed request body: %.200s", error)
             return web.json_response({"error": "malformed body"}, status=400)
         retry = request.headers.get("X-Slack-Retry-Num")
-        if retry:
+        if retry is not None:
+            # Only logged, never parsed: the pipeline dedupes on the event id. %r with a cap keeps
+            # a huge or non-UTF-8 value (a lone surrogate once decoded) safe for any log sink.
             logger.info(
-                "Slack: retry %s of an event (%s)",
+                "Slack: retry %.20r of an event (%.60r)",
                 retry,
                 request.headers.get("X-Slack-Retry-Reason"),
             )
         return await to_aiohttp_response(await self.app.async_dispatch(bolt_request))
 
-    def _has_valid_signature(self, body: str, headers: Mapping[str, str]) -> bool:
-        if self._verifier is None:
+    def _has_valid_signature(self, body: bytes, headers: MultiMapping[str]) -> bool:
+        # Over the raw bytes, before anything decodes them; see adapters/slack_signature.py
+        # for why slack_sdk's SignatureVerifier is not used here.
+        secret = self.settings.slack_signing_secret
+        if not secret:
             return False
-        try:
-            return self._verifier.is_valid_request(body, dict(headers))
-        except ValueError:  # a timestamp header that is not a number
-            return False
+        return SlackSignatureVerifier(secret).is_valid_request(body=body, headers=headers)
 
     # ------------------------------------------------------------------ bolt listeners
 
     async def _on_message_event(self, event: dict[str, Any], body: dict[str, Any]) -> None:
-        self._spawn(
+        self._take(
             self._handle_message_event(
                 event, event_id=body.get("event_id"), team=body.get("team_id")
             ),
@@ -302,28 +401,25 @@ class SlackAdapter:
         )
 
     async def _on_reaction_added(self, event: dict[str, Any]) -> None:
-        self._spawn(self._handle_reaction(event, added=True), what="reaction")
+        self._take(self._handle_reaction(event, added=True), what="reaction")
 
     async def _on_reaction_removed(self, event: dict[str, Any]) -> None:
-        self._spawn(self._handle_reaction(event, added=False), what="reaction")
+        self._take(self._handle_reaction(event, added=False), what="reaction")
 
     async def _on_slash_command(
         self, ack: AsyncAck, command: dict[str, Any], respond: AsyncRespond
     ) -> None:
+        self._take(self._handle_slash_command(command, respond), what="slash command")
         await ack()
-        self._spawn(self._handle_slash_command(command, respond), what="slash command")
 
-    def _spawn(self, work: Coroutine[Any, Any, None], *, what: str) -> None:
-        task = asyncio.create_task(self._logged(work, what=what))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _take(self, work: Coroutine[Any, Any, None], *, what: str) -> None:
+        if not self.tasks.spawn(work, what=what):
+            raise _Stopping(what)
 
-    @staticmethod
-    async def _logged(work: Awaitable[None], *, what: str) -> None:
-        try:
-            await work
-        except Exception:
-            logger.exception("Slack: failed to handle a %s", what)
+    async def _on_listener_error(self, error: Exception) -> None:
+        # Bolt has answered 500 (no Socket Mode ack) either way; Slack delivers it again.
+        if not isinstance(error, _Stopping):
+            logger.error("Slack: a listener failed", exc_info=error)
 
     # ------------------------------------------------------------------ messages
 
@@ -337,11 +433,13 @@ class SlackAdapter:
         if subtype == "message_deleted":
             await self._handle_deletion(event)
             return
-        if subtype not in _CONVERSATION_SUBTYPES or self._is_from_a_bot(event):
-            return
+        from_bot = self._is_from_a_bot(event)
+        if subtype not in _CONVERSATION_SUBTYPES and not from_bot:
+            return  # not a person writing: a join, a topic change, …
         identity = self._identity()
-        user_id, channel, ts = event.get("user"), event.get("channel"), event.get("ts")
-        if not (isinstance(user_id, str) and isinstance(channel, str) and isinstance(ts, str)):
+        author = event.get("user") or event.get("bot_id")
+        channel, ts = event.get("channel"), event.get("ts")
+        if not (isinstance(author, str) and isinstance(channel, str) and isinstance(ts, str)):
             logger.warning("Slack: ignored a message event without user, channel or ts")
             return
         raw_text = str(event.get("text") or "")
@@ -354,86 +452,105 @@ class SlackAdapter:
             workspace=str(team or event.get("team") or identity.team_id),
             channel=channel,
             thread=thread,
-            author_id=user_id,
-            author_name=user_id,
+            author_id=author,
+            author_name=author,  # the display name is looked up once the event is not ignored
             role=Role.USER,
-            text=raw_text,
+            text=self._plain_text(raw_text),
             timestamp=timestamp_of(ts),
             message_id=ts,
             event_id=event_id,
             is_direct=is_direct,
             mentions_bot=identity.user_id in mentioned_user_ids(raw_text),
         )
-        is_addressed = message.is_direct or message.mentions_bot
-        # Follow-ups in a thread the bot answered in need no new mention.
-        in_bot_thread = (
-            not is_addressed
-            and bool(thread_ts)
-            and await self.handler.bot_is_in_conversation(message)
+        routed = MessageEvent(
+            message=message,
+            from_bot=from_bot,
+            is_addressed=is_direct or message.mentions_bot,
+            in_thread=bool(thread_ts),
+            author_is_agent=author in self.agent_ids,
+            author_is_admin=author in self.admin_ids,
         )
-        if not (is_addressed or in_bot_thread):
-            return  # channel chatter the bot is not part of
-        # An agent writing in a bot thread without addressing the bot answers for it.
-        is_agent_answer = in_bot_thread and user_id in self.agent_ids
-
-        message = replace(
-            message,
-            author_name=await self._display_name(user_id),
-            text=await self._plain_text(without_leading_mention(raw_text, identity.user_id)),
+        # Called into a thread that was going on without the bot: its earlier messages are
+        # the context of the question.
+        called_into_thread = bool(thread_ts) and thread_ts != ts
+        await self.router.route(
+            routed,
+            reply=ThreadReply(
+                client=self.client, channel=channel, thread_ts=thread or None, asker=author
+            ),
+            load_context=self._thread_context(message) if called_into_thread else None,
+            enrich=self._with_author,
         )
-        if is_agent_answer:
-            stored = await self.handler.agent_answered(replace(message, role=Role.HUMAN_AGENT))
-            logger.info("Slack: agent %s answered in %s (%s)", user_id, thread, stored)
-            return
-        bang = parse_bang_command(message.text)
-        if bang is not None:
-            await self._run_bang_command(message, *bang)
-            return
-        is_called_into_a_thread = bool(thread_ts) and thread_ts != ts and not in_bot_thread
-        if is_called_into_a_thread and not await self.handler.bot_is_in_conversation(message):
-            await self._remember_thread(message)
-        reply = ThreadReply(client=self.client, channel=channel, thread_ts=thread or None)
-        result = await self.handler.handle(message, send=reply.send, progress=reply.progress)
-        logger.info("Slack: message %s in %s: %s", ts, channel, result.outcome)
 
-    async def _remember_thread(self, message: IncomingMessage) -> None:
-        """Store the thread's earlier messages, so that the history is the whole thread."""
-        try:
-            response = await self.client.conversations_replies(
-                channel=message.channel, ts=message.thread, limit=self.thread_history_limit
-            )
-        except SlackClientError as error:
-            # Without channels:history the bot still answers, from the mention alone.
-            logger.warning("Slack: could not read thread %s: %s", message.thread, error)
-            return
-        for earlier in response.get("messages") or []:
-            ts, user_id = earlier.get("ts"), earlier.get("user")
-            if ts == message.message_id:
-                break  # oldest first: the rest came after the mention
-            is_human_turn = earlier.get("subtype") in _CONVERSATION_SUBTYPES
-            if not (isinstance(ts, str) and isinstance(user_id, str)) or not is_human_turn:
-                continue
-            if self._is_from_a_bot(earlier):
-                continue
-            raw_text = str(earlier.get("text") or "")
-            text = await self._plain_text(
-                without_leading_mention(raw_text, self._identity().user_id)
-            )
-            if parse_bang_command(text) is not None:
-                continue  # commands to the bot are not conversation
-            await self.handler.remember(
-                replace(
-                    message,
-                    author_id=user_id,
-                    author_name=await self._display_name(user_id),
-                    role=Role.HUMAN_AGENT if user_id in self.agent_ids else Role.USER,
-                    text=text,
-                    timestamp=timestamp_of(ts),
-                    message_id=ts,
-                    event_id=None,
-                    mentions_bot=False,
+    async def _with_author(self, event: MessageEvent) -> MessageEvent:
+        user = await self._user(event.message.author_id)
+        return replace(
+            event,
+            message=replace(event.message, author_name=user.name),
+            author_manages_channel=user.is_workspace_admin,
+        )
+
+    def _thread_context(self, message: IncomingMessage) -> ContextLoader:
+        """Loads the thread's newest earlier messages (``thread_history_limit``), oldest first."""
+
+        async def load() -> list[IncomingMessage]:
+            earlier = await self._earlier_thread_messages(message)
+            context = []
+            for item in earlier:
+                user_id, ts = str(item["user"]), str(item["ts"])
+                context.append(
+                    replace(
+                        message,
+                        author_id=user_id,
+                        author_name=(await self._user(user_id)).name,
+                        role=Role.HUMAN_AGENT if user_id in self.agent_ids else Role.USER,
+                        text=self._plain_text(str(item.get("text") or "")),
+                        timestamp=timestamp_of(ts),
+                        message_id=ts,
+                        event_id=None,
+                        mentions_bot=False,
+                    )
                 )
-            )
+            return context
+
+        return load
+
+    async def _earlier_thread_messages(self, message: IncomingMessage) -> list[dict[str, Any]]:
+        # Slack pages a thread oldest first; a long thread's newest turns are on its last
+        # pages, so every page up to the question is read and only the newest are kept.
+        kept: deque[dict[str, Any]] = deque(maxlen=self.thread_history_limit)
+        cursor: str | None = None
+        while True:
+            try:
+                response = await self.client.conversations_replies(
+                    channel=message.channel,
+                    ts=message.thread,
+                    limit=self.thread_page_size,
+                    cursor=cursor,
+                )
+            except SlackClientError as error:
+                # Without channels:history the bot still answers, from what it has.
+                logger.warning("Slack: could not read thread %s: %s", message.thread, error)
+                break
+            reached_question = False
+            for earlier in response.get("messages") or []:
+                if earlier.get("ts") == message.message_id:
+                    reached_question = True  # the rest came after it
+                    break
+                if self._is_context_turn(earlier):
+                    kept.append(earlier)
+            cursor = (response.get("response_metadata") or {}).get("next_cursor") or None
+            if reached_question or not response.get("has_more") or cursor is None:
+                break
+        return list(kept)
+
+    def _is_context_turn(self, earlier: Mapping[str, Any]) -> bool:
+        """A person's message in a thread, not a command to the bot."""
+        is_human_turn = earlier.get("subtype") in _CONVERSATION_SUBTYPES
+        has_ids = isinstance(earlier.get("ts"), str) and isinstance(earlier.get("user"), str)
+        if not (is_human_turn and has_ids) or self._is_from_a_bot(earlier):
+            return False
+        return parse_bang_command(self._plain_text(str(earlier.get("text") or ""))) is None
 
     def _is_from_a_bot(self, event: Mapping[str, Any]) -> bool:
         identity = self._identity()
@@ -453,19 +570,18 @@ class SlackAdapter:
         # only a changed text is an edit.
         if self._is_from_a_bot(edited) or edited.get("text") == previous.get("text"):
             return
-        text = without_leading_mention(str(edited.get("text") or ""), self._identity().user_id)
-        updated = await self.handler.message_edited(
+        updated = await self.router.edited(
             platform=PLATFORM,
             channel=channel,
             message_id=edited["ts"],
-            text=await self._plain_text(text),
+            text=self._plain_text(str(edited.get("text") or "")),
         )
         logger.info("Slack: edit of %s in %s stored: %s", edited["ts"], channel, updated)
 
     async def _handle_deletion(self, event: dict[str, Any]) -> None:
         channel, deleted_ts = event.get("channel"), event.get("deleted_ts")
         if isinstance(channel, str) and isinstance(deleted_ts, str):
-            removed = await self.handler.message_deleted(
+            removed = await self.router.deleted(
                 platform=PLATFORM, channel=channel, message_id=deleted_ts
             )
             logger.info("Slack: deletion of %s in %s applied: %s", deleted_ts, channel, removed)
@@ -483,17 +599,22 @@ class SlackAdapter:
         item_user = event.get("item_user")
         if item_user is not None and item_user != self._identity().user_id:
             return  # a reaction on someone else's message rates nothing
-        change = self.handler.rating_added if added else self.handler.rating_removed
-        stored = await change(
-            platform=PLATFORM, channel=channel, answer_message_id=ts, rater_id=rater, value=value
+        stored = await self.router.rated(
+            platform=PLATFORM,
+            channel=channel,
+            message_id=ts,
+            rater_id=rater,
+            value=value,
+            added=added,
         )
         logger.info("Slack: rating %+d on %s (added=%s) stored: %s", value, ts, added, stored)
 
-    # ------------------------------------------------------------------ commands
+    # ------------------------------------------------------------------ slash commands
 
     async def _handle_slash_command(self, command: dict[str, Any], respond: AsyncRespond) -> None:
         word, _, arguments = str(command.get("text") or "").strip().partition(" ")
         user_id = str(command.get("user_id") or "")
+        user = await self._user(user_id)
         request = CommandRequest(
             command=word or "help",
             arguments=arguments.strip(),
@@ -501,10 +622,19 @@ class SlackAdapter:
             workspace=str(command.get("team_id") or self._identity().team_id),
             channel=str(command.get("channel_id") or ""),
             user_id=user_id,
-            user_name=str(command.get("user_name") or user_id),
+            user_name=user.name,
             user_is_admin=user_id in self.admin_ids,
+            user_manages_channel=user.is_workspace_admin,
         )
-        text = await self.commands.run(request)
+        trigger_id = command.get("trigger_id")
+        if trigger_id:
+            # The trigger id names this invocation: a replayed request carries the same one.
+            text = await self.router.run_command(request, delivery_key=f"slash:{trigger_id}")
+            if text is None:
+                return
+        else:
+            logger.info("Slack: a slash command without trigger_id runs without dedupe")
+            text = await self.commands.run(request)
         # Only the person who asked sees the answer: status and refusals are nobody else's.
         if command.get("response_url"):
             await respond(text=escape(text), response_type="ephemeral")
@@ -512,34 +642,6 @@ class SlackAdapter:
             await self.client.chat_postEphemeral(
                 channel=request.channel, user=user_id, text=escape(text)
             )
-
-    async def _run_bang_command(self, message: IncomingMessage, word: str, arguments: str) -> None:
-        # Commands do not go through the pipeline, so its database dedupe does not cover them;
-        # a recent-message memory catches the double delivery and Slack's retries.
-        key = (message.channel, message.message_id)
-        if key in self._recent_commands:
-            return
-        self._recent_commands[key] = None
-        if len(self._recent_commands) > 1_000:
-            self._recent_commands.popitem(last=False)
-        text = await self.commands.run(
-            CommandRequest(
-                command=word,
-                arguments=arguments,
-                platform=PLATFORM,
-                workspace=message.workspace,
-                channel=message.channel,
-                user_id=message.author_id,
-                user_name=message.author_name,
-                user_is_admin=message.author_id in self.admin_ids,
-            )
-        )
-        await _post_chunks(
-            self.client,
-            channel=message.channel,
-            thread_ts=message.thread or None,
-            chunks=_chunks(text),
-        )
 
     # ------------------------------------------------------------------ retry queue
 
@@ -553,43 +655,58 @@ class SlackAdapter:
 
     async def deliver_undelivered(self) -> int:
         """Post the stored replies that could not be posted before; returns how many went out."""
-        delivered = 0
-        for reply in await self.handler.undelivered_replies(platform=PLATFORM):
+        return await deliver_queued_replies(
+            self.handler,
+            platform=PLATFORM,
+            post=self.post_queued_reply,
+            transient_errors=(SlackClientError, PartialDelivery),
+        )
+
+    async def post_queued_reply(self, reply: UndeliveredReply) -> str:
+        """Post one queued reply; returns the ts of its first message (the one rated).
+
+        When the reply's placeholder (or its start) is already in the thread, that message is
+        edited into the reply and only the remaining chunks are posted.
+        """
+        chunks = _chunks(reply.text)
+        thread_ts = reply.thread or None
+        if reply.placeholder_id:
             try:
-                ts = await _post_chunks(
+                await self.client.chat_update(
+                    channel=reply.channel, ts=reply.placeholder_id, text=escape(chunks[0])
+                )
+            except SlackApiError as error:
+                if error.response.get("error") != "message_not_found":
+                    raise
+                # Someone deleted the placeholder: the reply is posted as a new message.
+                logger.info("Slack: placeholder %s is gone; posting anew", reply.placeholder_id)
+            else:
+                await _post_chunks(
                     self.client,
                     channel=reply.channel,
-                    thread_ts=reply.thread or None,
-                    chunks=_chunks(reply.text),
+                    thread_ts=thread_ts,
+                    chunks=chunks[1:],
+                    first_ts=reply.placeholder_id,
                 )
-            except SlackClientError as error:
-                logger.warning("Slack: reply %d still cannot be posted: %s", reply.answer_id, error)
-                await self.handler.reply_not_delivered(answer_id=reply.answer_id)
-                continue
-            except BaseException:
-                # Claimed but not sent (a bug, a cancelled task): back into the queue.
-                await asyncio.shield(self.handler.reply_not_delivered(answer_id=reply.answer_id))
-                raise
-            await self.handler.reply_delivered(answer_id=reply.answer_id, platform_message_id=ts)
-            delivered += 1
-        if delivered:
-            logger.warning(
-                "Slack: posted %d queued repl%s", delivered, "y" if delivered == 1 else "ies"
-            )
-        return delivered
+                return reply.placeholder_id
+        return await _post_chunks(
+            self.client, channel=reply.channel, thread_ts=thread_ts, chunks=chunks
+        )
 
-    # ------------------------------------------------------------------ names
+    # ------------------------------------------------------------------ people
 
-    async def _display_name(self, user_id: str) -> str:
-        if user_id in self._names:
-            self._names.move_to_end(user_id)
-            return self._names[user_id]
+    async def _user(self, user_id: str) -> SlackUser:
+        """The person's display name and admin flags, from ``users.info`` (cached)."""
+        cached = self._users.get(user_id)
+        if cached is not None and time.monotonic() - cached[0] < self._user_cache_seconds:
+            self._users.move_to_end(user_id)
+            return cached[1]
         try:
             response = await self.client.users_info(user=user_id)
         except SlackClientError as error:
-            # Not cached: the next message tries again.
+            # Not cached: the next message tries again. A stale entry beats none.
             logger.warning("Slack: users.info for %s failed: %s", user_id, error)
-            return user_id
+            return cached[1] if cached is not None else SlackUser(user_id, False)
         user = response.get("user") or {}
         profile = user.get("profile") or {}
         name = str(
@@ -599,18 +716,22 @@ class SlackAdapter:
             or user.get("name")
             or user_id
         )
-        self._remember_name(user_id, name)
-        return name
+        found = SlackUser(
+            name, is_workspace_admin=bool(user.get("is_admin") or user.get("is_owner"))
+        )
+        self._remember_user(user_id, found)
+        return found
 
-    def _remember_name(self, user_id: str, name: str) -> None:
-        self._names[user_id] = name
-        self._names.move_to_end(user_id)
-        while len(self._names) > self._name_cache_size:
-            self._names.popitem(last=False)
+    def _remember_user(self, user_id: str, user: SlackUser) -> None:
+        self._users[user_id] = (time.monotonic(), user)
+        self._users.move_to_end(user_id)
+        while len(self._users) > self._user_cache_size:
+            self._users.popitem(last=False)
 
-    async def _plain_text(self, text: str) -> str:
-        names = {user_id: await self._display_name(user_id) for user_id in mentioned_user_ids(text)}
-        return to_plain_text(text, names=names).strip()
+    def _plain_text(self, text: str) -> str:
+        """Slack markup to stored text: the bot's own leading mention dropped, other mentions
+        kept as ids."""
+        return to_plain_text(without_leading_mention(text, self._identity().user_id)).strip()
 
     def _identity(self) -> BotIdentity:
         if self.identity is None:
@@ -619,15 +740,20 @@ class SlackAdapter:
 
 
 class ThreadReply:
-    """One reply being written into one thread: a placeholder, streamed edits, the final text."""
+    """Answers one message on Slack (a :class:`adapters.routing.Replier`): a placeholder in
+    the thread, streamed edits, the final text; command answers go to the asker alone."""
 
-    def __init__(self, *, client: AsyncWebClient, channel: str, thread_ts: str | None) -> None:
+    def __init__(
+        self, *, client: AsyncWebClient, channel: str, thread_ts: str | None, asker: str
+    ) -> None:
         self.client = client
         self.channel = channel
         self.thread_ts = thread_ts
+        self.asker = asker
         self.placeholder_ts: str | None = None
 
-    async def progress(self, *, text: str, in_reply_to: IncomingMessage) -> None:
+    async def progress(self, *, text: str, in_reply_to: IncomingMessage) -> str | None:
+        """Post the placeholder, then edit the text so far into it; returns its ts."""
         preview = escape(_chunks(text)[0] + " …") if text else PLACEHOLDER
         if self.placeholder_ts is None:
             response = await self.client.chat_postMessage(
@@ -638,21 +764,42 @@ class ThreadReply:
             await self.client.chat_update(
                 channel=self.channel, ts=self.placeholder_ts, text=preview
             )
+        return self.placeholder_ts
 
     async def send(self, *, text: str, in_reply_to: IncomingMessage) -> str:
-        """Post the final reply; returns the ts of its first message, the one rated."""
+        """Post the final reply; returns the ts of its first message, the one rated.
+
+        Raises:
+            PartialDelivery: the placeholder or the reply's first message is in the thread
+                but the reply is not complete; the retry edits that message.
+            SlackClientError: nothing of the reply reached Slack.
+        """
         chunks = _chunks(text)
         if self.placeholder_ts is None:
             return await _post_chunks(
                 self.client, channel=self.channel, thread_ts=self.thread_ts, chunks=chunks
             )
-        await self.client.chat_update(
-            channel=self.channel, ts=self.placeholder_ts, text=escape(chunks[0])
-        )
+        try:
+            await self.client.chat_update(
+                channel=self.channel, ts=self.placeholder_ts, text=escape(chunks[0])
+            )
+        except SlackClientError as error:
+            raise PartialDelivery(self.placeholder_ts, str(error)) from error
         await _post_chunks(
-            self.client, channel=self.channel, thread_ts=self.thread_ts, chunks=chunks[1:]
+            self.client,
+            channel=self.channel,
+            thread_ts=self.thread_ts,
+            chunks=chunks[1:],
+            first_ts=self.placeholder_ts,
         )
         return self.placeholder_ts
+
+    async def send_private(self, *, text: str) -> None:
+        """An ephemeral message to the asker, in the thread: nobody else sees it."""
+        for chunk in _chunks(text):
+            await self.client.chat_postEphemeral(
+                channel=self.channel, user=self.asker, thread_ts=self.thread_ts, text=escape(chunk)
+            )
 
 
 def _chunks(text: str) -> list[str]:
@@ -660,13 +807,28 @@ def _chunks(text: str) -> list[str]:
 
 
 async def _post_chunks(
-    client: AsyncWebClient, *, channel: str, thread_ts: str | None, chunks: list[str]
+    client: AsyncWebClient,
+    *,
+    channel: str,
+    thread_ts: str | None,
+    chunks: list[str],
+    first_ts: str | None = None,
 ) -> str:
-    """Post each chunk as a message of its own; returns the first message's ts."""
-    first_ts = ""
+    """Post each chunk as a message of its own; returns the first message's ts.
+
+    ``first_ts`` is the reply's first message when it is already in the thread.
+
+    Raises:
+        PartialDelivery: a chunk failed after the reply's first message went up.
+    """
     for chunk in chunks:
-        response = await client.chat_postMessage(
-            channel=channel, thread_ts=thread_ts, text=escape(chunk)
-        )
+        try:
+            response = await client.chat_postMessage(
+                channel=channel, thread_ts=thread_ts, text=escape(chunk)
+            )
+        except SlackClientError as error:
+            if first_ts is not None:
+                raise PartialDelivery(first_ts, str(error)) from error
+            raise
         first_ts = first_ts or str(response["ts"])
-    return first_ts
+    return first_ts or ""

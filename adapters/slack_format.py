@@ -2,7 +2,9 @@
 
 Slack writes mentions, channel links and URLs in angle brackets (``<@U123>``, ``<#C1|general>``,
 ``<https://x|label>``) and escapes ``&``, ``<`` and ``>``. The model and the database see plain
-text instead; replies go back escaped.
+text instead, except for user mentions, which stay ``<@U123>``: a person's name is theirs, not
+part of the message (the export's redaction turns the mention into ``<USER>``). Replies go back
+escaped.
 """
 
 from __future__ import annotations
@@ -34,17 +36,15 @@ def without_leading_mention(text: str, user_id: str) -> str:
     return text[match.end() :] if match else text
 
 
-def to_plain_text(text: str, *, names: Mapping[str, str]) -> str:
-    """Slack markup to plain text: ``<@U1>`` → ``@name``, ``<url|label>`` → ``label (url)``.
-
-    ``names`` maps user ids to display names; unknown ids stay as they are.
-    """
+def to_plain_text(text: str) -> str:
+    """Slack markup to plain text: ``<url|label>`` → ``label (url)``, ``<#C1|general>`` →
+    ``#general``; a user mention keeps only its id (``<@U1|jane>`` → ``<@U1>``)."""
 
     def replace(match: re.Match[str]) -> str:
         inner = match.group(1)
         target, _, label = inner.partition("|")
         if target.startswith("@"):
-            return "@" + names.get(target[1:], label or target[1:])
+            return f"<{target}>"  # the label of an old-style mention is a name: dropped
         if target.startswith("#"):
             return "#" + (label or target[1:])
         if target.startswith("!"):

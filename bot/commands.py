@@ -57,7 +57,8 @@ DESCRIPTIONS = {
     Command.EXPORT: "export new training data now (admins)",
     Command.RETRAIN: "train a new model on the exported data (admins)",
     Command.ROLLBACK: "go back to the previous model (admins)",
-    Command.CORRECT: "reply to a bot message with `!correct <better answer>` (admins)",
+    Command.CORRECT: "`correct <better answer>` as a reply to a bot message, or in its thread "
+    "(admins)",
     Command.TRAINING: "`training off` / `training on`: use this channel for training (admins)",
 }
 
@@ -149,6 +150,7 @@ class Commands:
         return (
             f"Model: {self.model_version()}\n"
             f"Conversations: {numbers.conversations}, messages: {numbers.messages}, "
-            f"exchanges: {numbers.exchanges}, unanswered: {numbers.unanswered}\n"
+            f"exchanges: {numbers.exchanges}, unanswered: {numbers.unanswered}, "
+            f"gave up: {numbers.gave_up}\n"
             f"Last export: {last_export}"
         )

@@ -83,7 +83,12 @@ class LearningActions:
     async def correct(self, request: CommandRequest) -> str:
         better = request.arguments.strip()
         if not better:
-            return "Reply to one of my messages with `!correct <better answer>`."
+            return (
+                "Reply to one of my messages, or write in the thread I answered in, with "
+                "`!correct <better answer>`."
+            )
+        # Without a replied-to message (Slack has no replies), the thread names the answer:
+        # the bot's newest reply in this channel and thread is the one corrected.
         exchange = await self.store.run(
             record_correction,
             platform=request.platform,

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +21,25 @@ from sqlmodel import col, select
 from adapters.discord_adapter import MESSAGE_LIMIT, DiscordAdapter
 from bot.commands import ADMIN_ONLY, Command, CommandAction, Commands
 from bot.config import Settings
-from bot.conversation import Role
+from bot.conversation import IncomingMessage, Role
 from bot.export import Exporter, ExportOptions
 from bot.learning import LearningActions
 from bot.redaction import Pseudonymizer
 from bot.service import (
     APOLOGY,
+    PartialDelivery,
     PipelineOptions,
+    PipelineResult,
+    ProgressSink,
     ReplyGenerator,
     ReplyPipeline,
+    ReplySender,
     StreamingReplyGenerator,
 )
 from bot.storage import (
     AnsweredBy,
     AnswerState,
+    ConversationRecord,
     Database,
     DeliveryState,
     ExchangeRecord,
@@ -50,10 +55,14 @@ from model.prompt import format_prompt
 from tests.conftest import make_message
 from tests.fakes.discord_server import (
     ADMIN_ROLE_ID,
+    APP_OWNER_ID,
     BOT_ID,
     GENERAL_CHANNEL_ID,
     GUILD_ID,
     MANAGE_GUILD,
+    MANAGER_ROLE_ID,
+    OTHER_ADMIN_ROLE_ID,
+    OTHER_CHANNEL_ID,
     THREAD_ID,
     FakeDiscord,
     Json,
@@ -71,6 +80,7 @@ BOB = FakeDiscord.make_user("300000000000000002", "bob")
 ADMIN = FakeDiscord.make_user(ADMIN_ID, "admin")
 AGENT = FakeDiscord.make_user(AGENT_ID, "agent")
 OTHER_BOT = FakeDiscord.make_user("800000000000000001", "otherbot", bot=True)
+APP_OWNER = FakeDiscord.make_user(APP_OWNER_ID, "app owner")
 
 
 # --------------------------------------------------------------------------- harness
@@ -89,8 +99,29 @@ def model(tiny_model: ReplyGenerator) -> RecordingModel:
     return RecordingModel(tiny_model)
 
 
-@contextlib.asynccontextmanager
-async def running_bot(
+class SpiedPipeline(ReplyPipeline):
+    """The real pipeline, keeping what the adapter's sender raised."""
+
+    send_errors: list[Exception]
+
+    async def handle(
+        self,
+        message: IncomingMessage,
+        *,
+        send: ReplySender,
+        progress: ProgressSink | None = None,
+    ) -> PipelineResult:
+        async def spied_send(*, text: str, in_reply_to: IncomingMessage) -> str | None:
+            try:
+                return await send(text=text, in_reply_to=in_reply_to)
+            except Exception as error:
+                self.send_errors.append(error)
+                raise
+
+        return await super().handle(message, send=spied_send, progress=progress)
+
+
+async def start_bot(
     discord: FakeDiscord,
     database: Database,
     generator: ReplyGenerator,
@@ -98,13 +129,18 @@ async def running_bot(
     progress_interval: float = 0.05,
     actions: Mapping[Command, CommandAction] | None = None,
     **settings: Any,
-) -> AsyncIterator[DiscordAdapter]:
-    """The adapter connected to the fake Discord; closed (and checked) on the way out."""
-    pipeline = ReplyPipeline(
+) -> tuple[DiscordAdapter, asyncio.Task[int]]:
+    """The adapter connected to the fake Discord and ready, with the task running it."""
+    pipeline = SpiedPipeline(
         store=Store(database),
         generator=generator,
-        options=PipelineOptions(max_new_tokens=64, progress_interval=progress_interval),
+        options=PipelineOptions(
+            max_new_tokens=64,
+            progress_interval=progress_interval,
+            history_turns=settings.get("history_turns", 20),
+        ),
     )
+    pipeline.send_errors = []
     values: dict[str, Any] = {
         "discord_bot_token": "test-token",
         "discord_api_url": discord.api_url,
@@ -124,14 +160,47 @@ async def running_bot(
     )
     run = asyncio.create_task(adapter.run())
     ready = asyncio.create_task(adapter.wait_until_ready())
-    try:
-        done, _ = await asyncio.wait({run, ready}, timeout=15, return_when="FIRST_COMPLETED")
-        assert ready in done, "the client did not become ready"
-        yield adapter
-    finally:
+    done, _ = await asyncio.wait({run, ready}, timeout=15, return_when="FIRST_COMPLETED")
+    if ready not in done:
         ready.cancel()
         await adapter.close()
+        raise AssertionError("the client did not become ready")
+    return adapter, run
+
+
+@contextlib.asynccontextmanager
+async def running_bot(
+    discord: FakeDiscord, database: Database, generator: ReplyGenerator, **options: Any
+) -> AsyncIterator[DiscordAdapter]:
+    """The adapter connected to the fake Discord; closed (and checked) on the way out."""
+    adapter, run = await start_bot(discord, database, generator, **options)
+    try:
+        yield adapter
+    finally:
+        await adapter.close()
         assert await asyncio.wait_for(run, 15) == 0
+
+
+def send_errors(adapter: DiscordAdapter) -> list[Exception]:
+    """What the adapter's reply sender raised to the pipeline."""
+    handler = adapter.router.handler
+    assert isinstance(handler, SpiedPipeline)
+    return handler.send_errors
+
+
+def learning_actions(database: Database, directory: Path) -> dict[Command, CommandAction]:
+    """The real export, forget-me, correct and training actions."""
+    learning = LearningActions(
+        store=Store(database),
+        exporter=Exporter(
+            database=database,
+            options=ExportOptions(directory=directory),
+            formatter=format_prompt,
+            pseudonymize=Pseudonymizer(b"k"),
+        ),
+        pseudonymize=Pseudonymizer(b"k"),
+    )
+    return learning.actions()
 
 
 def mention(text: str) -> str:
@@ -148,11 +217,11 @@ async def say(
     **options: Any,
 ) -> Json:
     """Post a user message through the gateway; returns its payload."""
+    options.setdefault("mentions", (discord.bot_user,) if mentions_bot else ())
     message = discord.user_message(
         channel_id=channel_id,
         author=author,
         content=mention(text) if mentions_bot else text,
-        mentions=(discord.bot_user,) if mentions_bot else (),
         **options,
     )
     await discord.dispatch("MESSAGE_CREATE", message)
@@ -164,6 +233,25 @@ async def reply_to(discord: FakeDiscord, message: Json, *, count: int = 1) -> li
     return await discord.wait_for(
         lambda: (r := discord.replies_to(message["id"])) and len(r) >= count and r,
         what=f"a reply to {message['content'][:40]!r}",
+    )
+
+
+async def direct_messages(discord: FakeDiscord, user: Json, *, count: int = 1) -> list[str]:
+    """Wait for ``count`` bot messages in the DM channel with ``user``; their texts."""
+    channel = discord.dm_channel(user)["id"]
+    found = await discord.wait_for(
+        lambda: (m := discord.bot_messages(channel)) and len(m) >= count and m,
+        what=f"{count} direct message(s) to {user['username']}",
+    )
+    return [message["content"] for message in found]
+
+
+async def reply_id_stored(discord: FakeDiscord, database: Database, reply: Json) -> None:
+    """Wait until the bot has stored the Discord id of ``reply`` (just after Discord has it;
+    a person is never faster)."""
+    await discord.wait_for(
+        lambda: any(m.platform_message_id == reply["id"] for m in stored(database)),
+        what="the reply's id stored",
     )
 
 
@@ -550,8 +638,12 @@ async def test_slash_commands_check_admins_twice(
 ) -> None:
     async with running_bot(discord, database, model):
         refused = await run_slash(discord, ALICE, "chatbot-admin", "status")
+        # Manage Server covers this server's channels, not the model every server shares.
         by_permission = await run_slash(
             discord, BOB, "chatbot-admin", "status", permissions=MANAGE_GUILD
+        )
+        channel_local = await run_slash(
+            discord, BOB, "chatbot-admin", "training", permissions=MANAGE_GUILD, arguments="off"
         )
         by_role = await run_slash(discord, BOB, "chatbot-admin", "status", roles=(ADMIN_ROLE_ID,))
         by_id = await run_slash(discord, ADMIN, "chatbot-admin", "retrain")
@@ -562,8 +654,9 @@ async def test_slash_commands_check_admins_twice(
 
     assert refused == "Sorry, only admins can use `status`."
     assert "refused admin command status" in caplog.text
-    assert by_permission.startswith(f"Model: {model.version}")
-    assert by_role.startswith("Model: ")
+    assert by_permission == "Sorry, only admins can use `status`."
+    assert channel_local == "`training` is not available yet.", "allowed, but no action set"
+    assert by_role.startswith(f"Model: {model.version}")
     assert by_id == "`retrain` is not available yet."
     assert "`forget-me`" in help_text
     assert with_arguments.startswith("Model: ")
@@ -599,54 +692,457 @@ async def test_bang_commands_check_admins(
         help_asked = await say(
             discord, "!help", author=ALICE, channel_id=discord.dm_channel(ALICE)["id"]
         )
-        (refusal,) = await reply_to(discord, refused)
+        # Answers to commands in a server go to the asker alone, as a DM; in a DM, right there.
+        alice_dm = await direct_messages(discord, ALICE, count=2)
         (status,) = await reply_to(discord, allowed)
-        (export,) = await reply_to(discord, by_role)
-        (help_reply,) = await reply_to(discord, help_asked)
+        (export,) = await direct_messages(discord, BOB)
 
-    assert refusal["content"] == "Sorry, only admins can use `status`."
+    assert "Sorry, only admins can use `status`." in alice_dm
     assert "refused admin command status" in caplog.text
     assert status["content"].startswith(f"Model: {model.version}")
-    assert export["content"] == "`export` is not available yet."
-    assert "`forget-me`" in help_reply["content"]
+    assert export == "`export` is not available yet."
+    assert [text for text in alice_dm if "`forget-me`" in text]
+    assert discord.replies_to(help_asked["id"]), "in a DM the answer replies to the command"
+    assert discord.bot_messages(GENERAL_CHANNEL_ID) == [], "nothing answered in the channel"
+    assert discord.replies_to(refused["id"]) == discord.replies_to(by_role["id"]) == []
     assert stored(database) == [] and model.prompts == []
+
+
+THANKS = "Thanks, I stored your correction; it will be used for training."
 
 
 async def test_bang_correct_in_reply_to_a_bot_message_stores_a_correction(
     discord: FakeDiscord, database: Database, model: RecordingModel, tmp_path: Path
 ) -> None:
-    learning = LearningActions(
-        store=Store(database),
-        exporter=Exporter(
-            database=database,
-            options=ExportOptions(directory=tmp_path),
-            formatter=format_prompt,
-            pseudonymize=Pseudonymizer(b"k"),
-        ),
-        pseudonymize=Pseudonymizer(b"k"),
-    )
     better = "Use the 'Forgot password?' link, then check your inbox."
-    async with running_bot(discord, database, model, actions=learning.actions()):
+    actions = learning_actions(database, tmp_path)
+    async with running_bot(discord, database, model, actions=actions):
         question = await say(discord, RESET_QUESTION, mentions_bot=True)
         (answer,) = await reply_to(discord, question)
-        # The reply's Discord id is stored just after Discord has it; a person is never faster.
-        await discord.wait_for(
-            lambda: any(m.platform_message_id == answer["id"] for m in stored(database)),
-            what="the reply's id stored",
-        )
-        fix = await say(
+        await reply_id_stored(discord, database, answer)
+        await say(
             discord, f"!correct {better}", author=ADMIN, reply_to=answer["id"], mentions_bot=True
         )
-        (acknowledgement,) = await reply_to(discord, fix)
+        (acknowledgement,) = await direct_messages(discord, ADMIN)
 
-    assert (
-        acknowledgement["content"]
-        == "Thanks, I stored your correction; it will be used for training."
-    )
+    assert acknowledgement == THANKS
     [asked] = [m for m in stored(database) if m.text == RESET_QUESTION]
     [correction] = [e for e in exchanges(database) if e.answered_by == "correction"]
     assert correction.user_message_id == asked.id
     assert [m.text for m in stored(database) if m.id == correction.answer_message_id] == [better]
+
+
+async def test_bang_correct_in_a_thread_corrects_the_last_answer_there(
+    discord: FakeDiscord, database: Database, model: RecordingModel, tmp_path: Path
+) -> None:
+    better = "Click 'Forgot password?' on the login page."
+    async with running_bot(discord, database, model, actions=learning_actions(database, tmp_path)):
+        question = await say(discord, RESET_QUESTION, channel_id=THREAD_ID, mentions_bot=True)
+        await reply_to(discord, question)
+        # No reply to a message and no mention: the bot is part of the thread already.
+        await say(discord, f"!correct {better}", author=ADMIN, channel_id=THREAD_ID)
+        (acknowledgement,) = await direct_messages(discord, ADMIN)
+
+    assert acknowledgement == THANKS
+    [asked] = [m for m in stored(database) if m.text == RESET_QUESTION]
+    [correction] = [e for e in exchanges(database) if e.answered_by == "correction"]
+    assert correction.user_message_id == asked.id
+    assert discord.bot_messages(THREAD_ID)[-1]["content"] != THANKS, "answered privately"
+
+
+async def test_a_moderator_runs_channel_commands_but_not_model_commands(
+    discord: FakeDiscord, database: Database, model: RecordingModel, tmp_path: Path
+) -> None:
+    moderator: dict[str, Any] = {"author": BOB, "roles": (MANAGER_ROLE_ID,), "mentions_bot": True}
+    async with running_bot(discord, database, model, actions=learning_actions(database, tmp_path)):
+        question = await say(discord, RESET_QUESTION, mentions_bot=True)
+        (answer,) = await reply_to(discord, question)
+        await reply_id_stored(discord, database, answer)
+        await say(discord, "!training off", **moderator)
+        await direct_messages(discord, BOB)
+        await say(discord, "!correct Wrong answer.", reply_to=answer["id"], **moderator)
+        await direct_messages(discord, BOB, count=2)
+        await say(discord, "!export", **moderator)
+        await direct_messages(discord, BOB, count=3)
+        await say(discord, "!status", **moderator)
+        texts = await direct_messages(discord, BOB, count=4)
+
+    assert texts[0].startswith("Training is now off in this channel")
+    assert texts[1:] == [
+        "Sorry, only admins can use `correct`.",
+        "Sorry, only admins can use `export`.",
+        "Sorry, only admins can use `status`.",
+    ]
+    assert [e.answered_by for e in exchanges(database)] == [AnsweredBy.BOT]
+
+
+async def test_the_application_owner_is_the_admin_when_none_is_configured(
+    discord: FakeDiscord, database: Database, model: RecordingModel
+) -> None:
+    unconfigured: dict[str, Any] = {"discord_admin_ids": [], "discord_admin_role_ids": []}
+    async with running_bot(discord, database, model, **unconfigured):
+        await say(discord, "!status", author=APP_OWNER, mentions_bot=True)
+        (owner_status,) = await direct_messages(discord, APP_OWNER)
+        # Manage Server makes no one an admin.
+        await say(discord, "!status", author=BOB, roles=(MANAGER_ROLE_ID,), mentions_bot=True)
+        (moderator_status,) = await direct_messages(discord, BOB)
+
+    # An application owned by a team: its members are the admins.
+    discord.team_members = [ALICE]
+    async with running_bot(discord, database, model, **unconfigured):
+        await say(discord, "!status", author=ALICE, mentions_bot=True)
+        (member_status,) = await direct_messages(discord, ALICE)
+        await say(discord, "!status", author=APP_OWNER, mentions_bot=True)
+        owner_texts = await direct_messages(discord, APP_OWNER, count=2)
+
+    assert owner_status.startswith(f"Model: {model.version}")
+    assert moderator_status == "Sorry, only admins can use `status`."
+    assert member_status.startswith(f"Model: {model.version}")
+    assert owner_texts[1] == "Sorry, only admins can use `status`."
+    assert len(discord.requests_to("GET", "/oauth2/applications/@me")) == 2, "the one at each login"
+
+
+async def test_an_admin_role_counts_only_in_its_own_guild(
+    discord: FakeDiscord, database: Database, model: RecordingModel
+) -> None:
+    async with running_bot(
+        discord,
+        database,
+        model,
+        discord_admin_ids=[],
+        discord_admin_role_ids=[OTHER_ADMIN_ROLE_ID],
+    ):
+        # Bob holds the admin role of the other guild; in this one it is no role at all.
+        await say(discord, "!status", author=BOB, roles=(OTHER_ADMIN_ROLE_ID,), mentions_bot=True)
+        (here,) = await direct_messages(discord, BOB)
+        await say(
+            discord,
+            "!status",
+            author=BOB,
+            roles=(OTHER_ADMIN_ROLE_ID,),
+            channel_id=OTHER_CHANNEL_ID,
+            mentions_bot=True,
+        )
+        (_, there) = await direct_messages(discord, BOB, count=2)
+        # The application's owner is no admin once admins are configured.
+        await say(discord, "!status", author=APP_OWNER, mentions_bot=True)
+        (owner,) = await direct_messages(discord, APP_OWNER)
+
+    assert here == owner == "Sorry, only admins can use `status`."
+    assert there.startswith(f"Model: {model.version}")
+
+
+async def test_a_command_runs_once_however_often_it_is_delivered(
+    discord: FakeDiscord,
+    database: Database,
+    model: RecordingModel,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    runs: list[str] = []
+
+    async def export(request: Any) -> str:
+        runs.append(request.user_id)
+        return f"export {len(runs)}"
+
+    interaction = discord.interaction(user=ADMIN, group="chatbot-admin", subcommand="export")
+    async with running_bot(discord, database, model, actions={Command.EXPORT: export}):
+        command = await say(discord, "!export", author=ADMIN, mentions_bot=True)
+        await direct_messages(discord, ADMIN)
+        await discord.dispatch("INTERACTION_CREATE", interaction)
+        await discord.wait_for(lambda: interaction_text(discord, interaction["token"]))
+
+        # The RESUME replays both, as if the bot's last sequence number had been lost.
+        discord.replay_from(0)
+        await discord.drop_connection(code=4000)
+        await discord.wait_for(lambda: discord.resumes == 1 and discord.connected)
+        await discord.wait_for(
+            lambda: caplog.text.count("already handled") >= 2, what="the replay handled"
+        )
+
+    # A new client on the same database gets them again.
+    async with running_bot(discord, database, model, actions={Command.EXPORT: export}):
+        await discord.dispatch("MESSAGE_CREATE", command)
+        await discord.dispatch("INTERACTION_CREATE", interaction)
+        await discord.wait_for(
+            lambda: caplog.text.count("already handled") >= 4, what="the redelivery handled"
+        )
+
+    assert runs == [ADMIN_ID, ADMIN_ID], "once as !export, once as /chatbot-admin export"
+    assert await direct_messages(discord, ADMIN) == ["export 1"]
+    assert interaction_text(discord, interaction["token"]) == "export 2"
+    assert stored(database) == []
+
+
+async def test_an_agents_command_is_a_command_and_no_answer(
+    discord: FakeDiscord, database: Database, model: RecordingModel
+) -> None:
+    async with running_bot(discord, database, model) as bot:
+        question = await say(discord, RESET_QUESTION, mentions_bot=True)
+        (reply,) = await reply_to(discord, question)
+        follow_up = await say(discord, "That link does not work for me.", reply_to=reply["id"])
+        await reply_to(discord, follow_up)
+        await say(discord, "!help", author=AGENT, reply_to=follow_up["id"])
+        (help_text,) = await direct_messages(discord, AGENT)
+        await bot.wait_until_idle()
+
+    assert "`forget-me`" in help_text
+    assert [e.answered_by for e in exchanges(database)] == [AnsweredBy.BOT, AnsweredBy.BOT]
+    assert Role.HUMAN_AGENT not in {m.role for m in stored(database)}
+
+
+# --------------------------------------------------------------------------- conversations (2)
+
+
+async def test_a_reply_chain_longer_than_the_history_stays_one_conversation(
+    discord: FakeDiscord, database: Database, model: RecordingModel
+) -> None:
+    # A chain of three begun before the bot connected; the bot loads at most two of them.
+    first = discord.user_message(channel_id=GENERAL_CHANNEL_ID, author=ALICE, content="Hi all.")
+    second = discord.user_message(
+        channel_id=GENERAL_CHANNEL_ID, author=BOB, content="Hello.", reply_to=first["id"]
+    )
+    third = discord.user_message(
+        channel_id=GENERAL_CHANNEL_ID,
+        author=ALICE,
+        content="I am locked out.",
+        reply_to=second["id"],
+    )
+    async with running_bot(discord, database, model, history_turns=2):
+        latest = await say(
+            discord, RESET_QUESTION, author=BOB, reply_to=third["id"], mentions_bot=True
+        )
+        for turn in range(3):
+            (answer,) = await reply_to(discord, latest)
+            await reply_id_stored(discord, database, answer)
+            latest = await say(discord, f"{REFUND_QUESTION} ({turn})", reply_to=answer["id"])
+        await reply_to(discord, latest)
+        # A reply to a person's message of the conversation belongs to it too.
+        latest = await say(discord, RESET_QUESTION, author=BOB, reply_to=latest["id"])
+        await reply_to(discord, latest)
+
+    rows = stored(database)
+    assert first["id"] not in {r.platform_message_id for r in rows}, "beyond the history limit"
+    assert len(rows) == 2 + 5 * 2
+    assert len({r.conversation_id for r in rows}) == 1
+    fetches = discord.requests_to("GET", r"/channels/\d+/messages/\d+")
+    assert {r.path.rsplit("/", 1)[1] for r in fetches} == {second["id"]}
+
+
+async def test_a_thread_under_a_channel_with_training_off_gives_no_training_data(
+    discord: FakeDiscord, database: Database, model: RecordingModel, tmp_path: Path
+) -> None:
+    async with running_bot(discord, database, model, actions=learning_actions(database, tmp_path)):
+        await say(discord, "!training off", author=ADMIN, mentions_bot=True)
+        (done,) = await direct_messages(discord, ADMIN)
+        question = await say(discord, RESET_QUESTION, channel_id=THREAD_ID, mentions_bot=True)
+        await reply_to(discord, question)
+
+    assert done.startswith("Training is now off")
+    with database.session() as session:
+        (conversation,) = session.exec(select(ConversationRecord)).all()
+    assert (conversation.channel, conversation.parent_channel) == (THREAD_ID, GENERAL_CHANNEL_ID)
+    assert [e.for_training for e in exchanges(database)] == [False]
+
+
+async def test_other_peoples_mentions_are_stored_as_mentions_not_names(
+    discord: FakeDiscord, database: Database, model: RecordingModel
+) -> None:
+    async with running_bot(discord, database, model) as bot:
+        question = await say(
+            discord,
+            f"can <@{BOB['id']}> reset my password?",
+            mentions_bot=True,
+            mentions=(discord.bot_user, BOB),
+        )
+        await reply_to(discord, question)
+        edited = {
+            **question,
+            "content": mention(f"can <@!{ALICE['id']}> or <@{BOB['id']}> do it?"),
+            "mentions": [discord.bot_user, ALICE, BOB],
+        }
+        await discord.dispatch("MESSAGE_UPDATE", edited)
+        await discord.wait_for(lambda: "do it" in stored(database)[0].text, what="the edit")
+        await bot.wait_until_idle()
+
+    assert model.prompts[0] == [
+        {"role": "user", "content": f"can <@{BOB['id']}> reset my password?"}
+    ]
+    assert stored(database)[0].text == f"can <@!{ALICE['id']}> or <@{BOB['id']}> do it?"
+
+
+# --------------------------------------------------------------------------- partial delivery
+
+
+class FixedReply:
+    """A model that always gives the same (long) reply: what the tiny model cannot be made to
+    produce on demand."""
+
+    version = "fixed"
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    async def generate(self, *, messages: Sequence[Mapping[str, str]], max_new_tokens: int) -> str:
+        return self.text
+
+
+LONG_REPLY = " ".join(f"Step {n}: click the link on the login page." for n in range(120))
+
+
+async def test_a_failed_edit_of_a_streamed_reply_is_not_posted_again(
+    discord: FakeDiscord, database: Database, tiny_model: ReplyGenerator
+) -> None:
+    edits = rf"/channels/{GENERAL_CHANNEL_ID}/messages/\d+"
+    discord.fail("PATCH", edits, times=10_000)
+    async with running_bot(discord, database, tiny_model, progress_interval=0.0) as bot:
+        question = await say(discord, RESET_QUESTION, mentions_bot=True)
+        await discord.wait_for(lambda: send_errors(bot), what="the failed send")
+        await bot.wait_until_idle()
+        (error,) = send_errors(bot)
+
+    (post,) = discord.bot_posts(GENERAL_CHANNEL_ID)
+    assert post.body["content"] != RESET_ANSWER, "the streamed start of the reply"
+    assert discord.requests_to("PATCH", edits), "it was edited (and that failed)"
+    (shown,) = discord.replies_to(question["id"])
+    assert isinstance(error, PartialDelivery) and error.message_id == shown["id"]
+
+    # Once Discord takes edits again (here: after a restart), the retry finishes that message.
+    discord.stop_failing()
+    async with running_bot(discord, database, tiny_model):
+        await discord.wait_for(
+            lambda: discord.replies_to(question["id"])[0]["content"] == RESET_ANSWER,
+            what="the queued reply to replace the streamed start",
+        )
+    assert len(discord.bot_posts(GENERAL_CHANNEL_ID)) == 1, "never posted a second time"
+    assert stored(database)[-1].platform_message_id == shown["id"]
+
+
+async def test_a_failed_later_chunk_does_not_post_the_reply_again(
+    discord: FakeDiscord, database: Database
+) -> None:
+    chunks = f"/channels/{GENERAL_CHANNEL_ID}/messages"
+    discord.fail("POST", chunks, after=1)
+    async with running_bot(discord, database, FixedReply(LONG_REPLY)) as bot:
+        question = await say(discord, RESET_QUESTION, mentions_bot=True)
+        await discord.wait_for(lambda: send_errors(bot), what="the failed send")
+        await bot.wait_until_idle()
+        (error,) = send_errors(bot)
+
+    assert len(discord.bot_posts(GENERAL_CHANNEL_ID)) == 2, "the first chunk, then the failure"
+    (first,) = discord.replies_to(question["id"])
+    assert isinstance(error, PartialDelivery) and error.message_id == first["id"]
+
+
+async def test_a_queued_reply_replaces_its_placeholder(
+    discord: FakeDiscord, database: Database, model: RecordingModel
+) -> None:
+    store = Store(database)
+    question = make_message(
+        RESET_QUESTION, platform="discord", channel=GENERAL_CHANNEL_ID, message_id=snowflake()
+    )
+    user = await store.run(record_incoming, message=question)
+    assert user is not None and user.id is not None
+    answer, _ = await store.run(
+        record_answer,
+        user_message_id=user.id,
+        text=LONG_REPLY,
+        answered_by=AnsweredBy.BOT,
+        author_id=BOT_ID,
+        author_name="chatbot",
+        model_version="v0",
+    )
+    assert answer.id is not None
+    await store.run(set_delivery, answer_message_id=answer.id, state=DeliveryState.FAILED)
+    # The start of the reply reached Discord before the bot went down.
+    placeholder = discord.bot_message(
+        channel_id=GENERAL_CHANNEL_ID, content="Step 0: click", reply_to=question.message_id
+    )
+    with database.session() as session:
+        row = session.get(MessageRecord, user.id)
+        assert row is not None
+        row.reply_placeholder_id = placeholder["id"]
+        session.add(row)
+        session.commit()
+
+    async with running_bot(discord, database, model):
+        await discord.wait_for(
+            lambda: stored(database)[-1].delivery_state == DeliveryState.SENT,
+            what="the queued reply delivered",
+        )
+
+    (edit,) = discord.requests_to("PATCH", rf"/channels/{GENERAL_CHANNEL_ID}/messages/\d+")
+    assert edit.path.endswith(placeholder["id"])
+    posts = discord.bot_posts(GENERAL_CHANNEL_ID)
+    chunks = [edit.body["content"]] + [post.body["content"] for post in posts]
+    assert " ".join(chunks) == LONG_REPLY and len(chunks) >= 3
+    assert {str(p.body["message_reference"]["message_id"]) for p in posts} == {question.message_id}
+    assert stored(database)[-1].platform_message_id == placeholder["id"]
+
+
+# --------------------------------------------------------------------------- shutdown
+
+
+class GatedModel:
+    """The real model, answering only once ``release`` is set: a reply in flight."""
+
+    def __init__(self, inner: ReplyGenerator) -> None:
+        self.inner = inner
+        self.version = inner.version
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def generate(self, *, messages: Sequence[Mapping[str, str]], max_new_tokens: int) -> str:
+        self.started.set()
+        await self.release.wait()
+        return await self.inner.generate(messages=messages, max_new_tokens=max_new_tokens)
+
+
+async def test_request_stop_finishes_the_reply_in_flight_and_takes_nothing_new(
+    discord: FakeDiscord,
+    database: Database,
+    model: RecordingModel,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gated = GatedModel(model)
+    bot, run = await start_bot(discord, database, gated)
+    question = await say(discord, RESET_QUESTION, mentions_bot=True)
+    await asyncio.wait_for(gated.started.wait(), 15)
+
+    bot.request_stop(drain_within=30)
+    late = await say(discord, REFUND_QUESTION, author=BOB, mentions_bot=True)
+    await discord.wait_for(
+        lambda: "stopping, so a message was not taken" in caplog.text, what="the refusal"
+    )
+    assert not run.done(), "still draining"
+    gated.release.set()
+    assert await asyncio.wait_for(run, 15) == 0
+    bot.request_stop(drain_within=30)  # a second call is harmless
+
+    (reply,) = discord.replies_to(question["id"])
+    assert reply["content"] == RESET_ANSWER
+    assert discord.replies_to(late["id"]) == []
+    assert [m.platform_message_id for m in stored(database)] == [question["id"], reply["id"]]
+
+
+async def test_request_stop_waits_for_a_stuck_reply_at_most_drain_within(
+    discord: FakeDiscord, database: Database, model: RecordingModel
+) -> None:
+    gated = GatedModel(model)
+    bot, run = await start_bot(discord, database, gated)
+    question = await say(discord, RESET_QUESTION, mentions_bot=True)
+    await asyncio.wait_for(gated.started.wait(), 15)
+
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    bot.request_stop(drain_within=0.3)
+    assert await asyncio.wait_for(run, 15) == 0
+    assert 0.3 <= loop.time() - began < 10
+    gated.release.set()
+    assert await bot.tasks.drain(within=0), "the stuck reply was stopped"
+
+    assert discord.replies_to(question["id"]) == []
+    # The question stays stored for crash recovery; no answer was made up.
+    assert [m.platform_message_id for m in stored(database)] == [question["id"]]
 
 
 # --------------------------------------------------------------------------- bad input

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -23,17 +24,24 @@ from adapters.slack_adapter import PLACEHOLDER, SlackAdapter, ThreadReply
 from adapters.slack_format import SLACK_MESSAGE_LIMIT
 from bot.commands import Commands
 from bot.config import ConfigurationError, Settings
-from bot.service import APOLOGY, PipelineOptions, ReplyGenerator, ReplyPipeline
+from bot.export import Exporter, ExportOptions
+from bot.learning import LearningActions
+from bot.redaction import Pseudonymizer
+from bot.service import APOLOGY, PartialDelivery, PipelineOptions, ReplyGenerator, ReplyPipeline
 from bot.storage import (
     AnsweredBy,
+    ChannelSettingRecord,
     Database,
     DeliveryState,
     ExchangeRecord,
+    HandledCommandRecord,
     MessageRecord,
     RatingRecord,
     Store,
+    UndeliveredReply,
 )
 from model.corpus import SEED_EXCHANGES
+from model.prompt import format_prompt
 from tests.conftest import make_message
 from tests.fakes.slack_api import (
     BOT_ID,
@@ -51,6 +59,7 @@ SECRET = "test-signing-secret"
 ADMIN = "UADMIN"
 AGENT = "UAGENT"
 USER = "U1"
+WORKSPACE_ADMIN = "UWSADMIN"  # a Slack workspace admin, not in SLACK_ADMIN_IDS
 CHANNEL = "C1"
 
 
@@ -111,10 +120,18 @@ class SlackHarness:
         status, _ = await self.post(body, headers=headers if retry else None)
         return status
 
-    async def command(self, text: str, *, user_id: str) -> int:
-        body = slash_command_form(text=text, user_id=user_id, response_url=self.api.response_url)
+    async def command(self, text: str, *, user_id: str, trigger_id: str | None = None) -> int:
+        body = slash_command_form(
+            text=text, user_id=user_id, response_url=self.api.response_url, trigger_id=trigger_id
+        )
         status, _ = await self.post(body, content_type="application/x-www-form-urlencoded")
         return status
+
+    def ephemeral_texts(self, *, to: str | None = None) -> list[str]:
+        return [call["text"] for call in self.api.ephemerals() if to is None or call["user"] == to]
+
+    def slash_answers(self) -> list[str]:
+        return [call.params["text"] for call in self.api.calls_of("response_url")]
 
     async def settled(self) -> None:
         await self.adapter.drain()
@@ -138,18 +155,56 @@ async def http_session() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-async def start_adapter(
-    api: FakeSlackWebApi, pipeline: ReplyPipeline, **settings: Any
+def make_adapter(
+    api: FakeSlackWebApi,
+    pipeline: ReplyPipeline,
+    *,
+    commands: Commands | None = None,
+    thread_page_size: int = 200,
+    **settings: Any,
 ) -> SlackAdapter:
-    adapter = SlackAdapter(
+    return SlackAdapter(
         settings=slack_settings(api, **settings),
         handler=pipeline,
-        commands=Commands(store=pipeline.store, model_version=lambda: pipeline.generator.version),
+        commands=commands
+        or Commands(store=pipeline.store, model_version=lambda: pipeline.generator.version),
         host="127.0.0.1",
         retry_interval=0.2,
+        thread_page_size=thread_page_size,
+    )
+
+
+async def start_adapter(
+    api: FakeSlackWebApi,
+    pipeline: ReplyPipeline,
+    *,
+    commands: Commands | None = None,
+    thread_page_size: int = 200,
+    **settings: Any,
+) -> SlackAdapter:
+    adapter = make_adapter(
+        api, pipeline, commands=commands, thread_page_size=thread_page_size, **settings
     )
     await adapter.start()
     return adapter
+
+
+def learning_commands(pipeline: ReplyPipeline, directory: Path) -> Commands:
+    """The commands as the bot wires them: export, forget-me, correct and training work."""
+    exporter = Exporter(
+        database=pipeline.store.database,
+        options=ExportOptions(directory=directory, create_directory=True),
+        formatter=format_prompt,
+        pseudonymize=Pseudonymizer(b"k"),
+    )
+    learning = LearningActions(
+        store=pipeline.store, exporter=exporter, pseudonymize=Pseudonymizer(b"k")
+    )
+    return Commands(
+        store=pipeline.store,
+        model_version=lambda: pipeline.generator.version,
+        actions=learning.actions(),
+    )
 
 
 @pytest.fixture
@@ -310,6 +365,42 @@ async def test_a_mention_inside_a_thread_brings_the_thread_into_the_history(
     ]
     assert len({row.conversation_id for row in slack.rows(MessageRecord)}) == 1
     assert [row.answer_state for row in users] == ["ignored", "ignored", "answered"]
+
+
+async def test_thread_history_pages_through_the_thread_and_keeps_the_newest_turns(
+    database: Database,
+    tiny_model: ReplyGenerator,
+    api: FakeSlackWebApi,
+    http_session: aiohttp.ClientSession,
+) -> None:
+    root, mention_ts = "1700000029.000000", "1700000029.999999"
+    earlier = [
+        {
+            "type": "message",
+            "user": f"U{n % 3 + 2}",
+            "text": f"note {n}",
+            "ts": f"1700000029.{n:06d}",
+        }
+        for n in range(129)
+    ]
+    earlier[0]["ts"] = root
+    api.threads[root] = [
+        *earlier,
+        {"type": "message", "user": USER, "text": RESET_QUESTION, "ts": mention_ts},
+    ]  # 130 messages: three pages of 50
+    pipeline = build_pipeline(database, tiny_model)
+    adapter = await start_adapter(api, pipeline, thread_page_size=50, history_turns=20)
+    harness = SlackHarness(adapter=adapter, api=api, pipeline=pipeline, http=http_session)
+    try:
+        await harness.event(mention(RESET_QUESTION, ts=mention_ts, thread_ts=root))
+        await harness.settled()
+    finally:
+        await adapter.stop()
+
+    pages = api.calls_of("conversations.replies")
+    assert [call.params.get("cursor") for call in pages] == [None, "50", "100"]
+    texts = [row.text for row in harness.rows(MessageRecord) if row.role == "user"]
+    assert texts == [f"note {n}" for n in range(109, 129)] + [RESET_QUESTION]
 
 
 # --------------------------------------------------------------------------- exactly once
@@ -545,7 +636,9 @@ async def test_slash_commands_answer_admins_and_refuse_others(
     assert slack.api.posted() == []  # nothing public
 
 
-async def test_bang_commands_to_the_bot_are_answered_in_the_thread(slack: SlackHarness) -> None:
+async def test_bang_commands_are_answered_to_the_asker_alone_in_the_thread(
+    slack: SlackHarness,
+) -> None:
     admin_status = mention("!status", ts="1700000090.000100", user=ADMIN)
     await asyncio.gather(
         slack.event(admin_status),
@@ -556,15 +649,172 @@ async def test_bang_commands_to_the_bot_are_answered_in_the_thread(slack: SlackH
     )
     await slack.settled()
 
-    replies = {
-        reply["thread_ts"] if "thread_ts" in reply else reply["channel"]: reply["text"]
-        for reply in slack.api.posted()
+    assert slack.api.posted() == []  # nothing public: status and refusals are the asker's
+    answers = {
+        (call["channel"], call.get("thread_ts"), call["user"]): call["text"]
+        for call in slack.api.ephemerals()
     }
-    assert len(slack.api.posted()) == 3
-    assert replies["1700000090.000100"].startswith("Model:")
-    assert "only admins" in replies["1700000091.000100"]
-    assert replies["D9"].startswith("Commands:")
+    assert len(slack.api.ephemerals()) == 3
+    assert answers[(CHANNEL, "1700000090.000100", ADMIN)].startswith("Model:")
+    assert "only admins" in answers[(CHANNEL, "1700000091.000100", USER)]
+    assert answers[("D9", None, USER)].startswith("Commands:")
     assert slack.rows(MessageRecord) == []  # commands are not conversation turns
+
+
+async def test_a_bang_command_redelivered_after_a_restart_runs_once(
+    slack: SlackHarness, tiny_model: ReplyGenerator
+) -> None:
+    event = mention("!status", ts="1700000093.000100", user=ADMIN)
+    await slack.event(event, event_id="EvCOMMAND")
+    await slack.settled()
+    await slack.adapter.stop()
+
+    # A new adapter and pipeline on the same database get the same event again.
+    pipeline = build_pipeline(slack.pipeline.store.database, tiny_model)
+    other = SlackHarness(
+        adapter=await start_adapter(slack.api, pipeline),
+        api=slack.api,
+        pipeline=pipeline,
+        http=slack.http,
+    )
+    try:
+        await other.event(event, event_id="EvCOMMAND", retry=1)
+        await other.event({**event, "type": "message", "channel_type": "channel"})
+        await other.settled()
+    finally:
+        await other.adapter.stop()
+    assert len(slack.ephemeral_texts(to=ADMIN)) == 1
+    assert len(slack.rows(HandledCommandRecord)) == 1
+
+
+async def test_a_replayed_slash_command_runs_once(slack: SlackHarness) -> None:
+    body = slash_command_form(
+        text="forget-me", user_id=USER, response_url=slack.api.response_url, trigger_id="7.8.9"
+    )
+    form = "application/x-www-form-urlencoded"
+    assert (await slack.post(body, content_type=form))[0] == 200
+    # The same body again inside the signature window, signed afresh: a replay.
+    replayed = await slack.post(body, content_type=form, timestamp=int(time.time()) - 30)
+    assert replayed[0] == 200
+    await slack.command("help", user_id=USER)  # another trigger runs
+    await slack.settled()
+
+    answers = slack.slash_answers()
+    assert len(answers) == 2
+    assert sorted(answers)[0].startswith("Commands:")  # the help; forget-me ran once
+    assert sorted(answers)[1] == "`forget-me` is not available yet."
+
+
+async def test_a_workspace_admin_may_switch_training_but_not_touch_the_shared_model(
+    database: Database,
+    tiny_model: ReplyGenerator,
+    api: FakeSlackWebApi,
+    http_session: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    api.users[WORKSPACE_ADMIN] = {
+        "id": WORKSPACE_ADMIN,
+        "name": "wendy",
+        "is_admin": True,
+        "profile": {"display_name": "Wendy"},
+    }
+    api.users["UOWNER"] = {"id": "UOWNER", "is_owner": True, "profile": {"display_name": "O"}}
+    pipeline = build_pipeline(database, tiny_model)
+    adapter = await start_adapter(api, pipeline, commands=learning_commands(pipeline, tmp_path))
+    harness = SlackHarness(adapter=adapter, api=api, pipeline=pipeline, http=http_session)
+    try:
+        root = "1700000095.000100"
+        await harness.event(mention(RESET_QUESTION, ts=root))
+        await harness.settled()
+        await harness.event(mention("!training off", ts="1700000095.000200", user=WORKSPACE_ADMIN))
+        await harness.settled()
+        await harness.event(
+            channel_message(
+                "!correct Better.", ts="1700000095.000300", thread_ts=root, user=WORKSPACE_ADMIN
+            )
+        )
+        await harness.settled()
+        for word, user in [
+            ("export", WORKSPACE_ADMIN),
+            ("status", WORKSPACE_ADMIN),
+            ("correct Better.", WORKSPACE_ADMIN),
+            ("training on", USER),  # a member is no channel admin
+            ("training on", "UOWNER"),  # a workspace owner is
+        ]:
+            await harness.command(word, user_id=user)
+            await harness.settled()
+    finally:
+        await adapter.stop()
+
+    mine = harness.ephemeral_texts(to=WORKSPACE_ADMIN)
+    assert len(mine) == 2
+    assert mine[0].startswith("Training is now off in this channel")
+    assert mine[1] == "Sorry, only admins can use `correct`."
+    answers = harness.slash_answers()
+    assert answers[:4] == [
+        "Sorry, only admins can use `export`.",
+        "Sorry, only admins can use `status`.",
+        "Sorry, only admins can use `correct`.",
+        "Sorry, only admins can use `training`.",
+    ]
+    assert answers[4] == "Training is back on in this channel."  # a workspace owner
+    assert not any(row.answered_by == AnsweredBy.CORRECTION for row in harness.rows(ExchangeRecord))
+    (setting,) = harness.rows(ChannelSettingRecord)
+    assert (setting.channel, setting.training_opt_out, setting.updated_by) == (
+        CHANNEL,
+        False,
+        "UOWNER",
+    )
+
+
+async def test_an_agents_command_runs_as_a_command_and_is_no_answer(slack: SlackHarness) -> None:
+    root = "1700000096.000100"
+    await slack.event(mention(RESET_QUESTION, ts=root))
+    await slack.settled()
+    await slack.event(channel_message("!help", ts="1700000096.000200", thread_ts=root, user=AGENT))
+    await slack.settled()
+
+    (answer,) = slack.ephemeral_texts(to=AGENT)
+    assert answer.startswith("Commands:")
+    assert len(slack.api.posted()) == 1  # the bot's answer to the question, nothing more
+    assert [row.answered_by for row in slack.rows(ExchangeRecord)] == [AnsweredBy.BOT]
+    assert not any(row.role == "human_agent" for row in slack.rows(MessageRecord))
+
+
+async def test_correct_in_a_thread_corrects_the_bots_last_answer_there(
+    database: Database,
+    tiny_model: ReplyGenerator,
+    api: FakeSlackWebApi,
+    http_session: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    pipeline = build_pipeline(database, tiny_model)
+    adapter = await start_adapter(api, pipeline, commands=learning_commands(pipeline, tmp_path))
+    harness = SlackHarness(adapter=adapter, api=api, pipeline=pipeline, http=http_session)
+    root, other_root = "1700000097.000100", "1700000098.000100"
+    better = "Go to Settings, then Security, then Reset password."
+    try:
+        await harness.event(mention(RESET_QUESTION, ts=root))
+        await harness.event(mention(REFUND_QUESTION, ts=other_root))
+        await harness.settled()
+        await harness.event(
+            channel_message(
+                f"!correct {better}", ts="1700000097.000300", thread_ts=root, user=ADMIN
+            )
+        )
+        await harness.settled()
+    finally:
+        await adapter.stop()
+
+    assert harness.ephemeral_texts(to=ADMIN) == [
+        "Thanks, I stored your correction; it will be used for training."
+    ]
+    messages = {row.id: row for row in harness.rows(MessageRecord)}
+    (correction,) = [
+        row for row in harness.rows(ExchangeRecord) if row.answered_by == AnsweredBy.CORRECTION
+    ]
+    assert messages[correction.user_message_id].text == RESET_QUESTION  # that thread's question
+    assert messages[correction.answer_message_id].text == better
 
 
 # --------------------------------------------------------------------------- delivery
@@ -609,11 +859,98 @@ async def test_a_reply_that_cannot_be_posted_is_posted_from_the_queue_after_a_re
     assert answer.platform_message_id == reply["ts"]
 
 
+async def test_a_failed_edit_of_the_placeholder_is_retried_as_an_edit_not_a_second_post(
+    slack: SlackHarness,
+) -> None:
+    question = make_message(platform="slack", channel=CHANNEL, thread="1.2")
+    writer = ThreadReply(client=slack.adapter.client, channel=CHANNEL, thread_ts="1.2", asker=USER)
+    placeholder_ts = await writer.progress(text="", in_reply_to=question)
+    assert placeholder_ts == slack.api.posted()[0]["ts"]
+    slack.api.fail("chat.update", times=1, status=500)
+    with pytest.raises(PartialDelivery) as raised:
+        await writer.send(text=RESET_ANSWER, in_reply_to=question)
+    assert raised.value.message_id == placeholder_ts
+
+    # The retry queue gets the reply with its placeholder and edits it into the reply.
+    queued = UndeliveredReply(
+        answer_id=1,
+        platform="slack",
+        workspace="T0TEAM",
+        channel=CHANNEL,
+        thread="1.2",
+        in_reply_to=question.message_id,
+        text=RESET_ANSWER,
+        placeholder_id=placeholder_ts,
+    )
+    assert await slack.adapter.post_queued_reply(queued) == placeholder_ts
+    (reply,) = slack.api.posted()
+    assert reply["text"] == RESET_ANSWER
+
+
+async def test_a_reply_whose_final_edit_fails_is_finished_by_editing_not_reposting(
+    database: Database,
+    tiny_model: ReplyGenerator,
+    api: FakeSlackWebApi,
+    http_session: aiohttp.ClientSession,
+) -> None:
+    class WholeReplies:
+        """The tiny model without streaming: a placeholder, then one final edit."""
+
+        version = tiny_model.version
+
+        async def generate(
+            self, *, messages: Sequence[Mapping[str, str]], max_new_tokens: int
+        ) -> str:
+            return await tiny_model.generate(messages=messages, max_new_tokens=max_new_tokens)
+
+    api.fail("chat.update", times=1, status=500)
+    pipeline = build_pipeline(database, WholeReplies())
+    adapter = await start_adapter(api, pipeline)
+    harness = SlackHarness(adapter=adapter, api=api, pipeline=pipeline, http=http_session)
+    try:
+        await harness.event(mention(RESET_QUESTION, ts="1700000105.000100"))
+        await harness.settled()
+        # The retry queue edits the placeholder into the reply.
+        await api.wait_for(
+            lambda: [m["text"] for m in api.posted()] == [RESET_ANSWER], what="the edited reply"
+        )
+        await api.wait_for(
+            lambda: any(
+                row.delivery_state == DeliveryState.SENT.value
+                for row in harness.rows(MessageRecord)
+                if row.role == "assistant"
+            ),
+            what="the reply marked sent",
+        )
+    finally:
+        await adapter.stop()
+
+    (reply,) = api.posted()  # one message: no second full post
+    assert reply["posted_text"] == PLACEHOLDER
+    assert [call.status for call in api.calls_of("chat.update", ok_only=False)] == [500, 200]
+    (answer,) = [row for row in harness.rows(MessageRecord) if row.role == "assistant"]
+    assert answer.platform_message_id == reply["ts"]
+
+
+async def test_a_failed_later_chunk_is_a_partial_delivery(slack: SlackHarness) -> None:
+    sentence = "Open the settings page and choose the security tab to change it. "
+    long_text = sentence * (SLACK_MESSAGE_LIMIT // len(sentence) + 5)  # two chunks
+    question = make_message(platform="slack", channel=CHANNEL, thread="1.2")
+    writer = ThreadReply(client=slack.adapter.client, channel=CHANNEL, thread_ts="1.2", asker=USER)
+    await writer.progress(text="", in_reply_to=question)
+    slack.api.fail("chat.postMessage", times=1, status=500)
+    with pytest.raises(PartialDelivery) as raised:
+        await writer.send(text=long_text, in_reply_to=question)
+    (first,) = slack.api.posted()
+    assert raised.value.message_id == first["ts"]
+    assert first["text"] != PLACEHOLDER  # the start of the reply is there
+
+
 async def test_a_long_reply_is_split_at_slacks_limit(slack: SlackHarness) -> None:
     sentence = "Open the settings page and choose the security tab to change it. "
     long_text = sentence * (2 * SLACK_MESSAGE_LIMIT // len(sentence) + 5)
     question = make_message(platform="slack", channel=CHANNEL, thread="1.2")
-    writer = ThreadReply(client=slack.adapter.client, channel=CHANNEL, thread_ts="1.2")
+    writer = ThreadReply(client=slack.adapter.client, channel=CHANNEL, thread_ts="1.2", asker=USER)
     await writer.progress(text="", in_reply_to=question)
     first_ts = await writer.send(text=long_text, in_reply_to=question)
 
@@ -632,7 +969,7 @@ async def test_a_streamed_reply_edits_the_placeholder_then_shows_the_full_text(
     # The pipeline calls progress with "" and then the text so far (at most once per
     # progress_interval); this is the Slack side of that contract.
     question = make_message(platform="slack", channel=CHANNEL, thread="1.2")
-    writer = ThreadReply(client=slack.adapter.client, channel=CHANNEL, thread_ts="1.2")
+    writer = ThreadReply(client=slack.adapter.client, channel=CHANNEL, thread_ts="1.2", asker=USER)
     words = RESET_ANSWER.split(" ")
     await writer.progress(text="", in_reply_to=question)
     await writer.progress(text=" ".join(words[:3]), in_reply_to=question)
@@ -697,24 +1034,27 @@ async def test_a_model_failure_gets_an_apology_in_the_thread(
     assert reply["text"] == APOLOGY
 
 
-async def test_display_names_are_looked_up_once(slack: SlackHarness) -> None:
+async def test_mentions_are_stored_as_ids_and_names_are_looked_up_once_per_author(
+    slack: SlackHarness,
+) -> None:
     slack.api.users["U7"] = {"id": "U7", "name": "ada", "profile": {"display_name": "Ada L."}}
+    slack.api.users["U8"] = {"id": "U8", "name": "jane", "profile": {"display_name": "Jane Doe"}}
     root = "1700000140.000100"
     await slack.event(mention(RESET_QUESTION, ts=root, user="U7"))
     await slack.settled()
-    await slack.event(
-        channel_message(f"<@U7> asks: {REFUND_QUESTION}", ts="1700000141.0001", thread_ts=root)
-    )
+    asked = f"<@U8|jane> asks: {REFUND_QUESTION} cc <@U7>"
+    await slack.event(channel_message(asked, ts="1700000141.0001", thread_ts=root))
+    await slack.settled()
+    await slack.event(channel_message("Thanks!", ts="1700000142.0001", thread_ts=root, user="U7"))
     await slack.settled()
 
+    # Authors are looked up once each; a mentioned person is not looked up at all.
     looked_up = [call.params["user"] for call in slack.api.calls_of("users.info")]
     assert sorted(looked_up) == sorted(["U7", USER])
-    texts = [row.text for row in slack.rows(MessageRecord) if row.role == "user"]
-    assert texts[1] == f"@Ada L. asks: {REFUND_QUESTION}"
-    assert [row.author_name for row in slack.rows(MessageRecord) if row.role == "user"] == [
-        "Ada L.",
-        f"Person {USER}",
-    ]
+    users = [row for row in slack.rows(MessageRecord) if row.role == "user"]
+    assert users[1].text == f"<@U8> asks: {REFUND_QUESTION} cc <@U7>"
+    assert not any("Jane" in row.text or "Ada" in row.text for row in slack.rows(MessageRecord))
+    assert [row.author_name for row in users] == ["Ada L.", f"Person {USER}", "Ada L."]
 
 
 # --------------------------------------------------------------------------- bad input
@@ -853,3 +1193,104 @@ async def test_a_rejected_app_token_or_a_busy_port_is_a_clear_configuration_erro
         await start_adapter(slack.api, slack.pipeline, slack_app_token="xapp-revoked")
     with pytest.raises(ConfigurationError, match="SLACK_PORT"):
         await start_adapter(slack.api, slack.pipeline, slack_port=slack.adapter.port)
+
+
+# --------------------------------------------------------------------------- stopping
+
+
+async def test_request_stop_drains_the_reply_in_flight_and_refuses_new_events(
+    database: Database,
+    tiny_model: ReplyGenerator,
+    api: FakeSlackWebApi,
+    http_session: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gate = asyncio.Event()
+
+    class GatedModel:
+        version = tiny_model.version
+
+        async def generate(
+            self, *, messages: Sequence[Mapping[str, str]], max_new_tokens: int
+        ) -> str:
+            await gate.wait()
+            return await tiny_model.generate(messages=messages, max_new_tokens=max_new_tokens)
+
+    pipeline = build_pipeline(database, GatedModel())
+    adapter = make_adapter(api, pipeline)
+    harness = SlackHarness(adapter=adapter, api=api, pipeline=pipeline, http=http_session)
+    running = asyncio.create_task(adapter.run())
+    try:
+        await api.wait_for(lambda: adapter.port is not None, what="the HTTP listener")
+        await harness.event(mention(RESET_QUESTION, ts="1700000190.000100"))
+        await api.wait_for(lambda: len(api.posted()) == 1, what="the placeholder")
+
+        adapter.request_stop(drain_within=30.0)
+        adapter.request_stop(drain_within=30.0)  # twice is fine
+        # New requests get 503, so that Slack delivers them again (to another instance).
+        assert await harness.event(mention(REFUND_QUESTION, ts="1700000191.000100")) == 503
+        assert not running.done()
+        gate.set()
+        assert await asyncio.wait_for(running, 30) == 0
+    finally:
+        gate.set()
+        if not running.done():
+            running.cancel()
+    assert [message["text"] for message in api.posted()] == [RESET_ANSWER]
+    questions = [row.text for row in harness.rows(MessageRecord) if row.role == "user"]
+    assert questions == [RESET_QUESTION]
+
+
+async def test_request_stop_gives_up_on_replies_that_outlast_the_drain(
+    database: Database, api: FakeSlackWebApi, http_session: aiohttp.ClientSession
+) -> None:
+    class StuckModel:
+        version = "stuck"
+
+        async def generate(
+            self, *, messages: Sequence[Mapping[str, str]], max_new_tokens: int
+        ) -> str:
+            await asyncio.Event().wait()
+            return ""
+
+    pipeline = build_pipeline(database, StuckModel())
+    adapter = make_adapter(api, pipeline)
+    harness = SlackHarness(adapter=adapter, api=api, pipeline=pipeline, http=http_session)
+    running = asyncio.create_task(adapter.run())
+    try:
+        await api.wait_for(lambda: adapter.port is not None, what="the HTTP listener")
+        await harness.event(mention(RESET_QUESTION, ts="1700000192.000100"))
+        await api.wait_for(lambda: len(api.posted()) == 1, what="the placeholder")
+        started = time.monotonic()
+        adapter.request_stop(drain_within=0.3)
+        assert await asyncio.wait_for(running, 10) == 0
+        assert time.monotonic() - started < 5
+    finally:
+        if not running.done():
+            running.cancel()
+    (question,) = [row for row in harness.rows(MessageRecord) if row.role == "user"]
+    assert question.answer_state != "answered"  # left for crash recovery, not half-answered
+
+
+async def test_request_stop_closes_socket_mode_and_run_returns_0(
+    database: Database, tiny_model: ReplyGenerator, api: FakeSlackWebApi
+) -> None:
+    socket_server = FakeSocketModeServer()
+    await socket_server.start()
+    api.socket_url = socket_server.url
+    adapter = make_adapter(
+        api,
+        build_pipeline(database, tiny_model),
+        slack_app_token="xapp-test",
+        slack_signing_secret="",
+    )
+    running = asyncio.create_task(adapter.run())
+    try:
+        await socket_server.wait_connected()
+        adapter.request_stop(drain_within=5.0)
+        assert await asyncio.wait_for(running, 10) == 0
+        await socket_server.wait_disconnected()
+    finally:
+        if not running.done():
+            running.cancel()
+        await socket_server.close()

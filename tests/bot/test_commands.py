@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import pytest
 
@@ -51,6 +52,24 @@ async def test_admin_commands_refuse_non_admins_politely_and_log(
             )
     refusals = [r for r in caplog.records if "refused admin command" in r.getMessage()]
     assert len(refusals) == 4 and all("U-someone" in r.getMessage() for r in refusals)
+
+
+async def test_a_channel_moderator_may_switch_training_but_nothing_shared(
+    database: Database,
+) -> None:
+    commands = Commands(store=Store(database), model_version=lambda: "v1")
+    moderator = replace(
+        request("training", admin=False, arguments="off"), user_manages_channel=True
+    )
+
+    # Allowed (no action is registered here, so it says so instead of refusing).
+    assert await commands.run(moderator) == "`training` is not available yet."
+    for command in ("status", "export", "correct", "retrain", "rollback"):
+        assert await commands.run(replace(moderator, command=command)) == (
+            f"Sorry, only admins can use `{command}`."
+        )
+    member = replace(moderator, user_manages_channel=False)
+    assert await commands.run(member) == "Sorry, only admins can use `training`."
 
 
 async def test_status_reports_version_and_counts(database: Database) -> None:

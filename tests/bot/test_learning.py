@@ -144,7 +144,7 @@ async def test_corrections_are_admin_only_and_rank_first(
     assert refused == "Sorry, only admins can use `correct`."
     assert stored == "Thanks, I stored your correction; it will be used for training."
     assert nowhere == "I couldn't find a reply of mine to correct here."
-    assert usage.startswith("Reply to one of my messages with `!correct")
+    assert usage.startswith("Reply to one of my messages") and "`!correct" in usage
     assert exported.startswith("Exported 1 exchanges to shard-")
     [shard] = shard_folders(tmp_path / "exports")
     assert read_lines(shard, "completions") == [
@@ -170,6 +170,25 @@ async def test_a_correction_can_name_the_reply_it_corrects(
 
     [shard] = shard_folders(tmp_path / "exports")
     assert [line["agent"] for line in read_lines(shard, "completions")] == ["Better first."]
+
+
+async def test_a_correction_in_a_thread_corrects_the_newest_answer_of_that_thread(
+    database: Database, tmp_path: Path
+) -> None:
+    bot_exchange(database, "Old in x?", "Old answer.", thread="x")
+    bot_exchange(database, "New in x?", "New answer.", thread="x")
+    bot_exchange(database, "Newer, in y?", "Y answer.", thread="y")  # the newest overall
+    commands = commands_for(database, tmp_path / "exports")
+
+    stored = await commands.run(request("correct", "Better new.", admin=True, thread="x"))
+
+    assert stored == "Thanks, I stored your correction; it will be used for training."
+    with database.session() as session:
+        (correction,) = session.exec(
+            select(ExchangeRecord).where(ExchangeRecord.answered_by == AnsweredBy.CORRECTION)
+        ).all()
+        question = session.get(MessageRecord, correction.user_message_id)
+    assert question is not None and question.text == "New in x?"
 
 
 def _reply_id_for_question(database: Database, question: str) -> str:
@@ -209,6 +228,41 @@ async def test_training_off_keeps_a_channel_out_of_exports(
         for line in read_lines(shard, "completions")
     )
     assert exported == ["Later quiet question?", "Loud question?"]
+
+
+async def test_training_off_covers_earlier_exchanges_and_threads_even_after_on_again(
+    database: Database, tmp_path: Path
+) -> None:
+    """What was said in a channel before `training off`, in it or in its threads, stays out of
+    every export, also once training is back on."""
+    commands = commands_for(database, tmp_path / "exports")
+    bot_exchange(database, "Before, in the channel?", "A.", channel="quiet", thread="a", rating=1)
+    bot_exchange(
+        database, "Before, in a thread?", "A.", channel="t1", parent_channel="quiet", rating=1
+    )
+    await commands.run(request("training", "off", admin=True, channel="quiet"))
+    bot_exchange(
+        database, "While off, in a thread?", "A.", channel="t1", parent_channel="quiet", rating=1
+    )
+    await commands.run(request("export", admin=True))
+    await commands.run(request("training", "on", admin=True, channel="quiet"))
+    bot_exchange(
+        database,
+        "After, in a thread?",
+        "A.",
+        channel="t1",
+        parent_channel="quiet",
+        thread="b",
+        rating=1,
+    )
+    await commands.run(request("export", admin=True))
+
+    exported = [
+        line["user"]
+        for shard in shard_folders(tmp_path / "exports")
+        for line in read_lines(shard, "completions")
+    ]
+    assert exported == ["After, in a thread?"]
 
 
 async def test_status_reports_the_last_export(database: Database, tmp_path: Path) -> None:

@@ -40,11 +40,16 @@ Json = dict[str, Any]
 BOT_ID = "900000000000000001"
 APPLICATION_ID = "900000000000000002"
 GUILD_ID = "900000000000000010"
-OWNER_ID = "900000000000000011"
+OWNER_ID = "900000000000000011"  # owns the guild
+APP_OWNER_ID = "900000000000000012"  # owns the bot's application (GET /oauth2/applications/@me)
 GENERAL_CHANNEL_ID = "900000000000000020"
 THREAD_ID = "900000000000000030"
 ADMIN_ROLE_ID = "900000000000000040"
 MANAGER_ROLE_ID = "900000000000000041"
+#: A second guild the bot is in, with a role of its own.
+OTHER_GUILD_ID = "900000000000000050"
+OTHER_CHANNEL_ID = "900000000000000051"
+OTHER_ADMIN_ROLE_ID = "900000000000000052"
 
 #: Permission bits (https://discord.com/developers/docs/topics/permissions).
 MANAGE_GUILD = 1 << 5
@@ -90,7 +95,8 @@ class _Session:
 
 
 class FakeDiscord:
-    """One guild with a text channel and a thread, DMs, and the bot user."""
+    """Two guilds (the first with a text channel and a thread, the other with a text channel
+    and a role of its own), DMs, the bot user and its application."""
 
     api_prefix = "/api/v10"
 
@@ -105,10 +111,19 @@ class FakeDiscord:
             {"id": ADMIN_ROLE_ID, "name": "bot admins", "permissions": str(VIEW_AND_SEND)},
             {"id": MANAGER_ROLE_ID, "name": "managers", "permissions": str(MANAGE_GUILD)},
         ]
+        self.other_guild_roles: list[Json] = [
+            {"id": OTHER_GUILD_ID, "name": "@everyone", "permissions": str(VIEW_AND_SEND)},
+            {"id": OTHER_ADMIN_ROLE_ID, "name": "admins", "permissions": str(VIEW_AND_SEND)},
+        ]
+        self.application_owner: Json = self.make_user(APP_OWNER_ID, "app owner")
+        #: Members of the team owning the application (``team`` in application info); empty:
+        #: the application belongs to ``application_owner`` alone.
+        self.team_members: list[Json] = []
         self.connections = 0
         self.identifies = 0
         self.resumes = 0
         self._rate_limits: list[tuple[str, re.Pattern[str], list[int]]] = []
+        self._failures: list[tuple[str, re.Pattern[str], int, list[int]]] = []
         self._session: _Session | None = None
         self._socket: web.WebSocketResponse | None = None
         self._runner: web.AppRunner | None = None
@@ -116,6 +131,15 @@ class FakeDiscord:
         self.port = 0
         self.add_channel({"id": GENERAL_CHANNEL_ID, "type": 0, "name": "general", "position": 0})
         self.add_channel(self.thread_payload(THREAD_ID, owner_id=OWNER_ID, name="help thread"))
+        self.add_channel(
+            {
+                "id": OTHER_CHANNEL_ID,
+                "type": 0,
+                "name": "elsewhere",
+                "position": 0,
+                "guild_id": OTHER_GUILD_ID,
+            }
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -196,22 +220,23 @@ class FakeDiscord:
                 return channel
         return self.add_channel({"id": snowflake(), "type": 1, "recipients": [user]})
 
-    def guild_payload(self) -> Json:
+    def guild_payload(self, guild_id: str = GUILD_ID) -> Json:
         bot_member = self.member(self.bot_user)
+        in_guild = [c for c in self.channels.values() if c.get("guild_id") == guild_id]
         return {
-            "id": GUILD_ID,
-            "name": "Test guild",
+            "id": guild_id,
+            "name": "Test guild" if guild_id == GUILD_ID else "Other guild",
             "icon": None,
             "owner_id": OWNER_ID,
             "unavailable": False,
             "member_count": 2,
             "large": False,
             "features": [],
-            "roles": self.roles,
+            "roles": self.roles if guild_id == GUILD_ID else self.other_guild_roles,
             "emojis": [],
             "stickers": [],
-            "channels": [c for c in self.channels.values() if c["type"] == 0 and c.get("guild_id")],
-            "threads": [c for c in self.channels.values() if c["type"] in (10, 11, 12)],
+            "channels": [c for c in in_guild if c["type"] == 0],
+            "threads": [c for c in in_guild if c["type"] in (10, 11, 12)],
             "members": [bot_member],
             "voice_states": [],
             "presences": [],
@@ -256,7 +281,7 @@ class FakeDiscord:
             "components": [],
         }
         if channel["type"] != 1:
-            message["guild_id"] = GUILD_ID
+            message["guild_id"] = channel["guild_id"]
             member = self.member(author, roles=roles)
             member.pop("user")
             message["member"] = member
@@ -291,6 +316,7 @@ class FakeDiscord:
         options = (
             [] if arguments is None else [{"name": "arguments", "type": 3, "value": arguments}]
         )
+        guild_id = self.channels[channel_id]["guild_id"]
         return {
             "id": snowflake(),
             "application_id": APPLICATION_ID,
@@ -301,7 +327,7 @@ class FakeDiscord:
                 "type": 1,
                 "options": [{"name": subcommand, "type": 1, "options": options}],
             },
-            "guild_id": GUILD_ID,
+            "guild_id": guild_id,
             "channel_id": channel_id,
             "channel": self.channels[channel_id],
             "member": self.member(user, roles=roles, permissions=permissions),
@@ -311,7 +337,7 @@ class FakeDiscord:
             "guild_locale": "en-US",
             "app_permissions": str(VIEW_AND_SEND),
             "entitlements": [],
-            "authorizing_integration_owners": {"0": GUILD_ID},
+            "authorizing_integration_owners": {"0": guild_id},
             "context": 0,
             "attachment_size_limit": 10_485_760,
         }
@@ -385,14 +411,18 @@ class FakeDiscord:
             {
                 "v": 10,
                 "user": self.bot_user,
-                "guilds": [{"id": GUILD_ID, "unavailable": True}],
+                "guilds": [
+                    {"id": GUILD_ID, "unavailable": True},
+                    {"id": OTHER_GUILD_ID, "unavailable": True},
+                ],
                 "session_id": self._session.session_id,
                 "resume_gateway_url": self.gateway_url,
                 "application": {"id": APPLICATION_ID, "flags": 0},
                 "private_channels": [],
             },
         )
-        await self.dispatch("GUILD_CREATE", self.guild_payload())
+        await self.dispatch("GUILD_CREATE", self.guild_payload(GUILD_ID))
+        await self.dispatch("GUILD_CREATE", self.guild_payload(OTHER_GUILD_ID))
 
     async def _resume(self, socket: web.WebSocketResponse, data: Json) -> None:
         self.resumes += 1
@@ -417,6 +447,28 @@ class FakeDiscord:
     def rate_limit(self, method: str, path_pattern: str, *, times: int = 1) -> None:
         """Answer the next ``times`` matching requests with a 429 and ``Retry-After``."""
         self._rate_limits.append((method, re.compile(path_pattern), [times]))
+
+    def fail(
+        self, method: str, path_pattern: str, *, status: int = 403, times: int = 1, after: int = 0
+    ) -> None:
+        """Answer ``times`` matching requests, from the ``after``-th on (0: the next), with an
+        error discord.py does not retry (403 Missing Permissions by default)."""
+        self._failures.append((method, re.compile(path_pattern), status, [after, times]))
+
+    def stop_failing(self) -> None:
+        """Forget the failures :meth:`fail` asked for."""
+        self._failures.clear()
+
+    def _take_failure(self, method: str, path: str) -> int | None:
+        for wanted_method, pattern, status, counts in self._failures:
+            if wanted_method != method or not pattern.fullmatch(path) or counts[1] <= 0:
+                continue
+            if counts[0] > 0:
+                counts[0] -= 1
+                continue
+            counts[1] -= 1
+            return status
+        return None
 
     def _take_rate_limit(self, method: str, path: str) -> bool:
         for wanted_method, pattern, remaining in self._rate_limits:
@@ -450,6 +502,9 @@ class FakeDiscord:
                     "Via": "1.1 google",
                 },
             )
+        failure = self._take_failure(request.method, path)
+        if failure is not None:
+            return json_response({"message": "Missing Permissions", "code": 50013}, status=failure)
         return await self._route(request.method, path, body, request.query)
 
     async def _route(self, method: str, path: str, body: Any, query: Any) -> web.StreamResponse:
@@ -458,19 +513,7 @@ class FakeDiscord:
             case "GET", ["users", "@me"]:
                 return json_response(self.bot_user)
             case "GET", ["oauth2", "applications", "@me"]:
-                return json_response(
-                    {
-                        "id": APPLICATION_ID,
-                        "name": "chatbot",
-                        "description": "",
-                        "icon": None,
-                        "bot_public": True,
-                        "bot_require_code_grant": False,
-                        "owner": self.make_user(OWNER_ID, "owner"),
-                        "verify_key": "0" * 64,
-                        "flags": 0,
-                    }
-                )
+                return json_response(self._application())
             case "GET", ["gateway", "bot"] | ["gateway"]:
                 return json_response(
                     {
@@ -491,7 +534,7 @@ class FakeDiscord:
                 ]
                 return json_response(commands)
             case "POST", ["users", "@me", "channels"]:
-                user = {"id": body["recipient_id"], "username": "someone", "discriminator": "0"}
+                user = self.make_user(str(body["recipient_id"]), "someone")
                 return json_response(self.dm_channel(user))
             case "GET", ["channels", channel_id]:
                 channel = self.channels.get(channel_id)
@@ -536,6 +579,69 @@ class FakeDiscord:
                 return json_response(self._interaction_message(body))
         return _not_found(f"no fake route for {method} {path}", 0)
 
+    def _application(self) -> Json:
+        application: Json = {
+            "id": APPLICATION_ID,
+            "name": "chatbot",
+            "description": "",
+            "icon": None,
+            "bot_public": True,
+            "bot_require_code_grant": False,
+            "owner": self.application_owner,
+            "verify_key": "0" * 64,
+            "flags": 0,
+        }
+        if self.team_members:
+            team_id = "900000000000000060"
+            # Discord names a team-owned application's owner after the team.
+            application["owner"] = self.make_user(team_id, "team")
+            application["team"] = {
+                "id": team_id,
+                "name": "team",
+                "icon": None,
+                "owner_user_id": self.team_members[0]["id"],
+                "members": [
+                    {
+                        "user": user,
+                        "team_id": team_id,
+                        "membership_state": 2,  # accepted
+                        "permissions": ["*"],
+                        "role": "developer",
+                    }
+                    for user in self.team_members
+                ],
+            }
+        return application
+
+    def bot_message(self, *, channel_id: str, content: str, reply_to: str | None = None) -> Json:
+        """A message the bot posted earlier (before this test's client ran), stored only."""
+        message: Json = {
+            "id": snowflake(),
+            "channel_id": channel_id,
+            "author": self.bot_user,
+            "content": content,
+            "timestamp": _now(),
+            "edited_timestamp": None,
+            "tts": False,
+            "mention_everyone": False,
+            "mentions": [],
+            "mention_roles": [],
+            "attachments": [],
+            "embeds": [],
+            "pinned": False,
+            "type": 19 if reply_to else 0,
+            "flags": 0,
+            "components": [],
+        }
+        if reply_to is not None:
+            message["message_reference"] = {
+                "type": 0,
+                "message_id": reply_to,
+                "channel_id": channel_id,
+            }
+        self.messages[message["id"]] = message
+        return message
+
     async def _create_bot_message(self, channel_id: str, body: Json) -> Json:
         channel = self.channels.get(channel_id)
         message: Json = {
@@ -557,7 +663,7 @@ class FakeDiscord:
             "components": [],
         }
         if channel is not None and channel["type"] != 1:
-            message["guild_id"] = GUILD_ID
+            message["guild_id"] = channel["guild_id"]
         reference = body.get("message_reference")
         if reference:
             message["message_reference"] = {

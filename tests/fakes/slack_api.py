@@ -49,6 +49,22 @@ class _Failure:
 
 
 @dataclass
+class HeldCall:
+    """A Web API call the fake holds until :meth:`release` (see :meth:`FakeSlackWebApi.hold`)."""
+
+    method: str
+    when: Callable[[dict[str, Any]], bool]
+    apply_first: bool
+    answer_on_release: bool
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def release(self) -> None:
+        self.released.set()
+
+
+@dataclass
 class FakeSlackWebApi:
     """Slack's Web API on ``http://127.0.0.1:<ephemeral>/api/``."""
 
@@ -62,6 +78,7 @@ class FakeSlackWebApi:
 
     def __post_init__(self) -> None:
         self._failures: dict[str, _Failure] = {}
+        self._holds: list[HeldCall] = []
         self._ts = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -102,6 +119,33 @@ class FakeSlackWebApi:
     def rate_limit(self, method: str, *, times: int, retry_after: str = "0") -> None:
         self.fail(method, times=times, status=429, error="ratelimited", retry_after=retry_after)
 
+    def hold(
+        self,
+        method: str,
+        *,
+        when: Callable[[dict[str, Any]], bool] = lambda _params: True,
+        apply_first: bool = False,
+        answer_on_release: bool = False,
+    ) -> HeldCall:
+        """Hold the next call of ``method`` whose parameters satisfy ``when``, until the
+        test calls ``release()``. By default the call is never applied (as if it never
+        reached Slack) and is answered with an error when released; with ``apply_first`` it
+        is applied at once and only the answer is held (it reached Slack, the client never
+        heard back); with ``answer_on_release`` it is applied and answered when released (a
+        slow call). ``arrived`` is set when the call comes in."""
+        held = HeldCall(
+            method=method,
+            when=when,
+            apply_first=apply_first,
+            answer_on_release=answer_on_release,
+        )
+        self._holds.append(held)
+        return held
+
+    def release_all(self) -> None:
+        for held in self._holds:
+            held.release()
+
     # ----------------------------------------------------------------- inspection
 
     def calls_of(self, method: str, *, ok_only: bool = True) -> list[ApiCall]:
@@ -110,6 +154,11 @@ class FakeSlackWebApi:
             for call in self.calls
             if call.method == method and (call.status == 200 or not ok_only)
         ]
+
+    def ephemerals(self) -> list[dict[str, Any]]:
+        """The parameters of every ``chat.postEphemeral`` that went through (channel, user,
+        thread_ts, text), oldest first."""
+        return [call.params for call in self.calls_of("chat.postEphemeral")]
 
     def posted(self) -> list[dict[str, Any]]:
         """Every message posted, oldest first: ts, channel, thread_ts (when threaded), the
@@ -131,6 +180,28 @@ class FakeSlackWebApi:
     async def _api(self, request: web.Request) -> web.Response:
         method = request.match_info["method"]
         params = await _params(request)
+        held = next(
+            (
+                h
+                for h in self._holds
+                if h.method == method and not h.arrived.is_set() and h.when(params)
+            ),
+            None,
+        )
+        if held is not None:
+            held.params = params
+            held.arrived.set()
+            if held.apply_first:
+                self.calls.append(ApiCall(method, params, 200))
+                answer = self._answer(method, params)
+                await held.released.wait()
+                return web.json_response(answer)
+            await held.released.wait()
+            if held.answer_on_release:
+                self.calls.append(ApiCall(method, params, 200))
+                return web.json_response(self._answer(method, params))
+            self.calls.append(ApiCall(method, params, 503))
+            return web.json_response({"ok": False, "error": "held"}, status=503)
         failure = self._failures.get(method)
         if failure is not None and failure.times > 0:
             failure.times -= 1
@@ -187,8 +258,17 @@ class FakeSlackWebApi:
             thread = self.threads.get(str(params.get("ts")))
             if thread is None:
                 return {"ok": False, "error": "thread_not_found"}
+            # Pages of ``limit`` messages, oldest first; the cursor is the next page's offset.
             limit = int(params.get("limit") or 1000)
-            return {"ok": True, "messages": thread[:limit], "has_more": len(thread) > limit}
+            start = int(params.get("cursor") or 0)
+            page = thread[start : start + limit]
+            has_more = start + limit < len(thread)
+            return {
+                "ok": True,
+                "messages": page,
+                "has_more": has_more,
+                "response_metadata": {"next_cursor": str(start + limit) if has_more else ""},
+            }
         if method == "apps.connections.open":
             return {"ok": True, "url": self.socket_url}
         return {"ok": False, "error": "unknown_method"}
@@ -216,6 +296,7 @@ class FakeSocketModeServer:
         self._runner: web.AppRunner | None = None
         self._socket: web.WebSocketResponse | None = None
         self._connected = asyncio.Event()
+        self._disconnected = asyncio.Event()
         self.port = 0
 
     @property
@@ -235,6 +316,10 @@ class FakeSocketModeServer:
 
     async def wait_connected(self, *, within: float = 10.0) -> None:
         await asyncio.wait_for(self._connected.wait(), within)
+
+    async def wait_disconnected(self, *, within: float = 10.0) -> None:
+        """Wait until the connected client has closed the websocket."""
+        await asyncio.wait_for(self._disconnected.wait(), within)
 
     async def send(self, *, kind: str, payload: dict[str, Any], retry_attempt: int = 0) -> str:
         """Send one envelope (``events_api``, ``slash_commands``, …); returns its id."""
@@ -277,6 +362,7 @@ class FakeSocketModeServer:
         async for frame in socket:
             if frame.type == aiohttp.WSMsgType.TEXT:
                 self.acks.append(json.loads(frame.data))
+        self._disconnected.set()
         return socket
 
 
@@ -301,8 +387,16 @@ def event_callback(
     }
 
 
-def slash_command_form(*, text: str, user_id: str, response_url: str, channel: str = "C1") -> str:
-    """A ``/chatbot`` slash command body, form-encoded the way Slack posts it."""
+def slash_command_form(
+    *,
+    text: str,
+    user_id: str,
+    response_url: str,
+    channel: str = "C1",
+    trigger_id: str | None = None,
+) -> str:
+    """A ``/chatbot`` slash command body, form-encoded the way Slack posts it (each with a
+    trigger id of its own unless given)."""
     return urlencode(
         {
             "token": "legacy-verification-token",
@@ -315,7 +409,7 @@ def slash_command_form(*, text: str, user_id: str, response_url: str, channel: s
             "text": text,
             "api_app_id": "A0APP",
             "response_url": response_url,
-            "trigger_id": "1.2.3",
+            "trigger_id": trigger_id or f"{int(time.time())}.{uuid.uuid4().int % 10**12}",
         }
     )
 
