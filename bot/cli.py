@@ -98,12 +98,16 @@ def _describe_db(database: Database) -> str:
 
 def _model_init(settings: Settings, *, force: bool) -> int:
     from model.bootstrap import build_default_model
+    from model.service import ModelLoadError
 
     target = settings.default_model_dir
     if target.exists() and not force:
         print(f"the default model already exists at {target} (use --force to rebuild)")
         return 0
-    build_default_model(target, progress=_progress)
+    try:
+        build_default_model(target, progress=_progress)
+    except ModelLoadError as error:  # the seed answers never held: nothing was saved
+        raise CommandError(str(error)) from None
     print(f"default model saved to {target}")
     return 0
 

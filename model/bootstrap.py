@@ -63,7 +63,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 
 from model.corpus import SEED_EXCHANGES, load_starter_corpus
 from model.prompt import CHAT_TEMPLATE, CONTROL_STRINGS, format_prompt
-from model.service import LocalModel
+from model.service import LocalModel, ModelLoadError
 
 BOS_TOKEN: Final = "<s>"
 EOS_TOKEN: Final = "</s>"
@@ -527,8 +527,11 @@ def train(
     return epoch_loss
 
 
-class SeedAnswerError(RuntimeError):
-    """The built model still gets a seed question wrong after every allowed extra round."""
+class SeedAnswerError(ModelLoadError):
+    """The built model still gets a seed question wrong after every allowed extra round.
+
+    A :class:`~model.service.ModelLoadError`, so the bot reports it as one line (no model to
+    load) rather than a traceback."""
 
 
 #: (question, expected answer, the model's reply) of each seed exchange answered wrongly.
