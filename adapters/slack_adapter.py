@@ -6,13 +6,13 @@ verified with ``SLACK_SIGNING_SECRET``. ``SLACK_BOT_TOKEN`` is always needed, an
 ``SLACK_API_URL`` points the Web API client elsewhere (proxies, gateways, tests).
 
 This module only translates: a Slack event becomes a :class:`adapters.routing.MessageEvent`
-(or an edit, a deletion, a rating), and a :class:`ThreadReply` says how to answer it. What the
-event is (ignored, a command, an agent's answer, a turn) is the shared
-:class:`adapters.routing.Router`'s decision. Every event is acknowledged at once; the work
-(generation included) runs afterwards in tracked tasks. Exactly one reply per message, across
-Slack's retries, the double delivery of a channel mention as ``app_mention`` and ``message``,
-restarts and several instances: the pipeline dedupes on the event id and on (channel, ts), and
-commands on their delivery, in the database.
+(or an edit, a deletion, a rating), and a :class:`adapters.slack_replies.ThreadReply` says how
+to answer it (:mod:`adapters.slack_people` says who people are). What the event is (ignored, a
+command, an agent's answer, a turn) is the shared :class:`adapters.routing.Router`'s decision.
+Every event is acknowledged at once; the work (generation included) runs afterwards in tracked
+tasks. Exactly one reply per message, across Slack's retries, the double delivery of a channel
+mention as ``app_mention`` and ``message``, restarts and several instances: the pipeline dedupes
+on the event id and on (channel, ts), and commands on their delivery, in the database.
 
 Mentions are stored as Slack writes them (``<@U0123>``): a mentioned person's name never enters
 the message text (the export's redaction turns the mention into ``<USER>``); the author's
@@ -24,8 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -54,7 +53,6 @@ from adapters.routing import (
     deliver_queued_replies,
 )
 from adapters.slack_format import (
-    SLACK_MESSAGE_LIMIT,
     escape,
     mentioned_user_ids,
     rating_of,
@@ -62,11 +60,12 @@ from adapters.slack_format import (
     to_plain_text,
     without_leading_mention,
 )
+from adapters.slack_people import SlackPeople, SlackUser
+from adapters.slack_replies import ThreadReply, post_queued_reply
 from adapters.slack_signature import SLACK_CONTENT_TYPES, SlackSignatureVerifier
 from bot.commands import CommandRequest, Commands, parse_bang_command
 from bot.config import ConfigurationError, Settings
 from bot.conversation import IncomingMessage, Platform, Role
-from bot.replies import split_reply
 from bot.service import PartialDelivery
 from bot.storage import UndeliveredReply
 
@@ -74,8 +73,6 @@ logger = logging.getLogger(__name__)
 
 PLATFORM = Platform.SLACK.value
 EVENTS_PATH = "/slack/events"
-#: Shown in the thread while the reply is generated, then edited into the reply.
-PLACEHOLDER = "…"
 #: Message subtypes that are people writing; every other subtype (joins, topic changes, …)
 #: is not a conversation turn.
 _CONVERSATION_SUBTYPES = frozenset({None, "thread_broadcast", "file_share", "me_message"})
@@ -92,14 +89,6 @@ class BotIdentity:
     bot_id: str
     team_id: str
     name: str
-
-
-@dataclass(frozen=True, slots=True)
-class SlackUser:
-    """What ``users.info`` says about a person, as far as the bot needs it."""
-
-    name: str  # the display name: stored only as a message's author name, never in its text
-    is_workspace_admin: bool  # a workspace admin or owner: may run channel-local commands
 
 
 class _Stopping(Exception):
@@ -183,9 +172,9 @@ class SlackAdapter:
 
         self.identity: BotIdentity | None = None
         self.port: int | None = None  # the bound HTTP port, once started
-        self._users: OrderedDict[str, tuple[float, SlackUser]] = OrderedDict()
-        self._user_cache_size = name_cache_size
-        self._user_cache_seconds = name_cache_seconds
+        self.people = SlackPeople(
+            client=self.client, cache_size=name_cache_size, cache_seconds=name_cache_seconds
+        )
         self._retry_loop: asyncio.Task[None] | None = None
         self._runner: web.AppRunner | None = None
         self._socket: AsyncSocketModeHandler | None = None
@@ -321,7 +310,7 @@ class SlackAdapter:
             team_id=str(response.get("team_id") or ""),
             name=str(response.get("user") or "chatbot"),
         )
-        self._remember_user(identity.user_id, SlackUser(identity.name, is_workspace_admin=False))
+        self.people.remember(identity.user_id, SlackUser(identity.name, is_workspace_admin=False))
         return identity
 
     # ------------------------------------------------------------------ HTTP mode
@@ -483,7 +472,7 @@ class SlackAdapter:
         )
 
     async def _with_author(self, event: MessageEvent) -> MessageEvent:
-        user = await self._user(event.message.author_id)
+        user = await self.people.user(event.message.author_id)
         return replace(
             event,
             message=replace(event.message, author_name=user.name),
@@ -502,7 +491,7 @@ class SlackAdapter:
                     replace(
                         message,
                         author_id=user_id,
-                        author_name=(await self._user(user_id)).name,
+                        author_name=(await self.people.user(user_id)).name,
                         role=Role.HUMAN_AGENT if user_id in self.agent_ids else Role.USER,
                         text=self._plain_text(str(item.get("text") or "")),
                         timestamp=timestamp_of(ts),
@@ -614,7 +603,7 @@ class SlackAdapter:
     async def _handle_slash_command(self, command: dict[str, Any], respond: AsyncRespond) -> None:
         word, _, arguments = str(command.get("text") or "").strip().partition(" ")
         user_id = str(command.get("user_id") or "")
-        user = await self._user(user_id)
+        user = await self.people.user(user_id)
         request = CommandRequest(
             command=word or "help",
             arguments=arguments.strip(),
@@ -663,70 +652,10 @@ class SlackAdapter:
         )
 
     async def post_queued_reply(self, reply: UndeliveredReply) -> str:
-        """Post one queued reply; returns the ts of its first message (the one rated).
-
-        When the reply's placeholder (or its start) is already in the thread, that message is
-        edited into the reply and only the remaining chunks are posted.
-        """
-        chunks = _chunks(reply.text)
-        thread_ts = reply.thread or None
-        if reply.placeholder_id:
-            try:
-                await self.client.chat_update(
-                    channel=reply.channel, ts=reply.placeholder_id, text=escape(chunks[0])
-                )
-            except SlackApiError as error:
-                if error.response.get("error") != "message_not_found":
-                    raise
-                # Someone deleted the placeholder: the reply is posted as a new message.
-                logger.info("Slack: placeholder %s is gone; posting anew", reply.placeholder_id)
-            else:
-                await _post_chunks(
-                    self.client,
-                    channel=reply.channel,
-                    thread_ts=thread_ts,
-                    chunks=chunks[1:],
-                    first_ts=reply.placeholder_id,
-                )
-                return reply.placeholder_id
-        return await _post_chunks(
-            self.client, channel=reply.channel, thread_ts=thread_ts, chunks=chunks
-        )
+        """Post one queued reply; returns the ts of its first message (the one rated)."""
+        return await post_queued_reply(self.client, reply)
 
     # ------------------------------------------------------------------ people
-
-    async def _user(self, user_id: str) -> SlackUser:
-        """The person's display name and admin flags, from ``users.info`` (cached)."""
-        cached = self._users.get(user_id)
-        if cached is not None and time.monotonic() - cached[0] < self._user_cache_seconds:
-            self._users.move_to_end(user_id)
-            return cached[1]
-        try:
-            response = await self.client.users_info(user=user_id)
-        except SlackClientError as error:
-            # Not cached: the next message tries again. A stale entry beats none.
-            logger.warning("Slack: users.info for %s failed: %s", user_id, error)
-            return cached[1] if cached is not None else SlackUser(user_id, False)
-        user = response.get("user") or {}
-        profile = user.get("profile") or {}
-        name = str(
-            profile.get("display_name")
-            or profile.get("real_name")
-            or user.get("real_name")
-            or user.get("name")
-            or user_id
-        )
-        found = SlackUser(
-            name, is_workspace_admin=bool(user.get("is_admin") or user.get("is_owner"))
-        )
-        self._remember_user(user_id, found)
-        return found
-
-    def _remember_user(self, user_id: str, user: SlackUser) -> None:
-        self._users[user_id] = (time.monotonic(), user)
-        self._users.move_to_end(user_id)
-        while len(self._users) > self._user_cache_size:
-            self._users.popitem(last=False)
 
     def _plain_text(self, text: str) -> str:
         """Slack markup to stored text: the bot's own leading mention dropped, other mentions
@@ -737,98 +666,3 @@ class SlackAdapter:
         if self.identity is None:
             raise RuntimeError("SlackAdapter.start() has not run")
         return self.identity
-
-
-class ThreadReply:
-    """Answers one message on Slack (a :class:`adapters.routing.Replier`): a placeholder in
-    the thread, streamed edits, the final text; command answers go to the asker alone."""
-
-    def __init__(
-        self, *, client: AsyncWebClient, channel: str, thread_ts: str | None, asker: str
-    ) -> None:
-        self.client = client
-        self.channel = channel
-        self.thread_ts = thread_ts
-        self.asker = asker
-        self.placeholder_ts: str | None = None
-
-    async def progress(self, *, text: str, in_reply_to: IncomingMessage) -> str | None:
-        """Post the placeholder, then edit the text so far into it; returns its ts."""
-        preview = escape(_chunks(text)[0] + " …") if text else PLACEHOLDER
-        if self.placeholder_ts is None:
-            response = await self.client.chat_postMessage(
-                channel=self.channel, thread_ts=self.thread_ts, text=preview
-            )
-            self.placeholder_ts = str(response["ts"])
-        else:
-            await self.client.chat_update(
-                channel=self.channel, ts=self.placeholder_ts, text=preview
-            )
-        return self.placeholder_ts
-
-    async def send(self, *, text: str, in_reply_to: IncomingMessage) -> str:
-        """Post the final reply; returns the ts of its first message, the one rated.
-
-        Raises:
-            PartialDelivery: the placeholder or the reply's first message is in the thread
-                but the reply is not complete; the retry edits that message.
-            SlackClientError: nothing of the reply reached Slack.
-        """
-        chunks = _chunks(text)
-        if self.placeholder_ts is None:
-            return await _post_chunks(
-                self.client, channel=self.channel, thread_ts=self.thread_ts, chunks=chunks
-            )
-        try:
-            await self.client.chat_update(
-                channel=self.channel, ts=self.placeholder_ts, text=escape(chunks[0])
-            )
-        except SlackClientError as error:
-            raise PartialDelivery(self.placeholder_ts, str(error)) from error
-        await _post_chunks(
-            self.client,
-            channel=self.channel,
-            thread_ts=self.thread_ts,
-            chunks=chunks[1:],
-            first_ts=self.placeholder_ts,
-        )
-        return self.placeholder_ts
-
-    async def send_private(self, *, text: str) -> None:
-        """An ephemeral message to the asker, in the thread: nobody else sees it."""
-        for chunk in _chunks(text):
-            await self.client.chat_postEphemeral(
-                channel=self.channel, user=self.asker, thread_ts=self.thread_ts, text=escape(chunk)
-            )
-
-
-def _chunks(text: str) -> list[str]:
-    return split_reply(text, limit=SLACK_MESSAGE_LIMIT) or [PLACEHOLDER]
-
-
-async def _post_chunks(
-    client: AsyncWebClient,
-    *,
-    channel: str,
-    thread_ts: str | None,
-    chunks: list[str],
-    first_ts: str | None = None,
-) -> str:
-    """Post each chunk as a message of its own; returns the first message's ts.
-
-    ``first_ts`` is the reply's first message when it is already in the thread.
-
-    Raises:
-        PartialDelivery: a chunk failed after the reply's first message went up.
-    """
-    for chunk in chunks:
-        try:
-            response = await client.chat_postMessage(
-                channel=channel, thread_ts=thread_ts, text=escape(chunk)
-            )
-        except SlackClientError as error:
-            if first_ts is not None:
-                raise PartialDelivery(first_ts, str(error)) from error
-            raise
-        first_ts = first_ts or str(response["ts"])
-    return first_ts or ""

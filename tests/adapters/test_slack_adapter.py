@@ -20,8 +20,9 @@ import aiohttp
 import pytest
 from sqlmodel import select
 
-from adapters.slack_adapter import PLACEHOLDER, SlackAdapter, ThreadReply
+from adapters.slack_adapter import SlackAdapter
 from adapters.slack_format import SLACK_MESSAGE_LIMIT
+from adapters.slack_replies import PLACEHOLDER, ThreadReply
 from bot.commands import Commands
 from bot.config import ConfigurationError, Settings
 from bot.export import Exporter, ExportOptions

@@ -1,0 +1,145 @@
+"""Answering on Slack: a placeholder, streamed edits, the final reply in chunks, private
+command answers, and posting queued replies (editing their placeholder when there is one)."""
+
+from __future__ import annotations
+
+import logging
+
+from slack_sdk.errors import SlackApiError, SlackClientError
+from slack_sdk.web.async_client import AsyncWebClient
+
+from adapters.slack_format import SLACK_MESSAGE_LIMIT, escape
+from bot.conversation import IncomingMessage
+from bot.replies import split_reply
+from bot.service import PartialDelivery
+from bot.storage import UndeliveredReply
+
+logger = logging.getLogger(__name__)
+
+#: Shown in the thread while the reply is generated, then edited into the reply.
+PLACEHOLDER = "…"
+
+
+class ThreadReply:
+    """Answers one message on Slack (a :class:`adapters.routing.Replier`): a placeholder in
+    the thread, streamed edits, the final text; command answers go to the asker alone."""
+
+    def __init__(
+        self, *, client: AsyncWebClient, channel: str, thread_ts: str | None, asker: str
+    ) -> None:
+        self.client = client
+        self.channel = channel
+        self.thread_ts = thread_ts
+        self.asker = asker
+        self.placeholder_ts: str | None = None
+
+    async def progress(self, *, text: str, in_reply_to: IncomingMessage) -> str | None:
+        """Post the placeholder, then edit the text so far into it; returns its ts."""
+        preview = escape(_chunks(text)[0] + " …") if text else PLACEHOLDER
+        if self.placeholder_ts is None:
+            response = await self.client.chat_postMessage(
+                channel=self.channel, thread_ts=self.thread_ts, text=preview
+            )
+            self.placeholder_ts = str(response["ts"])
+        else:
+            await self.client.chat_update(
+                channel=self.channel, ts=self.placeholder_ts, text=preview
+            )
+        return self.placeholder_ts
+
+    async def send(self, *, text: str, in_reply_to: IncomingMessage) -> str:
+        """Post the final reply; returns the ts of its first message, the one rated.
+
+        Raises:
+            PartialDelivery: the placeholder or the reply's first message is in the thread
+                but the reply is not complete; the retry edits that message.
+            SlackClientError: nothing of the reply reached Slack.
+        """
+        chunks = _chunks(text)
+        if self.placeholder_ts is None:
+            return await _post_chunks(
+                self.client, channel=self.channel, thread_ts=self.thread_ts, chunks=chunks
+            )
+        try:
+            await self.client.chat_update(
+                channel=self.channel, ts=self.placeholder_ts, text=escape(chunks[0])
+            )
+        except SlackClientError as error:
+            raise PartialDelivery(self.placeholder_ts, str(error)) from error
+        await _post_chunks(
+            self.client,
+            channel=self.channel,
+            thread_ts=self.thread_ts,
+            chunks=chunks[1:],
+            first_ts=self.placeholder_ts,
+        )
+        return self.placeholder_ts
+
+    async def send_private(self, *, text: str) -> None:
+        """An ephemeral message to the asker, in the thread: nobody else sees it."""
+        for chunk in _chunks(text):
+            await self.client.chat_postEphemeral(
+                channel=self.channel, user=self.asker, thread_ts=self.thread_ts, text=escape(chunk)
+            )
+
+
+def _chunks(text: str) -> list[str]:
+    return split_reply(text, limit=SLACK_MESSAGE_LIMIT) or [PLACEHOLDER]
+
+
+async def _post_chunks(
+    client: AsyncWebClient,
+    *,
+    channel: str,
+    thread_ts: str | None,
+    chunks: list[str],
+    first_ts: str | None = None,
+) -> str:
+    """Post each chunk as a message of its own; returns the first message's ts.
+
+    ``first_ts`` is the reply's first message when it is already in the thread.
+
+    Raises:
+        PartialDelivery: a chunk failed after the reply's first message went up.
+    """
+    for chunk in chunks:
+        try:
+            response = await client.chat_postMessage(
+                channel=channel, thread_ts=thread_ts, text=escape(chunk)
+            )
+        except SlackClientError as error:
+            if first_ts is not None:
+                raise PartialDelivery(first_ts, str(error)) from error
+            raise
+        first_ts = first_ts or str(response["ts"])
+    return first_ts or ""
+
+
+async def post_queued_reply(client: AsyncWebClient, reply: UndeliveredReply) -> str:
+    """Post one queued reply; returns the ts of its first message (the one rated).
+
+    When the reply's placeholder (or its start) is already in the thread, that message is
+    edited into the reply and only the remaining chunks are posted.
+    """
+    chunks = _chunks(reply.text)
+    thread_ts = reply.thread or None
+    if reply.placeholder_id:
+        try:
+            await client.chat_update(
+                channel=reply.channel, ts=reply.placeholder_id, text=escape(chunks[0])
+            )
+        except SlackApiError as error:
+            if error.response.get("error") != "message_not_found":
+                raise
+            # Someone deleted the placeholder: the reply is posted as a new message.
+            logger.info("Slack: placeholder %s is gone; posting anew", reply.placeholder_id)
+        else:
+            await _post_chunks(
+                client,
+                channel=reply.channel,
+                thread_ts=thread_ts,
+                chunks=chunks[1:],
+                first_ts=reply.placeholder_id,
+            )
+            return reply.placeholder_id
+    return await _post_chunks(client, channel=reply.channel, thread_ts=thread_ts, chunks=chunks)
