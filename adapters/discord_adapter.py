@@ -16,10 +16,16 @@ people are stored as Discord writes them (``<@123…>``), never as names; the bo
 dropped.
 
 Replies reference the message they answer, are split at 2,000 characters, show a typing
-indicator while generating and, when the model streams, are edited as the text grows (at most
-once per ``PipelineOptions.progress_interval``). When the start of a reply is on Discord but the
+indicator while generating (its first trigger sent before generation starts) and, when the
+model streams, are edited as the text grows (at most once per
+``PipelineOptions.progress_interval``). When the start of a reply is on Discord but the
 rest cannot be sent, the sender raises :class:`bot.service.PartialDelivery`, and the retry edits
-that message rather than posting the reply a second time. 👍/👎 reactions on a reply are
+that message rather than posting the reply a second time. Stored replies not posted yet (a
+crash, an outage, crash recovery) go out at every (re)connect and every
+``DELIVERY_RETRY_SECONDS``; one whose first message was never recorded is first looked for
+among the bot's replies to its question, so a post that reached Discord just before a crash is
+not posted again. A message the bot would answer that arrives while it stops is stored,
+unanswered, for the next start (Discord never sends it again). 👍/👎 reactions on a reply are
 ratings. Edits and deletions are applied to the stored history.
 
 Commands: ``/chatbot help|forget-me`` for everyone, ``/chatbot-admin <command>`` for admins, or
@@ -86,6 +92,8 @@ MESSAGE_LIMIT = 2000  # characters per Discord message
 REPLY_WAIT = 60.0  # seconds a reaction waits for replies in flight before giving up
 TYPING_REFRESH = 8.0  # seconds; Discord shows "typing…" for about 10 s per trigger
 RATINGS = {"👍": 1, "👎": -1}
+CLOSE_DRAIN = 5.0  # seconds the messages kept while closing get to reach the database
+LANDED_SCAN = 50  # messages after a question searched for a queued reply already posted
 #: What a failed REST call raises: Discord's answer, or the connection to it.
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (discord.HTTPException, aiohttp.ClientError)
 DM_REFUSED = (
@@ -138,8 +146,12 @@ class DiscordAdapter:
         handler: RoutedHandler,
         commands: Commands,
         guild_ready_timeout: float = 2.0,
+        retry_interval: float | None = None,
     ) -> None:
-        """``guild_ready_timeout``: how long discord.py waits for more guilds before READY."""
+        """``guild_ready_timeout``: how long discord.py waits for more guilds before READY;
+        ``retry_interval``: the seconds between two passes over the queue of stored replies
+        not posted yet, besides the pass at every (re)connect (``DELIVERY_RETRY_SECONDS`` by
+        default)."""
         self.settings = settings
         self.router = Router(handler=handler, commands=commands)
         self.store = commands.store
@@ -154,6 +166,10 @@ class DiscordAdapter:
         self._owner_ids: frozenset[str] | None = None
         self._owner_lock = asyncio.Lock()
         self._stopping: asyncio.Task[None] | None = None
+        self.retry_interval = (
+            settings.delivery_retry_seconds if retry_interval is None else retry_interval
+        )
+        self._retry_loop: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -176,6 +192,8 @@ class DiscordAdapter:
                 "developer portal (Bot → Privileged Gateway Intents)"
             )
             return 2
+        finally:
+            await self._stop_retrying()
         if self._stopping is not None:
             await self._stopping
         return 0
@@ -196,6 +214,7 @@ class DiscordAdapter:
         await self._stopping
 
     async def _stop(self, drain_within: float) -> None:
+        await self._stop_retrying()
         # Connected while draining: the replies in flight still stream their edits.
         if not await self.tasks.drain(within=drain_within):
             # What they stored stays in the database, for crash recovery to finish.
@@ -207,6 +226,8 @@ class DiscordAdapter:
                 drain_within,
             )
         await self.client.close()
+        # Messages read just before the connection closed are still being kept for later.
+        await self.tasks.drain(within=CLOSE_DRAIN)
 
     async def wait_until_ready(self) -> None:
         await self.client.wait_until_ready()
@@ -219,11 +240,56 @@ class DiscordAdapter:
         """Handle one event in a tracked task (refused, with a log line, once stopping)."""
         self.tasks.spawn(work, what=what)
 
+    def take_message(self, message: discord.Message) -> None:
+        """Answer ``message`` in a tracked task; while stopping, keep it for the next start
+        (Discord never sends it again)."""
+        if self.tasks.accepting:
+            self.take(self.on_message(message), what="message")
+        else:
+            self.tasks.spawn(self.keep_for_later(message), what="late message", even_if_closed=True)
+
+    async def keep_for_later(self, message: discord.Message) -> None:
+        """While stopping: store a message the bot would answer, unanswered and claimed by
+        nobody, for the recovery pass of the next start (see :meth:`Router.defer`)."""
+        if message.type not in _ANSWERED_TYPES:
+            return
+        event, earlier = await self.translate(message)
+
+        async def load_context() -> list[IncomingMessage]:
+            return await self._context(message, earlier, event)
+
+        if await self.router.defer(event, load_context=load_context):
+            logger.warning(
+                "discord: stopping, so message %s is kept for the next start to answer",
+                message.id,
+            )
+        elif not event.from_bot:
+            logger.info("discord: stopping, so message %s was not taken", message.id)
+
     async def ready(self) -> None:
-        """After (re)connecting: learn who owns the application, post the queued replies."""
+        """After (re)connecting: learn who owns the application, post the queued replies,
+        and keep posting them every ``retry_interval`` (the replies recovery answers later)."""
         if not self.admin_ids and not self.admin_role_ids:
             await self.application_owner_ids()
+        if self._retry_loop is None and self._stopping is None:
+            self._retry_loop = asyncio.create_task(self._retry_queued_forever())
         await self.deliver_queued()
+
+    async def _stop_retrying(self) -> None:
+        retrying, self._retry_loop = self._retry_loop, None
+        if retrying is not None:
+            # A queued reply it was posting goes back into the queue (deliver_queued_replies).
+            retrying.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await retrying
+
+    async def _retry_queued_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.retry_interval)
+            try:
+                await self.deliver_queued()
+            except Exception:
+                logger.exception("discord: the retry queue pass failed")
 
     # ------------------------------------------------------------------ messages
 
@@ -558,6 +624,12 @@ class DiscordAdapter:
         channel = self.client.get_partial_messageable(int(pending.channel))
         chunks = split_reply(pending.text, limit=MESSAGE_LIMIT) or ["…"]
         first_id: str | None = None
+        if not pending.placeholder_id:
+            # Posted before, with no id recorded (the bot died while Discord answered): the
+            # messages already there are the reply's start; only the rest is posted.
+            landed = await self._landed(channel, pending, chunks)
+            if landed:
+                first_id, chunks = landed[0], chunks[len(landed) :]
         if pending.placeholder_id:
             try:
                 await channel.get_partial_message(int(pending.placeholder_id)).edit(
@@ -588,6 +660,35 @@ class DiscordAdapter:
             first_id = first_id or str(sent.id)
         return first_id
 
+    async def _landed(
+        self, channel: discord.PartialMessageable, pending: UndeliveredReply, chunks: list[str]
+    ) -> list[str]:
+        """The ids of the bot's messages replying to ``pending``'s question that already show
+        its first chunks, in order (none when it has no question or Discord cannot tell)."""
+        bot_user = self.client.user
+        if not pending.in_reply_to or bot_user is None:
+            return []
+        question = int(pending.in_reply_to)
+        replies: list[discord.Message] = []
+        try:
+            # Replies follow their question closely: the messages right after it suffice.
+            async for message in channel.history(limit=LANDED_SCAN, after=discord.Object(question)):
+                reference = message.reference
+                if message.author.id == bot_user.id and (
+                    reference is not None and reference.message_id == question
+                ):
+                    replies.append(message)
+        except discord.HTTPException as error:
+            # Posting the reply (perhaps twice) beats losing it.
+            logger.warning("could not look for reply %d on Discord: %s", pending.answer_id, error)
+            return []
+        landed: list[str] = []
+        for message, chunk in zip(replies, chunks, strict=False):
+            if message.content != chunk:
+                break
+            landed.append(str(message.id))
+        return landed
+
 
 class _Reply:
     """How one Discord message is answered: typing, the streamed and split reply, and private
@@ -601,7 +702,7 @@ class _Reply:
     async def progress(self, *, text: str, in_reply_to: IncomingMessage) -> str | None:
         """Typing first (no message, so no id), then the first chunk, posted and edited."""
         if not text:
-            self._start_typing()
+            await self._start_typing()
             return str(self.first.id) if self.first is not None else None
         shown = split_reply(text, limit=MESSAGE_LIMIT)[0]
         if self.first is None:
@@ -652,9 +753,14 @@ class _Reply:
             allowed_mentions=_allowed_mentions(ping=ping),
         )
 
-    def _start_typing(self) -> None:
-        if self._typing is None:
-            self._typing = asyncio.create_task(self._keep_typing())
+    async def _start_typing(self) -> None:
+        if self._typing is not None:
+            return
+        # The first trigger is awaited, like Slack's placeholder: the indicator is up before
+        # generation starts, and a stop at this point leaves nothing behind on Discord.
+        with contextlib.suppress(*TRANSIENT_ERRORS):
+            await self.message.channel.typing()
+        self._typing = asyncio.create_task(self._keep_typing())
 
     def stop_typing(self) -> None:
         if self._typing is not None:
@@ -666,8 +772,8 @@ class _Reply:
         # must not surface as an error.
         with contextlib.suppress(*TRANSIENT_ERRORS, RuntimeError):
             while True:
-                await self.message.channel.typing()  # one trigger, shown for about 10 s
-                await asyncio.sleep(TYPING_REFRESH)
+                await asyncio.sleep(TYPING_REFRESH)  # one trigger is shown for about 10 s
+                await self.message.channel.typing()
 
 
 class _ChatbotClient(discord.Client):
@@ -738,7 +844,7 @@ class _ChatbotClient(discord.Client):
         self.adapter.take(self.adapter.deliver_queued(), what="resume")
 
     async def on_message(self, message: discord.Message) -> None:
-        self.adapter.take(self.adapter.on_message(message), what="message")
+        self.adapter.take_message(message)
 
     async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
         self.adapter.take(self.adapter.on_raw_message_edit(payload), what="edit")

@@ -25,7 +25,7 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from adapters.base import MessageHandler
 from bot.commands import CommandRequest, Commands, parse_bang_command
@@ -90,6 +90,13 @@ class RoutedHandler(MessageHandler, Protocol):
     """The pipeline as the router uses it: it also stores context without answering."""
 
     async def remember(self, message: IncomingMessage) -> bool: ...
+
+
+@runtime_checkable
+class DeferringHandler(Protocol):
+    """A pipeline that can keep a message for the next start (see :meth:`Router.defer`)."""
+
+    async def defer(self, message: IncomingMessage) -> bool: ...
 
 
 class Router:
@@ -181,6 +188,26 @@ class Router:
             )
         return decision
 
+    async def defer(
+        self, event: MessageEvent, *, load_context: ContextLoader | None = None
+    ) -> bool:
+        """While stopping: keep a conversation turn for the next start instead of answering it
+        (for a platform that never sends the event again); ``True`` when it was kept.
+
+        The cheap part of :meth:`route` only: the decision, the earlier context when the bot
+        is new to the conversation, and the message stored unclaimed, so the next instance's
+        recovery pass answers it. Nothing is generated; commands and agents' answers are not
+        taken (they are not stored as questions).
+        """
+        handler = self.handler
+        if not isinstance(handler, DeferringHandler) or await self.decide(event) != Route.TURN:
+            return False
+        message = event.message
+        if load_context is not None and not await handler.bot_is_in_conversation(message):
+            for earlier in await load_context():
+                await handler.remember(earlier)
+        return await handler.defer(message)
+
     async def run_command(self, request: CommandRequest, *, delivery_key: str) -> str | None:
         """Run a command once per delivery; ``None`` when this delivery already ran.
 
@@ -248,9 +275,15 @@ class EventTasks:
     def accepting(self) -> bool:
         return not self._closed
 
-    def spawn(self, work: Coroutine[Any, Any, None], *, what: str) -> bool:
-        """Handle ``work`` in a tracked task; ``False`` (and ``work`` discarded) once closed."""
-        if self._closed:
+    def spawn(
+        self, work: Coroutine[Any, Any, None], *, what: str, even_if_closed: bool = False
+    ) -> bool:
+        """Handle ``work`` in a tracked task; ``False`` (and ``work`` discarded) once closed.
+
+        ``even_if_closed``: taken after :meth:`close` too, for cheap work that keeps an event
+        for later (:meth:`drain` waits for it like the rest).
+        """
+        if self._closed and not even_if_closed:
             work.close()
             logger.warning("%s: stopping, so a %s was not taken", self.platform, what)
             return False

@@ -476,6 +476,22 @@ class ReplyPipeline:
         stored = await self.store.run(record_incoming, message=message, state=AnswerState.IGNORED)
         return stored is not None and stored.id is not None
 
+    async def defer(self, message: IncomingMessage) -> bool:
+        """Store ``message`` for the next instance to answer, without answering it: for a
+        message that arrives while this instance stops (a platform that never redelivers it).
+
+        It is stored pending and claimed by nobody, so the next recovery pass (of any
+        instance) answers it while it is younger than ``unanswered_max_age`` and queues the
+        reply; a later delivery of it is a duplicate. Returns ``False`` when nothing is left to
+        answer: a duplicate, an empty message (stored as ignored), a message that is not a
+        user's, or one over ``max_message_chars`` (its refusal is owed live, so it is not
+        stored).
+        """
+        if message.role != Role.USER or len(message.text) > self.options.max_message_chars:
+            return False
+        stored = await self.store.run(record_incoming, message=message)
+        return stored is not None and stored.answer_state == AnswerState.PENDING
+
     async def agent_answered(self, message: IncomingMessage) -> bool:
         """A human agent's reply in a bot conversation, stored as the answer it gives."""
         return await self.store.run(record_agent_answer, message=message) is not None

@@ -1079,6 +1079,39 @@ async def test_a_queued_reply_replaces_its_placeholder(
     assert stored(database)[-1].platform_message_id == placeholder["id"]
 
 
+async def test_a_reply_queued_after_connecting_is_posted_without_a_reconnect(
+    discord: FakeDiscord, database: Database, model: RecordingModel
+) -> None:
+    async with running_bot(discord, database, model, delivery_retry_seconds=0.05) as bot:
+        await bot.wait_until_idle()  # the pass over the queue at connect is over
+        # A reply queued now, as crash recovery queues the ones it answers.
+        store = Store(database)
+        question = make_message(
+            RESET_QUESTION, platform="discord", channel=GENERAL_CHANNEL_ID, message_id=snowflake()
+        )
+        user = await store.run(record_incoming, message=question)
+        assert user is not None and user.id is not None
+        await store.run(
+            record_answer,
+            user_message_id=user.id,
+            text=RESET_ANSWER,
+            answered_by=AnsweredBy.BOT,
+            author_id=BOT_ID,
+            author_name="chatbot",
+            model_version="v0",
+            delivery=DeliveryState.FAILED,
+        )
+        await discord.wait_for(
+            lambda: stored(database)[-1].delivery_state == DeliveryState.SENT,
+            what="the queued reply posted",
+        )
+
+    [post] = discord.bot_posts(GENERAL_CHANNEL_ID)
+    assert post.body["content"] == RESET_ANSWER
+    assert str(post.body["message_reference"]["message_id"]) == question.message_id
+    assert discord.connections == 1
+
+
 # --------------------------------------------------------------------------- shutdown
 
 
@@ -1097,7 +1130,7 @@ class GatedModel:
         return await self.inner.generate(messages=messages, max_new_tokens=max_new_tokens)
 
 
-async def test_request_stop_finishes_the_reply_in_flight_and_takes_nothing_new(
+async def test_request_stop_finishes_the_reply_in_flight_and_answers_nothing_new(
     discord: FakeDiscord,
     database: Database,
     model: RecordingModel,
@@ -1111,7 +1144,7 @@ async def test_request_stop_finishes_the_reply_in_flight_and_takes_nothing_new(
     bot.request_stop(drain_within=30)
     late = await say(discord, REFUND_QUESTION, author=BOB, mentions_bot=True)
     await discord.wait_for(
-        lambda: "stopping, so a message was not taken" in caplog.text, what="the refusal"
+        lambda: "is kept for the next start" in caplog.text, what="the late message kept"
     )
     assert not run.done(), "still draining"
     gated.release.set()
@@ -1121,7 +1154,14 @@ async def test_request_stop_finishes_the_reply_in_flight_and_takes_nothing_new(
     (reply,) = discord.replies_to(question["id"])
     assert reply["content"] == RESET_ANSWER
     assert discord.replies_to(late["id"]) == []
-    assert [m.platform_message_id for m in stored(database)] == [question["id"], reply["id"]]
+    # Discord never sends the late message again: stored, unanswered and claimed by nobody,
+    # for the next start's recovery pass (tests/process/test_discord_crash_recovery.py).
+    rows = {m.platform_message_id: m for m in stored(database)}
+    assert set(rows) == {question["id"], reply["id"], late["id"]}
+    assert (rows[late["id"]].answer_state, rows[late["id"]].answer_claimed_by) == (
+        AnswerState.PENDING,
+        None,
+    )
 
 
 async def test_request_stop_waits_for_a_stuck_reply_at_most_drain_within(

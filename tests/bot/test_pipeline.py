@@ -462,3 +462,65 @@ async def test_one_conversations_messages_are_answered_in_order(
         {"role": "assistant", "content": earlier.reply},
         {"role": "user", "content": texts[later.message_id]},
     ]
+
+
+async def test_a_deferred_message_is_answered_once_by_a_later_recovery(
+    database: Database, tiny_model
+) -> None:
+    # An instance that is stopping stores the message and does not answer it.
+    stopping = pipeline_for(database, tiny_model)
+    message = make_message(RESET_QUESTION)
+    assert await stopping.defer(message)
+    assert not await stopping.defer(message)  # a redelivery is a duplicate
+    question_id = user_message_id(database, RESET_QUESTION)
+    row = message_row(database, question_id)
+    assert (row.answer_state, row.answer_claimed_by) == (AnswerState.PENDING, None)
+    assert answers_to(database, question_id) == []
+    await stopping.close()
+
+    # The next instance answers it, once, however often (and by how many) recovery runs.
+    replicas = [pipeline_for(database, tiny_model) for _ in range(2)]
+    reports = await asyncio.gather(*(r.recover(platforms=["console"]) for r in replicas))
+    reports.append(await replicas[0].recover(platforms=["console"]))
+
+    assert sorted(r.answered for r in reports) == [0, 0, 1]
+    [answer] = answers_to(database, question_id)
+    assert (answer.text, answer.delivery_state) == (RESET_ANSWER, DeliveryState.FAILED)
+    [queued] = await replicas[0].undelivered_replies(platform="console")
+    assert (queued.text, queued.in_reply_to) == (RESET_ANSWER, message.message_id)
+    sender = RecordingSender()
+    assert (await replicas[1].handle(message, send=sender)).outcome == Outcome.DUPLICATE
+    assert sender.sent == []
+
+
+async def test_a_deferred_message_too_old_for_the_next_start_is_given_up(
+    database: Database, tiny_model
+) -> None:
+    assert await pipeline_for(database, tiny_model).defer(make_message(RESET_QUESTION))
+    question_id = user_message_id(database, RESET_QUESTION)
+    with database.session() as session:
+        row = session.get(MessageRecord, question_id)
+        assert row is not None
+        row.stored_at = utcnow() - timedelta(minutes=11)
+        session.add(row)
+        session.commit()
+
+    report = await pipeline_for(database, tiny_model, unanswered_max_age=600.0).recover(
+        platforms=["console"]
+    )
+    assert (report.answered, report.gave_up) == (0, 1)
+    assert answers_to(database, question_id) == []
+
+
+async def test_only_messages_the_bot_would_answer_are_deferred(
+    database: Database, tiny_model
+) -> None:
+    pipeline = pipeline_for(database, tiny_model, max_message_chars=100)
+    # Nothing to answer, or a message the live path would refuse: not left to recovery.
+    assert not await pipeline.defer(make_message("   "))
+    assert not await pipeline.defer(make_message("x" * 101))
+    assert not await pipeline.defer(make_message("an agent's words", role=Role.HUMAN_AGENT))
+    assert await pipeline.recover(platforms=["console"]) == RecoveryReport()
+    assert [m.answer_state for m in stored_messages(database) if m.role == Role.USER] == [
+        AnswerState.IGNORED
+    ]

@@ -3,8 +3,9 @@
 The real ``discord.py`` client connects to it through ``DISCORD_API_URL`` and
 ``DISCORD_GATEWAY_URL``. The gateway does HELLO, heartbeat/ACK, IDENTIFY → READY + GUILD_CREATE,
 dispatches with sequence numbers, and RESUME → replay of missed dispatches + RESUMED after the
-server drops the socket. REST keeps channels and messages in memory, records every request and
-can answer a route with a 429 first.
+server drops the socket. REST keeps channels and messages in memory, records every request,
+can answer a route with a 429 first, and can hold a request until the test releases it (to kill
+a bot process at that very moment).
 
 Usage in a test::
 
@@ -88,6 +89,31 @@ class RecordedRequest:
 
 
 @dataclass
+class HeldRequest:
+    """A REST request the fake holds until :meth:`release` (see :meth:`FakeDiscord.hold`)."""
+
+    method: re.Pattern[str]
+    path: re.Pattern[str]
+    when: Callable[[Any], bool]
+    apply_first: bool
+    answer_on_release: bool
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+    request: RecordedRequest | None = None  # the request held, once it came in
+
+    def matches(self, method: str, path: str, body: Any) -> bool:
+        return (
+            not self.arrived.is_set()
+            and bool(self.method.fullmatch(method))
+            and bool(self.path.fullmatch(path))
+            and self.when(body)
+        )
+
+    def release(self) -> None:
+        self.released.set()
+
+
+@dataclass
 class _Session:
     session_id: str
     sent: list[Json] = field(default_factory=list)  # every dispatch of the session, in order
@@ -121,9 +147,11 @@ class FakeDiscord:
         self.team_members: list[Json] = []
         self.connections = 0
         self.identifies = 0
+        self.ready_sent = 0  # sessions whose READY and GUILD_CREATEs all went out
         self.resumes = 0
         self._rate_limits: list[tuple[str, re.Pattern[str], list[int]]] = []
         self._failures: list[tuple[str, re.Pattern[str], int, list[int]]] = []
+        self._holds: list[HeldRequest] = []
         self._session: _Session | None = None
         self._socket: web.WebSocketResponse | None = None
         self._runner: web.AppRunner | None = None
@@ -423,6 +451,7 @@ class FakeDiscord:
         )
         await self.dispatch("GUILD_CREATE", self.guild_payload(GUILD_ID))
         await self.dispatch("GUILD_CREATE", self.guild_payload(OTHER_GUILD_ID))
+        self.ready_sent += 1
 
     async def _resume(self, socket: web.WebSocketResponse, data: Json) -> None:
         self.resumes += 1
@@ -459,6 +488,51 @@ class FakeDiscord:
         """Forget the failures :meth:`fail` asked for."""
         self._failures.clear()
 
+    def hold(
+        self,
+        method: str,
+        path_pattern: str,
+        *,
+        when: Callable[[Any], bool] = lambda _body: True,
+        apply_first: bool = False,
+        answer_on_release: bool = False,
+    ) -> HeldRequest:
+        """Hold the next request whose method and path match (both regular expressions, e.g.
+        ``"POST|PATCH"``) and whose JSON body satisfies ``when``, until the test calls
+        ``release()``. By default it is never applied (as if it never reached Discord) and is
+        answered with a 503 when released; with ``apply_first`` it is applied at once and only
+        the answer is held (it reached Discord, the client never heard back); with
+        ``answer_on_release`` it is applied and answered when released (a slow request).
+        ``arrived`` is set when the request comes in."""
+        held = HeldRequest(
+            method=re.compile(method),
+            path=re.compile(path_pattern),
+            when=when,
+            apply_first=apply_first,
+            answer_on_release=answer_on_release,
+        )
+        self._holds.append(held)
+        return held
+
+    def release_all(self) -> None:
+        """Release every hold (those still to come pass through unheld)."""
+        for held in self._holds:
+            held.release()
+
+    async def _held(
+        self, held: HeldRequest, recorded: RecordedRequest, query: Any
+    ) -> web.StreamResponse:
+        held.request = recorded
+        held.arrived.set()
+        if held.apply_first:
+            response = await self._route(recorded.method, recorded.path, recorded.body, query)
+            await held.released.wait()
+            return response
+        await held.released.wait()
+        if held.answer_on_release:
+            return await self._route(recorded.method, recorded.path, recorded.body, query)
+        return json_response({"message": "held", "code": 0}, status=503)
+
     def _take_failure(self, method: str, path: str) -> int | None:
         for wanted_method, pattern, status, counts in self._failures:
             if wanted_method != method or not pattern.fullmatch(path) or counts[1] <= 0:
@@ -486,7 +560,11 @@ class FakeDiscord:
                 body = json.loads(raw) if raw else None
             except ValueError:
                 body = raw.decode(errors="replace")
-        self.requests.append(RecordedRequest(request.method, path, body, dict(request.query)))
+        recorded = RecordedRequest(request.method, path, body, dict(request.query))
+        self.requests.append(recorded)
+        held = next((h for h in self._holds if h.matches(request.method, path, body)), None)
+        if held is not None:
+            return await self._held(held, recorded, request.query)
         if self._take_rate_limit(request.method, path):
             return json_response(
                 {"message": "You are being rate limited.", "retry_after": 0.1, "global": False},
@@ -708,12 +786,18 @@ class FakeDiscord:
     def _history(self, channel_id: str, query: Any) -> list[Json]:
         limit = int(query.get("limit", 50))
         before = int(query["before"]) if "before" in query else None
+        after = int(query["after"]) if "after" in query else None
         found = [
             m
             for m in self.messages.values()
-            if m["channel_id"] == channel_id and (before is None or int(m["id"]) < before)
+            if m["channel_id"] == channel_id
+            and (before is None or int(m["id"]) < before)
+            and (after is None or int(m["id"]) > after)
         ]
         found.sort(key=lambda m: int(m["id"]), reverse=True)
+        if after is not None and before is None:
+            # Like Discord: the ``limit`` messages right after ``after``, newest first.
+            return found[-limit:]
         return found[:limit]
 
     # ------------------------------------------------------------------ assertions
