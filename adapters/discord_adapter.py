@@ -1,9 +1,11 @@
 """The Discord adapter (discord.py): DMs, mentions, reply chains, threads, feedback, commands.
 
 This module only translates: a Discord message becomes a :class:`adapters.routing.MessageEvent`
-(edits, deletions and reactions become plain arguments), and a :class:`_Reply` says how to
-answer it. What an event *is* (ignored, a command, a human agent's answer, a conversation turn)
-is decided by :class:`adapters.routing.Router`, the same for every platform.
+(edits, deletions and reactions become plain arguments), and a
+:class:`adapters.discord_replies.DiscordReply` says how to answer it
+(:mod:`adapters.discord_client` holds the discord.py client and its commands). What an event
+*is* (ignored, a command, a human agent's answer, a conversation turn) is decided by
+:class:`adapters.routing.Router`, the same for every platform.
 
 The bot takes part in DMs, messages that mention it, replies to its own messages, and messages
 in a thread it started or already answered in. A conversation is a DM channel, a thread, or a
@@ -59,11 +61,17 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import replace
 from typing import Any
 
-import aiohttp
 import discord
-from discord import app_commands
 
+from adapters.discord_client import ChatbotClient
 from adapters.discord_gateway import point_discord_py_at
+from adapters.discord_replies import (
+    MESSAGE_LIMIT,
+    TRANSIENT_ERRORS,
+    DiscordReply,
+    post_queued_reply,
+)
+from adapters.discord_replies import is_direct as channel_is_direct
 from adapters.routing import (
     EventTasks,
     MessageEvent,
@@ -72,8 +80,6 @@ from adapters.routing import (
     deliver_queued_replies,
 )
 from bot.commands import (
-    ADMIN_ONLY,
-    DESCRIPTIONS,
     Command,
     CommandRequest,
     Commands,
@@ -82,24 +88,14 @@ from bot.commands import (
 from bot.config import Settings
 from bot.conversation import IncomingMessage, Platform, Role
 from bot.replies import split_reply
-from bot.service import PartialDelivery
 from bot.storage import UndeliveredReply, conversation_thread_of
 
 logger = logging.getLogger(__name__)
 
 PLATFORM = Platform.DISCORD.value
-MESSAGE_LIMIT = 2000  # characters per Discord message
 REPLY_WAIT = 60.0  # seconds a reaction waits for replies in flight before giving up
-TYPING_REFRESH = 8.0  # seconds; Discord shows "typing…" for about 10 s per trigger
 RATINGS = {"👍": 1, "👎": -1}
 CLOSE_DRAIN = 5.0  # seconds the messages kept while closing get to reach the database
-LANDED_SCAN = 50  # messages after a question searched for a queued reply already posted
-#: What a failed REST call raises: Discord's answer, or the connection to it.
-TRANSIENT_ERRORS: tuple[type[Exception], ...] = (discord.HTTPException, aiohttp.ClientError)
-DM_REFUSED = (
-    "I couldn't send you the answer as a direct message. Allow direct messages from this "
-    "server's members (Privacy Settings) and ask again, or use `/chatbot`."
-)
 _EMOJI_MODIFIERS = re.compile("[\U0001f3fb-\U0001f3ff\ufe0f]")  # skin tones, variation selector
 _ANSWERED_TYPES = frozenset({discord.MessageType.default, discord.MessageType.reply})
 _THREAD_TYPES = frozenset(
@@ -113,18 +109,6 @@ _OWNING_TEAM_ROLES = frozenset({discord.TeamMemberRole.admin, discord.TeamMember
 
 #: The pipeline as this adapter uses it (kept under its old name for callers).
 DiscordHandler = RoutedHandler
-
-
-def discord_intents() -> discord.Intents:
-    """Guilds, guild and DM messages with their content, and reactions."""
-    intents = discord.Intents.none()
-    intents.guilds = True
-    intents.guild_messages = True
-    intents.dm_messages = True
-    intents.message_content = True
-    intents.guild_reactions = True
-    intents.dm_reactions = True
-    return intents
 
 
 def rating_for(emoji: discord.PartialEmoji) -> int | None:
@@ -161,7 +145,7 @@ class DiscordAdapter:
         self.agent_ids = frozenset(settings.discord_agent_ids)
         self.agent_role_ids = frozenset(settings.discord_agent_role_ids)
         self.history_limit = settings.history_turns
-        self.client = _ChatbotClient(adapter=self, guild_ready_timeout=guild_ready_timeout)
+        self.client = ChatbotClient(adapter=self, guild_ready_timeout=guild_ready_timeout)
         self._replying: set[asyncio.Task[Any]] = set()
         self._owner_ids: frozenset[str] | None = None
         self._owner_lock = asyncio.Lock()
@@ -297,7 +281,7 @@ class DiscordAdapter:
         if message.type not in _ANSWERED_TYPES:
             return  # joins, pins, thread-created notices: nothing anyone said
         event, earlier = await self.translate(message)
-        reply = _Reply(message=message)
+        reply = DiscordReply(message=message)
 
         async def load_context() -> list[IncomingMessage]:
             return await self._context(message, earlier, event)
@@ -321,7 +305,7 @@ class DiscordAdapter:
         author = message.author
         from_bot = author.bot or author.id == bot_id
         guild_id = message.guild.id if message.guild else None
-        is_direct = _is_direct(message.channel)
+        is_direct = channel_is_direct(message.channel)
         text = self._plain_text(message.content)
         reference = _reply_reference(message)
 
@@ -614,263 +598,16 @@ class DiscordAdapter:
         await deliver_queued_replies(
             self.router.handler,
             platform=PLATFORM,
-            post=self._post_queued,
+            post=self.post_queued_reply,
             transient_errors=TRANSIENT_ERRORS,
         )
 
-    async def _post_queued(self, pending: UndeliveredReply) -> str | None:
-        """Post one queued reply: edit its placeholder (the start of it already on Discord)
-        when it has one, then post the remaining chunks as replies to the question."""
-        channel = self.client.get_partial_messageable(int(pending.channel))
-        chunks = split_reply(pending.text, limit=MESSAGE_LIMIT) or ["…"]
-        first_id: str | None = None
-        if not pending.placeholder_id:
-            # Posted before, with no id recorded (the bot died while Discord answered): the
-            # messages already there are the reply's start; only the rest is posted.
-            landed = await self._landed(channel, pending, chunks)
-            if landed:
-                first_id, chunks = landed[0], chunks[len(landed) :]
-        if pending.placeholder_id:
-            try:
-                await channel.get_partial_message(int(pending.placeholder_id)).edit(
-                    content=chunks[0]
-                )
-            except discord.NotFound:
-                logger.warning(
-                    "the start of reply %d was deleted from Discord; posting it in full",
-                    pending.answer_id,
-                )
-            else:
-                first_id, chunks = pending.placeholder_id, chunks[1:]
-        reference = (
-            discord.MessageReference(
-                message_id=int(pending.in_reply_to),
-                channel_id=int(pending.channel),
-                fail_if_not_exists=False,
-            )
-            if pending.in_reply_to
-            else None
-        )
-        for chunk in chunks:
-            sent = await channel.send(
-                chunk,
-                reference=reference,  # type: ignore[arg-type]
-                allowed_mentions=_allowed_mentions(ping=first_id is None),
-            )
-            first_id = first_id or str(sent.id)
-        return first_id
-
-    async def _landed(
-        self, channel: discord.PartialMessageable, pending: UndeliveredReply, chunks: list[str]
-    ) -> list[str]:
-        """The ids of the bot's messages replying to ``pending``'s question that already show
-        its first chunks, in order (none when it has no question or Discord cannot tell)."""
+    async def post_queued_reply(self, pending: UndeliveredReply) -> str | None:
+        """Post one queued reply; returns the id of its first message (the one rated)."""
         bot_user = self.client.user
-        if not pending.in_reply_to or bot_user is None:
-            return []
-        question = int(pending.in_reply_to)
-        replies: list[discord.Message] = []
-        try:
-            # Replies follow their question closely: the messages right after it suffice.
-            async for message in channel.history(limit=LANDED_SCAN, after=discord.Object(question)):
-                reference = message.reference
-                if message.author.id == bot_user.id and (
-                    reference is not None and reference.message_id == question
-                ):
-                    replies.append(message)
-        except discord.HTTPException as error:
-            # Posting the reply (perhaps twice) beats losing it.
-            logger.warning("could not look for reply %d on Discord: %s", pending.answer_id, error)
-            return []
-        landed: list[str] = []
-        for message, chunk in zip(replies, chunks, strict=False):
-            if message.content != chunk:
-                break
-            landed.append(str(message.id))
-        return landed
-
-
-class _Reply:
-    """How one Discord message is answered: typing, the streamed and split reply, and private
-    answers to commands (the router's :class:`adapters.routing.Replier`)."""
-
-    def __init__(self, *, message: discord.Message) -> None:
-        self.message = message
-        self.first: discord.Message | None = None
-        self._typing: asyncio.Task[None] | None = None
-
-    async def progress(self, *, text: str, in_reply_to: IncomingMessage) -> str | None:
-        """Typing first (no message, so no id), then the first chunk, posted and edited."""
-        if not text:
-            await self._start_typing()
-            return str(self.first.id) if self.first is not None else None
-        shown = split_reply(text, limit=MESSAGE_LIMIT)[0]
-        if self.first is None:
-            self.first = await self._post(shown, ping=True)
-        elif self.first.content != shown:
-            self.first = await self.first.edit(content=shown)
-        return str(self.first.id)
-
-    async def send(self, *, text: str, in_reply_to: IncomingMessage) -> str:
-        """Post (or finish streaming) the reply; the id of its first message, which carries it.
-
-        Raises :class:`PartialDelivery` when its start is on Discord but not all of it.
-        """
-        self.stop_typing()
-        chunks = split_reply(text, limit=MESSAGE_LIMIT) or ["…"]
-        if self.first is None:
-            self.first = await self._post(chunks[0], ping=True)  # fails: nothing was posted
-        first_id = str(self.first.id)
-        try:
-            if self.first.content != chunks[0]:
-                self.first = await self.first.edit(content=chunks[0])
-            for chunk in chunks[1:]:
-                await self._post(chunk, ping=False)
-        except Exception as error:
-            raise PartialDelivery(first_id, str(error)) from error
-        return first_id
-
-    async def send_private(self, *, text: str) -> None:
-        """In a DM, reply there; in a server, send the answer to the asker as a DM."""
-        chunks = split_reply(text, limit=MESSAGE_LIMIT) or ["Done."]
-        if _is_direct(self.message.channel):
-            for index, chunk in enumerate(chunks):
-                await self._post(chunk, ping=index == 0)
-            return
-        try:
-            direct = await self.message.author.create_dm()
-            for chunk in chunks:
-                await direct.send(chunk, allowed_mentions=_allowed_mentions(ping=False))
-        except discord.Forbidden as error:
-            # The asker does not take DMs from server members: say so, not what was asked.
-            logger.warning("could not DM Discord user %s: %s", self.message.author.id, error)
-            await self._post(DM_REFUSED, ping=True)
-
-    async def _post(self, text: str, *, ping: bool) -> discord.Message:
-        return await self.message.channel.send(
-            text,
-            reference=self.message.to_reference(fail_if_not_exists=False),
-            allowed_mentions=_allowed_mentions(ping=ping),
+        return await post_queued_reply(
+            self.client, pending, bot_user_id=bot_user.id if bot_user else None
         )
-
-    async def _start_typing(self) -> None:
-        if self._typing is not None:
-            return
-        # The first trigger is awaited, like Slack's placeholder: the indicator is up before
-        # generation starts, and a stop at this point leaves nothing behind on Discord.
-        with contextlib.suppress(*TRANSIENT_ERRORS):
-            await self.message.channel.typing()
-        self._typing = asyncio.create_task(self._keep_typing())
-
-    def stop_typing(self) -> None:
-        if self._typing is not None:
-            self._typing.cancel()
-            self._typing = None
-
-    async def _keep_typing(self) -> None:
-        # Typing is cosmetic: whatever stops it (Discord, the connection, a closed client)
-        # must not surface as an error.
-        with contextlib.suppress(*TRANSIENT_ERRORS, RuntimeError):
-            while True:
-                await asyncio.sleep(TYPING_REFRESH)  # one trigger is shown for about 10 s
-                await self.message.channel.typing()
-
-
-class _ChatbotClient(discord.Client):
-    """discord.Client wired to the adapter, with the ``/chatbot`` command groups."""
-
-    def __init__(self, *, adapter: DiscordAdapter, guild_ready_timeout: float) -> None:
-        super().__init__(
-            intents=discord_intents(),
-            allowed_mentions=_allowed_mentions(ping=True),
-            guild_ready_timeout=guild_ready_timeout,
-        )
-        self.adapter = adapter
-        self.tree = app_commands.CommandTree(self)
-        everyone = app_commands.Group(name="chatbot", description="Talk to the chat bot")
-        admins = app_commands.Group(
-            name="chatbot-admin",
-            description="Manage the chat bot (admins)",
-            default_permissions=discord.Permissions(manage_guild=True),
-            guild_only=True,
-        )
-        for command in Command:
-            group = admins if command in ADMIN_ONLY else everyone
-            group.add_command(self._slash(command))
-        self.tree.add_command(everyone)
-        self.tree.add_command(admins)
-        self.tree.on_error = self._on_command_error  # type: ignore[method-assign]
-
-    def _slash(self, command: Command) -> app_commands.Command[Any, ..., None]:
-        @app_commands.describe(arguments="what follows the command word, if it takes any")
-        async def callback(interaction: discord.Interaction, arguments: str = "") -> None:
-            if not self.adapter.tasks.accepting:
-                logger.warning("discord: stopping, so a slash command was not taken")
-                return
-            # discord.py runs this in a task of its own: tracked so a shutdown waits for it.
-            untrack = self.adapter.tasks.track_current()
-            try:
-                await self.adapter.slash_command(interaction, command, arguments=arguments)
-            finally:
-                untrack()
-
-        return app_commands.Command(
-            name=command.value, description=DESCRIPTIONS[command][:100], callback=callback
-        )
-
-    async def setup_hook(self) -> None:
-        try:
-            await self.tree.sync()
-        except discord.HTTPException as error:
-            logger.warning("could not register the /chatbot commands with Discord: %s", error)
-
-    async def _on_command_error(
-        self, interaction: discord.Interaction, error: app_commands.AppCommandError
-    ) -> None:
-        logger.error("Discord command failed", exc_info=error)
-        with contextlib.suppress(discord.HTTPException):
-            text = "Sorry, that command failed. The error is logged."
-            if interaction.response.is_done():
-                await interaction.edit_original_response(content=text)
-            else:
-                await interaction.response.send_message(text, ephemeral=True)
-
-    # Each event is handled in a task of the adapter's (tracked, refused once stopping).
-
-    async def on_ready(self) -> None:
-        self.adapter.take(self.adapter.ready(), what="ready")
-
-    async def on_resumed(self) -> None:
-        self.adapter.take(self.adapter.deliver_queued(), what="resume")
-
-    async def on_message(self, message: discord.Message) -> None:
-        self.adapter.take_message(message)
-
-    async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
-        self.adapter.take(self.adapter.on_raw_message_edit(payload), what="edit")
-
-    async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
-        self.adapter.take(self.adapter.on_raw_message_delete(payload), what="deletion")
-
-    async def on_raw_bulk_message_delete(self, payload: discord.RawBulkMessageDeleteEvent) -> None:
-        self.adapter.take(self.adapter.on_raw_bulk_message_delete(payload), what="deletion")
-
-    async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
-        self.adapter.take(self.adapter.on_raw_reaction(payload, added=True), what="reaction")
-
-    async def on_raw_reaction_remove(self, payload: discord.RawReactionActionEvent) -> None:
-        self.adapter.take(
-            self.adapter.on_raw_reaction(payload, added=False), what="reaction removal"
-        )
-
-    async def on_error(self, event_method: str, /, *args: Any, **kwargs: Any) -> None:
-        logger.exception("unhandled error in Discord event %s", event_method)
-
-
-def _is_direct(channel: Any) -> bool:
-    if isinstance(channel, discord.DMChannel | discord.GroupChannel):
-        return True
-    return isinstance(channel, discord.PartialMessageable) and channel.guild_id is None
 
 
 def _reply_reference(message: discord.Message) -> discord.MessageReference | None:
@@ -927,8 +664,3 @@ def _owners(info: discord.AppInfo) -> frozenset[str]:
     if info.team.owner_id is not None:
         members.add(str(info.team.owner_id))
     return frozenset(members)
-
-
-def _allowed_mentions(*, ping: bool) -> discord.AllowedMentions:
-    # Model output must never ping @everyone, roles or users; only the asker, once.
-    return discord.AllowedMentions(everyone=False, users=False, roles=False, replied_user=ping)

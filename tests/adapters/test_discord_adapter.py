@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 from sqlmodel import col, select
 
-from adapters.discord_adapter import MESSAGE_LIMIT, DiscordAdapter
+from adapters.discord_adapter import DiscordAdapter
+from adapters.discord_replies import MESSAGE_LIMIT
 from bot.commands import ADMIN_ONLY, Command, CommandAction, Commands
 from bot.config import Settings
 from bot.conversation import IncomingMessage, Role
