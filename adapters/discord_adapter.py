@@ -224,6 +224,12 @@ class DiscordAdapter:
         """Handle one event in a tracked task (refused, with a log line, once stopping)."""
         self.tasks.spawn(work, what=what)
 
+    def take_change(self, work: Coroutine[Any, Any, None], *, what: str) -> None:
+        """Apply an edit, a deletion or a rating in a tracked task, while stopping too: they
+        only touch the database, and Discord never sends them again (a deletion lost would
+        keep what a person took back)."""
+        self.tasks.spawn(work, what=what, even_if_closed=True)
+
     def take_message(self, message: discord.Message) -> None:
         """Answer ``message`` in a tracked task; while stopping, keep it for the next start
         (Discord never sends it again)."""

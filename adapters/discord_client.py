@@ -102,19 +102,19 @@ class ChatbotClient(discord.Client):
         self.adapter.take_message(message)
 
     async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
-        self.adapter.take(self.adapter.on_raw_message_edit(payload), what="edit")
+        self.adapter.take_change(self.adapter.on_raw_message_edit(payload), what="edit")
 
     async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
-        self.adapter.take(self.adapter.on_raw_message_delete(payload), what="deletion")
+        self.adapter.take_change(self.adapter.on_raw_message_delete(payload), what="deletion")
 
     async def on_raw_bulk_message_delete(self, payload: discord.RawBulkMessageDeleteEvent) -> None:
-        self.adapter.take(self.adapter.on_raw_bulk_message_delete(payload), what="deletion")
+        self.adapter.take_change(self.adapter.on_raw_bulk_message_delete(payload), what="deletion")
 
     async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
-        self.adapter.take(self.adapter.on_raw_reaction(payload, added=True), what="reaction")
+        self.adapter.take_change(self.adapter.on_raw_reaction(payload, added=True), what="reaction")
 
     async def on_raw_reaction_remove(self, payload: discord.RawReactionActionEvent) -> None:
-        self.adapter.take(
+        self.adapter.take_change(
             self.adapter.on_raw_reaction(payload, added=False), what="reaction removal"
         )
 

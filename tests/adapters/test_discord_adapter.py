@@ -1165,6 +1165,28 @@ async def test_request_stop_finishes_the_reply_in_flight_and_answers_nothing_new
     )
 
 
+async def test_a_deletion_while_draining_is_still_applied(
+    discord: FakeDiscord, database: Database, model: RecordingModel
+) -> None:
+    """Discord never sends an event again: a person deleting a message while the bot stops
+    expects it gone all the same (edits, deletions and ratings only touch the database)."""
+    gated = GatedModel(model)
+    bot, run = await start_bot(discord, database, gated)
+    earlier = await say(discord, "My card is 4111 1111 1111 1111", mentions_bot=True)
+    await asyncio.wait_for(gated.started.wait(), 15)
+    bot.request_stop(drain_within=30)
+    await discord.dispatch(
+        "MESSAGE_DELETE",
+        {"id": earlier["id"], "channel_id": GENERAL_CHANNEL_ID, "guild_id": GUILD_ID},
+    )
+    await discord.wait_for(
+        lambda: stored(database)[0].deleted_at is not None, what="the deletion while draining"
+    )
+    gated.release.set()
+    assert await asyncio.wait_for(run, 15) == 0
+    assert stored(database)[0].text == ""
+
+
 async def test_request_stop_waits_for_a_stuck_reply_at_most_drain_within(
     discord: FakeDiscord, database: Database, model: RecordingModel
 ) -> None:
