@@ -47,9 +47,7 @@ from bot.storage import (
     undelivered_replies,
     update_message_text,
 )
-from bot.storage.delivery import PENDING_GRACE_SECONDS, queue_partial_reply
-from bot.storage.history import earlier_turn_waiting
-from bot.storage.records import (
+from bot.storage.claims import (
     claim_unanswered,
     drop_instance_lease,
     give_up_unanswered,
@@ -58,6 +56,8 @@ from bot.storage.records import (
     renew_instance_lease,
     set_reply_placeholder,
 )
+from bot.storage.delivery import PENDING_GRACE_SECONDS, queue_partial_reply
+from bot.storage.history import earlier_turn_waiting
 from bot.storage.tables import MessageRecord
 
 logger = logging.getLogger(__name__)

@@ -9,6 +9,7 @@ worker threads so the event loop never waits on the database. By concern:
 - :mod:`bot.storage.tables`: the tables, their states, the near-duplicate text key;
 - :mod:`bot.storage.database`: engine, sessions, migrations, the async :class:`Store`;
 - :mod:`bot.storage.records`: recording messages, answers, edits, deletions, ratings;
+- :mod:`bot.storage.claims`: which instance answers a message (crash recovery, replicas);
 - :mod:`bot.storage.history`: reading conversations back;
 - :mod:`bot.storage.delivery`: the queue of replies on their way to the platform;
 - :mod:`bot.storage.privacy`: forget-me and per-channel training opt-out;

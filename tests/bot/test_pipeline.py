@@ -31,7 +31,7 @@ from bot.storage import (
     Store,
     record_incoming,
 )
-from bot.storage.records import set_reply_placeholder
+from bot.storage.claims import set_reply_placeholder
 from model.corpus import SEED_EXCHANGES
 from tests.conftest import make_message
 from tests.fakes.models import BrokenModel, RecordingModel

@@ -540,8 +540,8 @@ def _plan(database: Database, statement: Any) -> str:
 
 
 def test_the_queues_are_read_through_their_indexes(database: Database) -> None:
+    from bot.storage.claims import answer_queue
     from bot.storage.delivery import delivery_queue
-    from bot.storage.records import answer_queue
 
     question, _, _ = _answered(database)
     now = utcnow()
