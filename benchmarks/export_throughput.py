@@ -3,7 +3,9 @@
 Seeds N exchanges (default 1,000,000) with realistic texts: starter-corpus questions and answers
 with variations (ticket numbers, platforms, names) so that near-duplicate dedupe keeps them
 apart; half answered by human agents, half bot replies rated 👍, a few messages of context in
-each conversation. Then, each in a fresh process so peak RSS is its own:
+each conversation; one channel of 500 has training turned off (``OPTED_OUT``: 0.2% of the
+conversations, left out by the export's pick). Then, each in a fresh process so peak RSS is
+its own:
 
 - ``export``: the real ``chatbot export`` path (Exporter.run: selection, dedupe, context,
   redaction, three formats, fsync, commit), with its default number of processes (one per
@@ -56,6 +58,14 @@ VARIATIONS = (
     "Hi, {q} I'm on macOS {n}.",
     "{q} Asking for team {n}.",
     "Quick one: {q} thanks! [{n}]",
+)
+
+
+#: The channel with training off: (platform, channel, when) for ``channel_settings``.
+OPTED_OUT = ("slack", "C0")
+OPT_OUT_SQL = (
+    "INSERT INTO channel_settings (platform, channel, training_opt_out, updated_by, updated_at) "
+    f"VALUES ('{OPTED_OUT[0]}', '{OPTED_OUT[1]}', TRUE, 'benchmark', '2026-01-01 00:00:00+00')"
 )
 
 
@@ -203,6 +213,7 @@ def seed_sqlite(path: Path, n: int) -> None:
         if len(batches["message"]) >= 50_000:
             flush()
     flush()
+    connection.execute(OPT_OUT_SQL)
     connection.commit()
     connection.close()
 
@@ -238,6 +249,7 @@ def seed_postgres(url: str, n: int) -> None:
             if count % 200_000 == 0:
                 flush()
         flush()
+        cursor.execute(OPT_OUT_SQL)
         for table in ("conversations", "messages", "exchanges", "ratings"):
             cursor.execute(
                 f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "

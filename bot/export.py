@@ -2,7 +2,9 @@
 
 Which exchanges: answers from human agents and admin corrections rank first, 👍-rated bot
 replies next; 👎-rated and unrated bot replies are left out (``include_unrated`` lets unrated
-ones in), and so is anything from a channel with training turned off. Among near-duplicate
+ones in), and so is anything from a channel with training turned off, or from a thread of one
+(checked at every export, also for exchanges recorded before it was turned off; turning it off
+withdraws those for good, see :func:`bot.storage.set_training_opt_out`). Among near-duplicate
 questions (same :func:`bot.storage.text_key`) the best-ranked, then newest, answer is written;
 the others are marked as consumed by the same shard.
 
@@ -59,7 +61,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from bot.conversation import alternating_messages, utcnow
-from bot.redaction import redact
+from bot.redaction import DEFAULT_PHONE_REGIONS, redact
 from bot.storage import Database, ExportShardRecord, LeaseRecord
 
 logger = logging.getLogger(__name__)
@@ -116,6 +118,8 @@ class ExportOptions:
     create_directory: bool = False  # create a missing export directory (the default one)
     workers: int = 0  # processes writing a large export; 0: one per CPU core, at most 4
     parallel_from: int = 50_000  # exports with fewer candidates are written by this process
+    # Regions whose national phone formats redaction knows (international ones always count).
+    phone_regions: tuple[str, ...] = DEFAULT_PHONE_REGIONS
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +180,11 @@ def _holder_is_dead(holder: str) -> bool:
 # the winner of each near-duplicate group. CREATE TABLE AS rather than INSERT: PostgreSQL plans
 # it in parallel (an INSERT never is), about twice as fast on a million exchanges. It takes no
 # bind parameters, so the two values below are formatted in (an int and a boolean).
+# Conversations in a channel with training off now, or in a thread of one, are left out, also
+# those recorded before it was turned off (``set_training_opt_out`` withdraws those for good;
+# this covers a setting written otherwise, or one written while the export runs). The few
+# opted-out channels drive that subquery (CROSS JOIN: SQLite keeps the order as written), so
+# with none it costs nothing.
 _PICK_SQL = """
 CREATE {unlogged}TABLE export_scratch AS
 SELECT id AS exchange_id, answer_message_id, user_message_id, conversation_id, source,
@@ -202,6 +211,9 @@ FROM (
            OR COALESCE(r.score, 0) > 0
            OR ({include_unrated} AND r.exchange_id IS NULL))
       AND NOT EXISTS (SELECT 1 FROM export_marks x WHERE x.exchange_id = e.id)
+      AND e.conversation_id NOT IN (SELECT c.id FROM channel_settings s CROSS JOIN conversations c
+                                    WHERE s.training_opt_out = {yes} AND c.platform = s.platform
+                                      AND (c.channel = s.channel OR c.parent_channel = s.channel))
 ) ranked
 """
 
@@ -238,6 +250,7 @@ class _Job:
     max_chars: int
     formatter: Formatter
     pseudonymize: Pseudonymize
+    phone_regions: tuple[str, ...] = DEFAULT_PHONE_REGIONS
 
 
 @dataclass(frozen=True, slots=True)
@@ -501,6 +514,7 @@ class Exporter:
             max_chars=self.options.max_chars,
             formatter=self.formatter,
             pseudonymize=self.pseudonymize,
+            phone_regions=self.options.phone_regions,
         )
         done = 0
         renewed_at = time.monotonic()
@@ -765,16 +779,22 @@ def _question_lookup(connection: Connection) -> Callable[[int], str | None]:
     return lookup
 
 
-@functools.lru_cache(maxsize=4096)
-def _redact_repeated(text: str) -> str:
-    return redact(text)
+@functools.cache
+def _redactor(phone_regions: tuple[str, ...]) -> Callable[[str], str]:
+    """:func:`bot.redaction.redact` with these phone regions, remembered for short texts:
+    answers repeat (a bot's answers, human agents' canned replies), and redaction is most of
+    the per-line work. Long texts are not kept, so the cache stays within a few megabytes. One
+    per set of regions (one per export, in practice), so the cache's key is the text alone."""
 
+    def redacted_once(text: str) -> str:
+        return redact(text, phone_regions=phone_regions)
 
-def _redacted(text: str) -> str:
-    """:func:`bot.redaction.redact`, remembered for short texts: answers repeat (a bot's
-    answers, human agents' canned replies), and redaction is most of the per-line work. Long
-    texts are not kept, so the cache stays within a few megabytes."""
-    return _redact_repeated(text) if len(text) <= 1000 else redact(text)
+    remembered = functools.lru_cache(maxsize=4096)(redacted_once)
+
+    def redacted(text: str) -> str:
+        return remembered(text) if len(text) <= 1000 else redacted_once(text)
+
+    return redacted
 
 
 def _format_rows(
@@ -794,7 +814,7 @@ def _format_rows(
     encode = json.encoder.encode_basestring  # C, no ASCII escaping
     formatter = job.formatter
     pseudonymize = job.pseudonymize
-    redacted = _redacted
+    redacted = _redactor(job.phone_regions)
     limit = job.max_chars
     keep = job.context_turns
     completions = pending["completions"].append

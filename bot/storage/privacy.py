@@ -1,11 +1,15 @@
-"""Privacy operations: forget-me and per-channel training opt-out."""
+"""Privacy operations: forget-me and per-channel training opt-out (a channel's opt-out covers
+its threads: :attr:`ConversationRecord.parent_channel`)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import delete as sql_delete
+from sqlalchemy import exists
+from sqlalchemy import update as sql_update
 from sqlmodel import Session, col, select
 
 from bot.conversation import utcnow
@@ -20,20 +24,44 @@ from bot.storage.tables import (
 )
 
 
-def training_allowed(*, session: Session, platform: str, channel: str) -> bool:
-    """Whether exchanges in this channel may become training data (no admin opt-out)."""
+def training_allowed(
+    *, session: Session, platform: str, channel: str, parent_channel: str | None = None
+) -> bool:
+    """Whether exchanges in this channel may become training data: no admin opt-out on the
+    channel, nor on the channel it is a thread of (a Discord thread is a channel of its own).
+
+    ``parent_channel``: that channel ("" when none); None looks it up in the conversations
+    recorded in ``channel`` (:attr:`ConversationRecord.parent_channel`)."""
+    parents: Any
+    if parent_channel is None:
+        parents = select(ConversationRecord.parent_channel).where(
+            ConversationRecord.platform == platform,
+            ConversationRecord.channel == channel,
+            ConversationRecord.parent_channel != "",
+        )
+    else:
+        parents = [parent_channel] if parent_channel else []
     opted_out = session.exec(
-        select(ChannelSettingRecord.training_opt_out).where(
-            ChannelSettingRecord.platform == platform, ChannelSettingRecord.channel == channel
+        select(ChannelSettingRecord.id).where(
+            ChannelSettingRecord.platform == platform,
+            col(ChannelSettingRecord.training_opt_out).is_(True),
+            (col(ChannelSettingRecord.channel) == channel)
+            | col(ChannelSettingRecord.channel).in_(parents),
         )
     ).first()
-    return not opted_out
+    return opted_out is None
 
 
 def set_training_opt_out(
     *, session: Session, platform: str, channel: str, opt_out: bool, updated_by: str
 ) -> None:
-    """Turn training-data logging off (or back on) for a channel; the bot still answers."""
+    """Turn training-data logging off (or back on) for a channel and its threads; the bot still
+    answers.
+
+    Off also withdraws the exchanges of the channel and its threads that no export has taken
+    yet (``for_training`` becomes False, as for exchanges recorded while it is off): what was
+    said there stays out of training, and turning training on again brings back only what is
+    said from then on. Shards already written keep their lines. One transaction."""
     record = session.exec(
         select(ChannelSettingRecord).where(
             ChannelSettingRecord.platform == platform, ChannelSettingRecord.channel == channel
@@ -45,6 +73,21 @@ def set_training_opt_out(
     record.updated_by = updated_by
     record.updated_at = utcnow()
     session.add(record)
+    if opt_out:
+        conversations = select(ConversationRecord.id).where(
+            ConversationRecord.platform == platform,
+            (col(ConversationRecord.channel) == channel)
+            | (col(ConversationRecord.parent_channel) == channel),
+        )
+        session.execute(
+            sql_update(ExchangeRecord)
+            .where(
+                col(ExchangeRecord.conversation_id).in_(conversations),
+                col(ExchangeRecord.for_training).is_(True),
+                ~exists().where(export_marks.c.exchange_id == ExchangeRecord.id),
+            )
+            .values(for_training=False)
+        )
     session.commit()
 
 

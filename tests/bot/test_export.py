@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,7 @@ from bot.export import (
 from bot.redaction import Pseudonymizer
 from bot.storage import (
     AnsweredBy,
+    ChannelSettingRecord,
     Database,
     ExchangeRecord,
     ExportShardRecord,
@@ -41,6 +44,7 @@ from bot.storage import (
     record_incoming,
     set_rating,
     set_training_opt_out,
+    training_allowed,
 )
 from model.prompt import format_prompt
 from tests.conftest import make_message
@@ -67,13 +71,20 @@ def bot_exchange(
     channel: str = "C1",
     rating: int | None = None,
     author: str = "U1",
+    author_name: str | None = None,
+    parent_channel: str = "",
+    bot_name: str = "bot",
 ) -> int:
-    """A user message answered by the bot (optionally rated); returns the exchange id."""
+    """A user message answered by the bot (optionally rated); returns the exchange id.
+    ``parent_channel``: the channel that ``channel`` is a thread of (Discord)."""
+    message = make_message(question, thread=thread, channel=channel, author_id=author)
+    message = dataclasses.replace(
+        message,
+        parent_channel=parent_channel,
+        author_name=message.author_name if author_name is None else author_name,
+    )
     with database.session() as session:
-        asked = record_incoming(
-            session=session,
-            message=make_message(question, thread=thread, channel=channel, author_id=author),
-        )
+        asked = record_incoming(session=session, message=message)
         assert asked is not None and asked.id is not None
         reply_id = f"bot-{asked.id}"
         _, exchange = record_answer(
@@ -82,7 +93,7 @@ def bot_exchange(
             text=answer,
             answered_by=AnsweredBy.BOT,
             author_id="bot",
-            author_name="bot",
+            author_name=bot_name,
             model_version="v1",
             platform_message_id=reply_id,
         )
@@ -99,13 +110,24 @@ def bot_exchange(
     return exchange.id
 
 
-def agent_exchange(database: Database, question: str, answer: str, *, thread: str) -> None:
+def agent_exchange(
+    database: Database,
+    question: str,
+    answer: str,
+    *,
+    thread: str,
+    author_name: str | None = None,
+    agent_name: str | None = None,
+) -> None:
+    asked = make_message(question, thread=thread)
+    answered = make_message(answer, thread=thread, author_id="AGENT", role=Role.HUMAN_AGENT)
+    if author_name is not None:
+        asked = dataclasses.replace(asked, author_name=author_name)
+    if agent_name is not None:
+        answered = dataclasses.replace(answered, author_name=agent_name)
     with database.session() as session:
-        record_incoming(session=session, message=make_message(question, thread=thread))
-        record_agent_answer(
-            session=session,
-            message=make_message(answer, thread=thread, author_id="AGENT", role=Role.HUMAN_AGENT),
-        )
+        record_incoming(session=session, message=asked)
+        record_agent_answer(session=session, message=answered)
 
 
 def read_lines(shard: Path, key: str) -> list[dict]:
@@ -322,6 +344,191 @@ def test_opted_out_channels_and_deleted_messages_stay_out(
     exporter_for(database, tmp_path).run()
 
     assert all_exported_users(tmp_path) == ["Public question?"]
+
+
+def test_phone_regions_are_an_export_option(database: Database, tmp_path: Path) -> None:
+    bot_exchange(database, "Ring 020 7946 0958 or +49 30 901820?", "Will do.", rating=1)
+    default = exporter_for(database, tmp_path / "default", create_directory=True).run()
+    with database.engine.begin() as connection:
+        connection.execute(text("DELETE FROM export_marks"))
+    us_only = exporter_for(
+        database, tmp_path / "us", create_directory=True, phone_regions=("US",)
+    ).run()
+
+    assert default.path is not None and us_only.path is not None
+    assert [line["user"] for line in read_lines(default.path, "completions")] == [
+        "Ring <PHONE> or <PHONE>?"
+    ]
+    assert [line["user"] for line in read_lines(us_only.path, "completions")] == [
+        "Ring 020 7946 0958 or <PHONE>?"
+    ]
+
+
+def test_training_off_covers_the_threads_of_a_channel(database: Database, tmp_path: Path) -> None:
+    with database.session() as session:
+        set_training_opt_out(
+            session=session, platform="console", channel="parent", opt_out=True, updated_by="A"
+        )
+    in_thread = bot_exchange(
+        database,
+        "Thread question?",
+        "Answer.",
+        channel="thread-1",
+        parent_channel="parent",
+        rating=1,
+    )
+    bot_exchange(database, "Elsewhere?", "Answer.", channel="other", rating=1)
+
+    with database.session() as session:
+        exchange = session.get(ExchangeRecord, in_thread)
+        assert exchange is not None and exchange.for_training is False
+        assert not training_allowed(
+            session=session, platform="console", channel="thread-1", parent_channel="parent"
+        )
+        # Without the parent given, it is the one recorded with the thread's conversation.
+        assert not training_allowed(session=session, platform="console", channel="thread-1")
+        assert not training_allowed(session=session, platform="console", channel="parent")
+        assert training_allowed(session=session, platform="console", channel="other")
+        assert training_allowed(
+            session=session, platform="console", channel="thread-2", parent_channel="elsewhere"
+        )
+    exporter_for(database, tmp_path).run()
+    assert all_exported_users(tmp_path) == ["Elsewhere?"]
+
+
+def test_training_off_withdraws_what_was_not_exported_yet_for_good(
+    database: Database, tmp_path: Path
+) -> None:
+    """Turning training off leaves out the channel's exchanges not exported yet, its threads'
+    too; turning it on again brings only what is said from then on."""
+    bot_exchange(database, "Exported before?", "Yes.", channel="quiet", thread="a", rating=1)
+    exporter_for(database, tmp_path).run()
+    before = bot_exchange(database, "Said before?", "A.", channel="quiet", thread="b", rating=1)
+    thread = bot_exchange(
+        database, "In a thread?", "A.", channel="quiet-thread", parent_channel="quiet", rating=1
+    )
+    bot_exchange(database, "Loud question?", "A.", channel="loud", rating=1)
+
+    def training(opt_out: bool) -> None:
+        with database.session() as session:
+            set_training_opt_out(
+                session=session,
+                platform="console",
+                channel="quiet",
+                opt_out=opt_out,
+                updated_by="A",
+            )
+
+    training(False)  # turning it on where it is on changes nothing
+    training(True)
+    exporter_for(database, tmp_path).run()
+    training(False)
+    bot_exchange(database, "Said after?", "A.", channel="quiet", thread="c", rating=1)
+    bot_exchange(
+        database,
+        "Thread after?",
+        "A.",
+        channel="quiet-thread",
+        parent_channel="quiet",
+        thread="d",
+        rating=1,
+    )
+    exporter_for(database, tmp_path).run()
+
+    assert sorted(all_exported_users(tmp_path)) == [
+        "Exported before?",
+        "Loud question?",
+        "Said after?",
+        "Thread after?",
+    ]
+    with database.session() as session:
+        for exchange_id in (before, thread):
+            exchange = session.get(ExchangeRecord, exchange_id)
+            assert exchange is not None and exchange.for_training is False
+
+
+def test_the_export_leaves_out_channels_opted_out_now(database: Database, tmp_path: Path) -> None:
+    """The pick itself checks the opt-outs, whatever the exchanges were marked with when they
+    were recorded: here the setting is written behind the storage functions' back."""
+    bot_exchange(database, "Channel question?", "A.", channel="quiet", rating=1)
+    bot_exchange(
+        database, "Thread question?", "A.", channel="quiet-t", parent_channel="quiet", rating=1
+    )
+    bot_exchange(database, "Same channel id, other platform?", "A.", channel="other", rating=1)
+    bot_exchange(database, "Loud question?", "A.", channel="loud", rating=1)
+    with database.session() as session:
+        for platform, channel in (("console", "quiet"), ("slack", "other")):
+            session.add(
+                ChannelSettingRecord(
+                    platform=platform,
+                    channel=channel,
+                    training_opt_out=True,
+                    updated_at=datetime.now(UTC),
+                )
+            )
+        session.commit()
+    result = exporter_for(database, tmp_path).run()
+
+    assert sorted(all_exported_users(tmp_path)) == [
+        "Loud question?",
+        "Same channel id, other platform?",
+    ]
+    assert result.superseded == 0
+
+
+def test_shards_hold_no_display_names_and_no_mentioned_ids(
+    database: Database, tmp_path: Path
+) -> None:
+    """Authors' display names (``messages.author_name``) never reach a shard, and mentions in
+    the platforms' raw forms become <USER>."""
+    names = ["Alice Liddell", "Bob Agent", "Helpful Bot Name", "Carol Admin", "Dave Context"]
+    mentioned = ["U0123ABC", "123456789012345678", "876543210987654321", "112233445566778899"]
+    bot_exchange(
+        database,
+        "Hello <@U0123ABC>",
+        "Hi!",
+        thread="m",
+        author="U-alice",
+        author_name="Dave Context",
+    )
+    bot_exchange(
+        database,
+        "Can <@123456789012345678> or <@U0456DEF|alice.liddell> help?",
+        "Ask <@!876543210987654321> or <@&112233445566778899>.",
+        thread="m",
+        rating=1,
+        author="U-alice",
+        author_name="Alice Liddell",
+        bot_name="Helpful Bot Name",
+    )
+    agent_exchange(
+        database,
+        "Is <@U0123ABC> around?",
+        "Yes, <@U0123ABC> is.",
+        thread="agent",
+        author_name="Alice Liddell",
+        agent_name="Bob Agent",
+    )
+    bot_exchange(database, "Poor question?", "Poor answer.", thread="fix")
+    with database.session() as session:
+        assert record_correction(
+            session=session,
+            platform="console",
+            channel="C1",
+            thread="fix",
+            corrected_message_id=None,
+            text="Better answer.",
+            admin_id="ADMIN",
+            admin_name="Carol Admin",
+        )
+    result = exporter_for(database, tmp_path).run()
+
+    assert result.path is not None and result.exchanges == 3
+    everything = "".join(path.read_text() for path in sorted(result.path.iterdir()))
+    for found in [*names, "alice.liddell", *mentioned, "U0456DEF", "U-alice", "name-"]:
+        assert found not in everything
+    assert "Can <USER> or <USER> help?" in everything and "Ask <USER> or <USER>." in everything
+    assert "Hello <USER>" in everything  # the context
 
 
 def test_manifest_hash_matches_the_files(database: Database, tmp_path: Path) -> None:
