@@ -125,6 +125,7 @@ def build_exporter(settings: Settings, database: Database, **overrides: Any) -> 
         context_turns=settings.export_context_turns,
         create_directory=settings.export_dir is None,
         workers=settings.export_workers,
+        phone_regions=tuple(settings.phone_regions),
     )
     if overrides:
         options = dataclasses.replace(options, **overrides)

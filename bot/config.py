@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     export_include_unrated: bool = False
     export_context_turns: int = Field(default=6, ge=0, le=100)
     export_workers: int = Field(default=0, ge=0, le=64)  # processes for large exports; 0: auto
+    # Regions whose national phone formats the redaction knows (ISO 3166 codes; numbers written
+    # with a "+" country code are found whatever this says).
+    phone_regions: IdList = Field(default_factory=lambda: ["US", "GB"])
     pseudonym_key: str = ""  # secret for user pseudonyms; empty: DATA_DIR/pseudonym.key
 
     # Slack (adapters/slack_adapter.py). Socket Mode when SLACK_APP_TOKEN is set, else HTTP mode.
@@ -88,6 +91,7 @@ class Settings(BaseSettings):
         "discord_admin_role_ids",
         "discord_agent_ids",
         "discord_agent_role_ids",
+        "phone_regions",
         mode="before",
     )
     @classmethod
@@ -95,6 +99,17 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("phone_regions")
+    @classmethod
+    def _known_regions(cls, value: list[str]) -> list[str]:
+        import phonenumbers
+
+        regions = [region.upper() for region in value]
+        unknown = [r for r in regions if r not in phonenumbers.SUPPORTED_REGIONS]
+        if unknown:
+            raise ValueError(f"unknown region code(s) {', '.join(unknown)} (use e.g. US,GB,DE)")
+        return regions
 
     @property
     def slack_configured(self) -> bool:

@@ -152,10 +152,16 @@ def test_export_settings_reach_the_exporter(tmp_path, monkeypatch) -> None:
 
     monkeypatch.setenv("EXPORT_WORKERS", "3")
     monkeypatch.setenv("EXPORT_CONTEXT_TURNS", "2")
+    monkeypatch.setenv("PHONE_REGIONS", "de, fr")
     settings = load_settings(data_dir=tmp_path)
     exporter = build_exporter(settings, Database(f"sqlite:///{tmp_path / 'bot.db'}"))
     assert (exporter.options.workers, exporter.options.context_turns) == (3, 2)
+    assert exporter.options.phone_regions == ("DE", "FR")
     assert exporter.options.directory == tmp_path / "exports"
     monkeypatch.setenv("EXPORT_WORKERS", "-1")
     with pytest.raises(ConfigurationError, match="EXPORT_WORKERS"):
+        load_settings(data_dir=tmp_path)
+    monkeypatch.setenv("EXPORT_WORKERS", "1")
+    monkeypatch.setenv("PHONE_REGIONS", "US,Narnia")
+    with pytest.raises(ConfigurationError, match="PHONE_REGIONS"):
         load_settings(data_dir=tmp_path)
