@@ -119,4 +119,7 @@ class LearningActions:
                 "Training is now off in this channel: nothing said here will be used for "
                 "training. I'll still answer here."
             )
-        return "Training is back on in this channel."
+        return (
+            "Training is back on in this channel for what is said from now on; what was said "
+            "while it was off stays out."
+        )
