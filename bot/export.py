@@ -47,7 +47,6 @@ import queue
 import secrets
 import shutil
 import signal
-import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -63,6 +62,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from bot.conversation import alternating_messages, utcnow
 from bot.redaction import DEFAULT_PHONE_REGIONS, redact
 from bot.storage import Database, ExportShardRecord, LeaseRecord
+from bot.storage.claims import holder_is_gone_here, instance_id
 
 logger = logging.getLogger(__name__)
 
@@ -154,25 +154,6 @@ def _fsync_directory(path: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
-
-
-def _lease_holder() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-
-
-def _holder_is_dead(holder: str) -> bool:
-    """A lease held by a process of this host that no longer runs can be taken over at once."""
-    host, _, rest = holder.partition(":")
-    pid_text = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid_text.isdigit():
-        return False
-    try:
-        os.kill(int(pid_text), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
 
 
 # The candidates of this run, with what the writers need of each, in a scratch table that every
@@ -289,7 +270,7 @@ class Exporter:
         self.options = options
         self.formatter = formatter
         self.pseudonymize = pseudonymize
-        self.holder = _lease_holder()
+        self.holder = instance_id()
 
     # ------------------------------------------------------------------ public
 
@@ -639,7 +620,7 @@ class Exporter:
             ).first()
             if current is not None:
                 holder, expires_at = current
-                lapsed = _as_datetime(expires_at) < now or _holder_is_dead(holder)
+                lapsed = _as_datetime(expires_at) < now or holder_is_gone_here(holder)
                 if not lapsed and holder != self.holder:
                     return False
                 # Conditional on the holder we saw, so two instances cannot both take it over.
