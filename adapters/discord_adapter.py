@@ -200,15 +200,7 @@ class DiscordAdapter:
     async def _stop(self, drain_within: float) -> None:
         await self._stop_retrying()
         # Connected while draining: the replies in flight still stream their edits.
-        if not await self.tasks.drain(within=drain_within):
-            # What they stored stays in the database, for crash recovery to finish.
-            stopped = await self.tasks.cancel()
-            logger.warning(
-                "discord: %d event%s still running after %ss were stopped",
-                stopped,
-                "" if stopped == 1 else "s",
-                drain_within,
-            )
+        await self.tasks.finish(within=drain_within)
         await self.client.close()
         # Messages read just before the connection closed are still being kept for later.
         await self.tasks.drain(within=CLOSE_DRAIN)

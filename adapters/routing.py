@@ -330,6 +330,20 @@ class EventTasks:
         await asyncio.gather(*pending, return_exceptions=True)
         return len(pending)
 
+    async def finish(self, *, within: float | None) -> None:
+        """Drain for at most ``within`` seconds, then cancel what still runs (its stored
+        messages stay in the database for crash recovery to finish)."""
+        if await self.drain(within=within):
+            return
+        stopped = await self.cancel()
+        logger.warning(
+            "%s: %d event%s still running after %ss were stopped",
+            self.platform,
+            stopped,
+            "" if stopped == 1 else "s",
+            within,
+        )
+
     async def _logged(self, work: Awaitable[None], *, what: str) -> None:
         try:
             await work

@@ -259,14 +259,7 @@ class SlackAdapter:
             # Closed first: Slack sends what comes next to the app's other connections.
             await self._socket.close_async()
             self._socket = None
-        if not await self.tasks.drain(within=drain_within):
-            stopped = await self.tasks.cancel()
-            logger.warning(
-                "Slack: %d event%s still running after %ss were stopped",
-                stopped,
-                "" if stopped == 1 else "s",
-                drain_within,
-            )
+        await self.tasks.finish(within=drain_within)
         if self._runner is not None:
             # Kept open while draining, answering 503, so Slack retries instead of timing out.
             await self._runner.cleanup()
