@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import inspect
 import logging
 import signal
 import sys
@@ -242,7 +241,7 @@ def platform_adapters(
                 settings=settings,
                 handler=pipeline,
                 commands=commands,
-                **_retry_interval(SlackAdapter, settings),
+                retry_interval=settings.delivery_retry_seconds,
             )
         )
     if settings.discord_configured:
@@ -253,17 +252,10 @@ def platform_adapters(
                 settings=settings,
                 handler=pipeline,
                 commands=commands,
-                **_retry_interval(DiscordAdapter, settings),
+                retry_interval=settings.delivery_retry_seconds,
             )
         )
     return adapters
-
-
-def _retry_interval(adapter_class: type, settings: Settings) -> dict[str, Any]:
-    # Adapters that run a retry queue take its interval (DELIVERY_RETRY_SECONDS).
-    if "retry_interval" in inspect.signature(adapter_class).parameters:
-        return {"retry_interval": settings.delivery_retry_seconds}
-    return {}
 
 
 async def _serve(settings: Settings, *, chat_only: bool, json_lines: bool) -> int:
@@ -320,7 +312,7 @@ async def _serve_adapters(
         )
         stop.set()
         for adapter in adapters:
-            _request_stop(adapter, drain_within=drain)
+            adapter.request_stop(drain_within=drain)
 
     handled = (signal.SIGTERM, signal.SIGINT)
     for signum in handled:
@@ -356,26 +348,6 @@ async def _serve_adapters(
         with contextlib.suppress(asyncio.CancelledError):
             await maintenance
         await pipeline.close()
-
-
-def _request_stop(adapter: Adapter, *, drain_within: float) -> None:
-    """``adapter.request_stop(drain_within=...)``; adapters written before that contract get
-    what they offer: ``request_stop()`` or ``close(drain_within=...)``."""
-    request_stop: Any = getattr(adapter, "request_stop", None)
-    if request_stop is not None:
-        if "drain_within" in inspect.signature(request_stop).parameters:
-            request_stop(drain_within=drain_within)
-        else:
-            request_stop()
-        return
-    close: Any = getattr(adapter, "close", None)
-    if close is not None:
-        task = asyncio.ensure_future(close(drain_within=drain_within))
-        _closing.add(task)
-        task.add_done_callback(_closing.discard)
-
-
-_closing: set[asyncio.Future[Any]] = set()
 
 
 def _tolerant_console_streams() -> None:
