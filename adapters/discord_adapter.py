@@ -107,9 +107,6 @@ _THREAD_TYPES = frozenset(
 )
 _OWNING_TEAM_ROLES = frozenset({discord.TeamMemberRole.admin, discord.TeamMemberRole.developer})
 
-#: The pipeline as this adapter uses it (kept under its old name for callers).
-DiscordHandler = RoutedHandler
-
 
 def rating_for(emoji: discord.PartialEmoji) -> int | None:
     """+1 for 👍, -1 for 👎 (any skin tone), ``None`` for any other reaction."""

@@ -77,9 +77,6 @@ EVENTS_PATH = "/slack/events"
 #: is not a conversation turn.
 _CONVERSATION_SUBTYPES = frozenset({None, "thread_broadcast", "file_share", "me_message"})
 
-#: The pipeline as the Slack adapter uses it (the router's handler).
-SlackHandler = RoutedHandler
-
 
 @dataclass(frozen=True, slots=True)
 class BotIdentity:
@@ -105,7 +102,7 @@ class SlackAdapter:
         self,
         *,
         settings: Settings,
-        handler: SlackHandler,
+        handler: RoutedHandler,
         commands: Commands,
         host: str = "0.0.0.0",
         thread_history_limit: int | None = None,
