@@ -49,6 +49,13 @@ class MessageHandler(Protocol):
 
     async def reply_not_delivered(self, *, answer_id: int) -> None: ...
 
+    async def reply_partly_delivered(
+        self, *, answer_id: int, message_id: str, chunks_sent: int
+    ) -> None:
+        """A queued reply got further but not to its end: back into the queue, with how many
+        chunks are complete (``bot.service.PartialDelivery``)."""
+        ...
+
 
 class Adapter(Protocol):
     """A running connection to one platform."""

@@ -54,20 +54,24 @@ class DiscordReply:
     async def send(self, *, text: str, in_reply_to: IncomingMessage) -> str:
         """Post (or finish streaming) the reply; the id of its first message, which carries it.
 
-        Raises :class:`PartialDelivery` when its start is on Discord but not all of it.
+        Raises :class:`PartialDelivery` when its start is on Discord but not all of it, with
+        how many chunks are complete there.
         """
         self.stop_typing()
         chunks = split_reply(text, limit=MESSAGE_LIMIT) or ["…"]
         if self.first is None:
             self.first = await self._post(chunks[0], ping=True)  # fails: nothing was posted
         first_id = str(self.first.id)
+        complete = 0
         try:
             if self.first.content != chunks[0]:
                 self.first = await self.first.edit(content=chunks[0])
+            complete = 1
             for chunk in chunks[1:]:
                 await self._post(chunk, ping=False)
+                complete += 1
         except Exception as error:
-            raise PartialDelivery(first_id, str(error)) from error
+            raise PartialDelivery(first_id, str(error), chunks_sent=complete) from error
         return first_id
 
     async def send_private(self, *, text: str) -> None:
@@ -120,17 +124,26 @@ async def post_queued_reply(
     client: discord.Client, pending: UndeliveredReply, *, bot_user_id: int | None
 ) -> str | None:
     """Post one queued reply: edit its placeholder (the start of it already on Discord)
-    when it has one, then post the remaining chunks as replies to the question."""
+    when it has one and its first chunk is not complete, then post the chunks not yet on
+    Discord as replies to the question.
+
+    Raises:
+        PartialDelivery: it failed part-way again; says how many chunks are complete now.
+    """
     channel = client.get_partial_messageable(int(pending.channel))
     chunks = split_reply(pending.text, limit=MESSAGE_LIMIT) or ["…"]
     first_id: str | None = None
-    if not pending.placeholder_id:
+    complete = 0  # how many of the reply's chunks are on Discord
+    if pending.placeholder_id and pending.chunks_sent > 0:
+        # Chunks 1..chunks_sent went up before: only what follows is posted.
+        first_id, complete = pending.placeholder_id, pending.chunks_sent
+    elif not pending.placeholder_id:
         # Posted before, with no id recorded (the bot died while Discord answered): the
         # messages already there are the reply's start; only the rest is posted.
         landed = await _landed(channel, pending, chunks, bot_user_id=bot_user_id)
         if landed:
-            first_id, chunks = landed[0], chunks[len(landed) :]
-    if pending.placeholder_id:
+            first_id, complete = landed[0], len(landed)
+    else:
         try:
             await channel.get_partial_message(int(pending.placeholder_id)).edit(content=chunks[0])
         except discord.NotFound:
@@ -139,7 +152,7 @@ async def post_queued_reply(
                 pending.answer_id,
             )
         else:
-            first_id, chunks = pending.placeholder_id, chunks[1:]
+            first_id, complete = pending.placeholder_id, 1
     reference = (
         discord.MessageReference(
             message_id=int(pending.in_reply_to),
@@ -149,13 +162,19 @@ async def post_queued_reply(
         if pending.in_reply_to
         else None
     )
-    for chunk in chunks:
-        sent = await channel.send(
-            chunk,
-            reference=reference,  # type: ignore[arg-type]
-            allowed_mentions=allowed_mentions(ping=first_id is None),
-        )
+    for chunk in chunks[complete:]:
+        try:
+            sent = await channel.send(
+                chunk,
+                reference=reference,  # type: ignore[arg-type]
+                allowed_mentions=allowed_mentions(ping=first_id is None),
+            )
+        except Exception as error:
+            if first_id is None:
+                raise  # nothing of the reply is on Discord
+            raise PartialDelivery(first_id, str(error), chunks_sent=complete) from error
         first_id = first_id or str(sent.id)
+        complete += 1
     return first_id
 
 

@@ -30,6 +30,7 @@ from typing import Any, Protocol, runtime_checkable
 from adapters.base import MessageHandler
 from bot.commands import CommandRequest, Commands, parse_bang_command
 from bot.conversation import IncomingMessage, Role
+from bot.service import PartialDelivery
 from bot.storage import UndeliveredReply
 
 logger = logging.getLogger(__name__)
@@ -367,12 +368,24 @@ async def deliver_queued_replies(
 
     Each reply is claimed in the database first, so instances sharing it never both post one.
     A reply that fails with one of ``transient_errors`` goes back into the queue; so does one
-    interrupted by anything else (a bug, a cancelled task), which is then re-raised.
+    interrupted by anything else (a bug, a cancelled task), which is then re-raised. One that
+    got part of the way (:class:`bot.service.PartialDelivery`) goes back with its progress,
+    so the next pass posts only what is still missing.
     """
     delivered = 0
     for reply in await handler.undelivered_replies(platform=platform):
         try:
             platform_id = await post(reply)
+        except PartialDelivery as partial:
+            logger.warning(
+                "%s: reply %d was posted only in part: %s", platform, reply.answer_id, partial
+            )
+            await handler.reply_partly_delivered(
+                answer_id=reply.answer_id,
+                message_id=partial.message_id,
+                chunks_sent=partial.chunks_sent,
+            )
+            continue
         except transient_errors as error:
             logger.warning(
                 "%s: reply %d still cannot be posted: %s", platform, reply.answer_id, error

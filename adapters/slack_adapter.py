@@ -66,7 +66,6 @@ from adapters.slack_signature import SLACK_CONTENT_TYPES, SlackSignatureVerifier
 from bot.commands import CommandRequest, Commands, parse_bang_command
 from bot.config import ConfigurationError, Settings
 from bot.conversation import IncomingMessage, Platform, Role
-from bot.service import PartialDelivery
 from bot.storage import UndeliveredReply
 
 logger = logging.getLogger(__name__)
@@ -638,7 +637,7 @@ class SlackAdapter:
             self.handler,
             platform=PLATFORM,
             post=self.post_queued_reply,
-            transient_errors=(SlackClientError, PartialDelivery),
+            transient_errors=(SlackClientError,),
         )
 
     async def post_queued_reply(self, reply: UndeliveredReply) -> str:

@@ -52,7 +52,8 @@ class ThreadReply:
 
         Raises:
             PartialDelivery: the placeholder or the reply's first message is in the thread
-                but the reply is not complete; the retry edits that message.
+                but the reply is not complete (with how many chunks are); the retry
+                finishes it without posting any chunk again.
             SlackClientError: nothing of the reply reached Slack.
         """
         chunks = _chunks(text)
@@ -65,13 +66,14 @@ class ThreadReply:
                 channel=self.channel, ts=self.placeholder_ts, text=escape(chunks[0])
             )
         except SlackClientError as error:
-            raise PartialDelivery(self.placeholder_ts, str(error)) from error
+            raise PartialDelivery(self.placeholder_ts, str(error), chunks_sent=0) from error
         await _post_chunks(
             self.client,
             channel=self.channel,
             thread_ts=self.thread_ts,
             chunks=chunks[1:],
             first_ts=self.placeholder_ts,
+            chunks_before=1,
         )
         return self.placeholder_ts
 
@@ -94,22 +96,27 @@ async def _post_chunks(
     thread_ts: str | None,
     chunks: list[str],
     first_ts: str | None = None,
+    chunks_before: int = 0,
 ) -> str:
     """Post each chunk as a message of its own; returns the first message's ts.
 
-    ``first_ts`` is the reply's first message when it is already in the thread.
+    ``first_ts`` is the reply's first message when it is already in the thread, and
+    ``chunks_before`` how many of the reply's chunks are complete there before ``chunks``.
 
     Raises:
-        PartialDelivery: a chunk failed after the reply's first message went up.
+        PartialDelivery: a chunk failed after the reply's first message went up, with the
+            number of the reply's chunks that are complete.
     """
-    for chunk in chunks:
+    for posted, chunk in enumerate(chunks):
         try:
             response = await client.chat_postMessage(
                 channel=channel, thread_ts=thread_ts, text=escape(chunk)
             )
         except SlackClientError as error:
             if first_ts is not None:
-                raise PartialDelivery(first_ts, str(error)) from error
+                raise PartialDelivery(
+                    first_ts, str(error), chunks_sent=chunks_before + posted
+                ) from error
             raise
         first_ts = first_ts or str(response["ts"])
     return first_ts or ""
@@ -119,10 +126,25 @@ async def post_queued_reply(client: AsyncWebClient, reply: UndeliveredReply) -> 
     """Post one queued reply; returns the ts of its first message (the one rated).
 
     When the reply's placeholder (or its start) is already in the thread, that message is
-    edited into the reply and only the remaining chunks are posted.
+    edited into the reply (unless its first chunk is complete already) and only the chunks
+    not yet in the thread are posted.
+
+    Raises:
+        PartialDelivery: it failed part-way again; says how many chunks are complete now.
     """
     chunks = _chunks(reply.text)
     thread_ts = reply.thread or None
+    if reply.placeholder_id and reply.chunks_sent > 0:
+        # Chunks 1..chunks_sent are in the thread already: only what follows is posted.
+        await _post_chunks(
+            client,
+            channel=reply.channel,
+            thread_ts=thread_ts,
+            chunks=chunks[reply.chunks_sent :],
+            first_ts=reply.placeholder_id,
+            chunks_before=reply.chunks_sent,
+        )
+        return reply.placeholder_id
     if reply.placeholder_id:
         try:
             await client.chat_update(
@@ -140,6 +162,7 @@ async def post_queued_reply(client: AsyncWebClient, reply: UndeliveredReply) -> 
                 thread_ts=thread_ts,
                 chunks=chunks[1:],
                 first_ts=reply.placeholder_id,
+                chunks_before=1,
             )
             return reply.placeholder_id
     return await _post_chunks(client, channel=reply.channel, thread_ts=thread_ts, chunks=chunks)

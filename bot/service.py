@@ -91,13 +91,22 @@ class StreamingReplyGenerator(ReplyGenerator, Protocol):
 
 
 class PartialDelivery(Exception):
-    """Raised by a :class:`ReplySender` that put the start of a reply on the platform (the
-    message ``message_id``) but not all of it: the retry edits that message and sends the
-    rest, so the reply is never posted twice."""
+    """Raised by a :class:`ReplySender` (or a queued-reply poster) that put the start of a
+    reply on the platform (the message ``message_id``) but not all of it.
 
-    def __init__(self, message_id: str, reason: str = "") -> None:
-        super().__init__(f"reply only partly sent (first message {message_id}): {reason}")
+    ``chunks_sent`` is how many of the reply's chunks are complete on the platform: 0 when
+    the first message still shows a placeholder or partial text, ``k`` when chunks 1..k are
+    there. The retry edits the first message only when it is 0 and posts the chunks after
+    the ``chunks_sent`` first, so no part of the reply is ever posted twice.
+    """
+
+    def __init__(self, message_id: str, reason: str = "", *, chunks_sent: int) -> None:
+        super().__init__(
+            f"reply only partly sent (first message {message_id}, "
+            f"{chunks_sent} chunk(s) complete): {reason}"
+        )
         self.message_id = message_id
+        self.chunks_sent = chunks_sent
 
 
 class ReplySender(Protocol):
@@ -253,7 +262,7 @@ class ReplyPipeline:
                 message.message_id,
                 partial,
             )
-            await self._queue_partial(answer_id, partial.message_id)
+            await self._queue_partial(answer_id, partial.message_id, partial.chunks_sent)
             return PipelineResult(
                 Outcome.ANSWERED, reply=reply, message_id=stored.id, exchange_id=exchange_id
             )
@@ -526,6 +535,13 @@ class ReplyPipeline:
         """A claimed queued reply still could not be sent: back into the queue."""
         await self._set_delivery(answer_id, DeliveryState.FAILED, None)
 
+    async def reply_partly_delivered(
+        self, *, answer_id: int, message_id: str, chunks_sent: int
+    ) -> None:
+        """A claimed queued reply got further but not to its end (see
+        :class:`PartialDelivery`): back into the queue with how far it got."""
+        await self._queue_partial(answer_id, message_id, chunks_sent)
+
     async def _send_quietly(self, send: ReplySender, text: str, message: IncomingMessage) -> bool:
         try:
             await send(text=text, in_reply_to=message)
@@ -644,10 +660,17 @@ class ReplyPipeline:
         except StorageError:
             logger.warning("could not release message %d (database unavailable)", message_id)
 
-    async def _queue_partial(self, answer_id: int, placeholder_id: str) -> None:
+    async def _queue_partial(self, answer_id: int, placeholder_id: str, chunks_sent: int) -> None:
         try:
-            await self.store.run(
-                queue_partial_reply, answer_message_id=answer_id, placeholder_id=placeholder_id
+            # Shielded like _set_delivery: the progress must reach the database, or the
+            # retry would post again the chunks that are already on the platform.
+            await asyncio.shield(
+                self.store.run(
+                    queue_partial_reply,
+                    answer_message_id=answer_id,
+                    placeholder_id=placeholder_id,
+                    chunks_sent=chunks_sent,
+                )
             )
         except StorageError:
             logger.warning("could not queue reply %d (database unavailable)", answer_id)

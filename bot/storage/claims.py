@@ -131,12 +131,13 @@ def release_answer_claim(
 
 def set_reply_placeholder(*, session: Session, message_id: int, placeholder_id: str) -> None:
     """Record the platform id of the placeholder or partial reply shown for a user message,
-    so a reply recovered or retried after a crash replaces it instead of adding another."""
+    so a reply recovered or retried after a crash replaces it instead of adding another (a new
+    placeholder shows none of the reply's chunks yet)."""
     session.execute(
         sql_update(MessageRecord)
         .execution_options(synchronize_session=False)
         .where(col(MessageRecord.id) == message_id)
-        .values(reply_placeholder_id=placeholder_id[:255])
+        .values(reply_placeholder_id=placeholder_id[:255], reply_chunks_sent=None)
     )
     session.commit()
 

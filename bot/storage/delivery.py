@@ -43,10 +43,13 @@ def set_delivery(
     session.commit()
 
 
-def queue_partial_reply(*, session: Session, answer_message_id: int, placeholder_id: str) -> None:
+def queue_partial_reply(
+    *, session: Session, answer_message_id: int, placeholder_id: str, chunks_sent: int = 0
+) -> None:
     """A reply whose start is on the platform (message ``placeholder_id``) but not the rest:
-    one transaction records that message on the question and queues the reply, so the retry
-    edits it into the whole reply instead of posting the reply a second time."""
+    one transaction records that message and how many chunks are complete (``chunks_sent``,
+    see :class:`bot.service.PartialDelivery`) on the question and queues the reply, so the
+    retry finishes it instead of posting any part of it a second time."""
     exchange = session.exec(
         select(ExchangeRecord).where(ExchangeRecord.answer_message_id == answer_message_id)
     ).first()
@@ -54,6 +57,7 @@ def queue_partial_reply(*, session: Session, answer_message_id: int, placeholder
         question = session.get(MessageRecord, exchange.user_message_id)
         if question is not None:
             question.reply_placeholder_id = placeholder_id[:255]
+            question.reply_chunks_sent = chunks_sent
             session.add(question)
     answer = session.get(MessageRecord, answer_message_id)
     if answer is not None:
@@ -76,6 +80,9 @@ class UndeliveredReply:
     # The placeholder or partial reply already on the platform for it: edit that message
     # into the reply instead of posting a second one.
     placeholder_id: str | None = None
+    # How many of its chunks are complete on the platform (0: the placeholder message, when
+    # there is one, still needs its first chunk); the retry posts only the chunks after them.
+    chunks_sent: int = 0
 
 
 RETRY_CLAIM_SECONDS = 600
@@ -202,6 +209,7 @@ def undelivered_replies(
                 in_reply_to=question.platform_message_id if question is not None else None,
                 text=answer.text,
                 placeholder_id=question.reply_placeholder_id if question is not None else None,
+                chunks_sent=(question.reply_chunks_sent or 0) if question is not None else 0,
             )
         )
     return replies

@@ -102,6 +102,9 @@ class MessageRecord(SQLModel, table=True):
     answer_claimed_by: str | None = Field(default=None, max_length=128)
     answer_claimed_at: datetime | None = _timestamp(nullable=True)
     reply_placeholder_id: str | None = Field(default=None, max_length=255)
+    # How many chunks of its reply are complete on the platform when only part of the reply
+    # got there: the retry posts only the rest (see bot.service.PartialDelivery).
+    reply_chunks_sent: int | None = Field(default=None)
 
 
 class ExchangeRecord(SQLModel, table=True):

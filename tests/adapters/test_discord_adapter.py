@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from bot.conversation import IncomingMessage, Role
 from bot.export import Exporter, ExportOptions
 from bot.learning import LearningActions
 from bot.redaction import Pseudonymizer
+from bot.replies import split_reply
 from bot.service import (
     APOLOGY,
     PartialDelivery,
@@ -1032,6 +1033,47 @@ async def test_a_failed_later_chunk_does_not_post_the_reply_again(
     assert len(discord.bot_posts(GENERAL_CHANNEL_ID)) == 2, "the first chunk, then the failure"
     (first,) = discord.replies_to(question["id"])
     assert isinstance(error, PartialDelivery) and error.message_id == first["id"]
+
+
+#: Three paragraphs, each under Discord's limit and any two over it: a reply of three chunks.
+THREE_PARTS = "\n\n".join(
+    f"Part {part}. " + "Open the settings page and choose the security tab. " * 30
+    for part in (1, 2, 3)
+)
+
+
+def starts_part(part: int) -> Callable[[Any], bool]:
+    """Whether a request's JSON body posts chunk ``part`` of :data:`THREE_PARTS`."""
+    return lambda body: str(body.get("content", "")).startswith(f"Part {part}.")
+
+
+@pytest.mark.parametrize("failing_parts", [(3,), (2, 3)], ids=["third-chunk", "again-on-retry"])
+async def test_a_reply_failing_part_way_shows_each_chunk_once_after_the_retry(
+    discord: FakeDiscord, database: Database, failing_parts: tuple[int, ...]
+) -> None:
+    # (3,): the third chunk fails once and the retry posts it. (2, 3): the second fails, and
+    # the retry, having posted it, fails on the third; the next retry posts only that.
+    posts = f"/channels/{GENERAL_CHANNEL_ID}/messages"
+    for part in failing_parts:
+        discord.fail_when("POST", posts, starts_part(part))
+    async with running_bot(
+        discord, database, FixedReply(THREE_PARTS), delivery_retry_seconds=0.05
+    ) as bot:
+        question = await say(discord, RESET_QUESTION, mentions_bot=True)
+        await discord.wait_for(lambda: send_errors(bot), what="the failed send")
+        await discord.wait_for(
+            lambda: stored(database)[-1].delivery_state == DeliveryState.SENT,
+            what="the queued rest of the reply posted",
+        )
+
+    chunks = split_reply(THREE_PARTS, limit=MESSAGE_LIMIT)
+    assert len(chunks) == 3
+    shown = discord.bot_messages(GENERAL_CHANNEL_ID)
+    assert [message["content"] for message in shown] == chunks  # each chunk once, in order
+    assert all(m["message_reference"]["message_id"] == question["id"] for m in shown)
+    attempts = len(chunks) + len(failing_parts)
+    assert len(discord.bot_posts(GENERAL_CHANNEL_ID)) == attempts, "no chunk posted twice"
+    assert stored(database)[-1].platform_message_id == shown[0]["id"]
 
 
 async def test_a_queued_reply_replaces_its_placeholder(

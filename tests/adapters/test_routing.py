@@ -73,6 +73,11 @@ class RecordingHandler:
     async def reply_not_delivered(self, *, answer_id: int) -> None:
         return None
 
+    async def reply_partly_delivered(
+        self, *, answer_id: int, message_id: str, chunks_sent: int
+    ) -> None:
+        return None
+
 
 @dataclass
 class RecordingReplier:

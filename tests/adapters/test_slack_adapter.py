@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from bot.config import ConfigurationError, Settings
 from bot.export import Exporter, ExportOptions
 from bot.learning import LearningActions
 from bot.redaction import Pseudonymizer
+from bot.replies import split_reply
 from bot.service import APOLOGY, PartialDelivery, PipelineOptions, ReplyGenerator, ReplyPipeline
 from bot.storage import (
     AnsweredBy,
@@ -946,6 +947,75 @@ async def test_a_failed_later_chunk_is_a_partial_delivery(slack: SlackHarness) -
     (first,) = slack.api.posted()
     assert raised.value.message_id == first["ts"]
     assert first["text"] != PLACEHOLDER  # the start of the reply is there
+
+
+class FixedReply:
+    """Always the same reply (no streaming): a placeholder, then the final text."""
+
+    version = "fixed"
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    async def generate(self, *, messages: Sequence[Mapping[str, str]], max_new_tokens: int) -> str:
+        return self.text
+
+
+#: Three paragraphs, each under Slack's limit and any two over it: a reply of three chunks.
+THREE_PARTS = "\n\n".join(
+    f"Part {part}. " + "Open the settings page and choose the security tab. " * 45
+    for part in (1, 2, 3)
+)
+
+
+def starts_part(part: int, *, key: str) -> Callable[[dict[str, Any]], bool]:
+    """Whether a Web API call's ``key`` parameter holds chunk ``part`` of :data:`THREE_PARTS`."""
+    return lambda params: str(params.get(key, "")).startswith(f"Part {part}.")
+
+
+@pytest.mark.parametrize("failing_parts", [(3,), (2, 3)], ids=["third-chunk", "again-on-retry"])
+async def test_a_reply_failing_part_way_shows_each_chunk_once_after_the_retry(
+    database: Database,
+    api: FakeSlackWebApi,
+    http_session: aiohttp.ClientSession,
+    failing_parts: tuple[int, ...],
+) -> None:
+    # (3,): the third chunk fails once and the retry posts it. (2, 3): the second fails, and
+    # the retry, having posted it, fails on the third; the next retry posts only that.
+    for part in failing_parts:
+        api.fail(
+            "chat.postMessage",
+            times=1,
+            status=500,
+            when=starts_part(part, key="text"),
+        )
+    pipeline = build_pipeline(database, FixedReply(THREE_PARTS))
+    adapter = await start_adapter(api, pipeline)
+    harness = SlackHarness(adapter=adapter, api=api, pipeline=pipeline, http=http_session)
+
+    def answer() -> MessageRecord:
+        (row,) = [row for row in harness.rows(MessageRecord) if row.role == "assistant"]
+        return row
+
+    try:
+        await harness.event(mention(RESET_QUESTION, ts="1700000107.000100"))
+        await harness.settled()
+        await api.wait_for(
+            lambda: answer().delivery_state == DeliveryState.SENT.value, what="the reply sent"
+        )
+    finally:
+        await adapter.stop()
+
+    chunks = split_reply(THREE_PARTS, limit=SLACK_MESSAGE_LIMIT)
+    assert len(chunks) == 3
+    failed = [
+        call for call in api.calls_of("chat.postMessage", ok_only=False) if call.status != 200
+    ]
+    assert len(failed) == len(failing_parts)
+    posted = api.posted()
+    assert [message["text"] for message in posted] == chunks  # each chunk once, in order
+    assert posted[0]["posted_text"] == PLACEHOLDER
+    assert answer().platform_message_id == posted[0]["ts"]
 
 
 async def test_a_long_reply_is_split_at_slacks_limit(slack: SlackHarness) -> None:

@@ -406,14 +406,41 @@ async def test_a_partly_sent_reply_is_queued_to_finish_its_first_message(
     database: Database, tiny_model
 ) -> None:
     async def partial(*, text: str, in_reply_to: IncomingMessage) -> str | None:
-        raise PartialDelivery("ts-first", "the second chunk failed")
+        raise PartialDelivery("ts-first", "the third chunk failed", chunks_sent=2)
 
     pipeline = pipeline_for(database, tiny_model)
     result = await pipeline.handle(make_message(RESET_QUESTION), send=partial)
 
     assert result.outcome == Outcome.ANSWERED and not result.delivered
     [queued] = await pipeline.undelivered_replies(platform="console")
-    assert (queued.text, queued.placeholder_id) == (RESET_ANSWER, "ts-first")
+    assert (queued.text, queued.placeholder_id, queued.chunks_sent) == (
+        RESET_ANSWER,
+        "ts-first",
+        2,
+    )
+
+
+async def test_a_queued_reply_that_fails_part_way_again_keeps_its_progress(
+    database: Database, tiny_model
+) -> None:
+    async def partial(*, text: str, in_reply_to: IncomingMessage) -> str | None:
+        raise PartialDelivery("ts-first", "the second chunk failed", chunks_sent=1)
+
+    pipeline = pipeline_for(database, tiny_model)
+    await pipeline.handle(make_message(RESET_QUESTION), send=partial)
+    [queued] = await pipeline.undelivered_replies(platform="console")
+    assert queued.chunks_sent == 1
+
+    # The retry got one chunk further before failing: the queue starts after it next time.
+    await pipeline.reply_partly_delivered(
+        answer_id=queued.answer_id, message_id="ts-first", chunks_sent=2
+    )
+    [again] = await pipeline.undelivered_replies(platform="console")
+    assert (again.answer_id, again.placeholder_id, again.chunks_sent) == (
+        queued.answer_id,
+        "ts-first",
+        2,
+    )
 
 
 async def test_an_oversized_message_is_refused_once_however_often_delivered(

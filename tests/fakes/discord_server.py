@@ -151,6 +151,9 @@ class FakeDiscord:
         self.resumes = 0
         self._rate_limits: list[tuple[str, re.Pattern[str], list[int]]] = []
         self._failures: list[tuple[str, re.Pattern[str], int, list[int]]] = []
+        self._failures_when: list[
+            tuple[str, re.Pattern[str], Callable[[Any], bool], list[int]]
+        ] = []
         self._holds: list[HeldRequest] = []
         self._session: _Session | None = None
         self._socket: web.WebSocketResponse | None = None
@@ -484,9 +487,17 @@ class FakeDiscord:
         error discord.py does not retry (403 Missing Permissions by default)."""
         self._failures.append((method, re.compile(path_pattern), status, [after, times]))
 
+    def fail_when(
+        self, method: str, path_pattern: str, when: Callable[[Any], bool], *, times: int = 1
+    ) -> None:
+        """Answer the next ``times`` matching requests whose JSON body satisfies ``when`` with
+        403 Missing Permissions (each such failure counts on its own, next to the others)."""
+        self._failures_when.append((method, re.compile(path_pattern), when, [times]))
+
     def stop_failing(self) -> None:
-        """Forget the failures :meth:`fail` asked for."""
+        """Forget the failures :meth:`fail` and :meth:`fail_when` asked for."""
         self._failures.clear()
+        self._failures_when.clear()
 
     def hold(
         self,
@@ -544,6 +555,18 @@ class FakeDiscord:
             return status
         return None
 
+    def _take_failure_when(self, method: str, path: str, body: Any) -> int | None:
+        for wanted_method, pattern, when, remaining in self._failures_when:
+            if (
+                wanted_method == method
+                and pattern.fullmatch(path)
+                and remaining[0] > 0
+                and when(body)
+            ):
+                remaining[0] -= 1
+                return 403
+        return None
+
     def _take_rate_limit(self, method: str, path: str) -> bool:
         for wanted_method, pattern, remaining in self._rate_limits:
             if wanted_method == method and pattern.fullmatch(path) and remaining[0] > 0:
@@ -580,7 +603,9 @@ class FakeDiscord:
                     "Via": "1.1 google",
                 },
             )
-        failure = self._take_failure(request.method, path)
+        failure = self._take_failure_when(request.method, path, body) or self._take_failure(
+            request.method, path
+        )
         if failure is not None:
             return json_response({"message": "Missing Permissions", "code": 50013}, status=failure)
         return await self._route(request.method, path, body, request.query)

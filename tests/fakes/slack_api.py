@@ -46,6 +46,7 @@ class _Failure:
     status: int
     error: str
     retry_after: str | None
+    when: Callable[[dict[str, Any]], bool] | None = None
 
 
 @dataclass
@@ -78,6 +79,7 @@ class FakeSlackWebApi:
 
     def __post_init__(self) -> None:
         self._failures: dict[str, _Failure] = {}
+        self._failures_when: list[tuple[str, _Failure]] = []
         self._holds: list[HeldCall] = []
         self._ts = itertools.count(1)
         self._runner: web.AppRunner | None = None
@@ -112,9 +114,16 @@ class FakeSlackWebApi:
         status: int = 200,
         error: str = "internal_error",
         retry_after: str | None = None,
+        when: Callable[[dict[str, Any]], bool] | None = None,
     ) -> None:
-        """Answer the next ``times`` calls of ``method`` with an error (429 with Retry-After)."""
-        self._failures[method] = _Failure(times, status, error, retry_after)
+        """Answer the next ``times`` calls of ``method`` with an error (429 with Retry-After);
+        with ``when``, only the next ``times`` calls whose parameters satisfy it (each such
+        failure counts on its own, next to the others)."""
+        failure = _Failure(times, status, error, retry_after, when)
+        if when is None:
+            self._failures[method] = failure
+        else:
+            self._failures_when.append((method, failure))
 
     def rate_limit(self, method: str, *, times: int, retry_after: str = "0") -> None:
         self.fail(method, times=times, status=429, error="ratelimited", retry_after=retry_after)
@@ -202,7 +211,14 @@ class FakeSlackWebApi:
                 return web.json_response(self._answer(method, params))
             self.calls.append(ApiCall(method, params, 503))
             return web.json_response({"ok": False, "error": "held"}, status=503)
-        failure = self._failures.get(method)
+        failure = next(
+            (
+                f
+                for m, f in self._failures_when
+                if m == method and f.times > 0 and f.when is not None and f.when(params)
+            ),
+            self._failures.get(method),
+        )
         if failure is not None and failure.times > 0:
             failure.times -= 1
             self.calls.append(ApiCall(method, params, failure.status))

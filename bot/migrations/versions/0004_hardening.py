@@ -6,7 +6,8 @@ Create Date: 2026-12-01 20:30:00
 
 - ``messages.answer_claimed_by`` / ``answer_claimed_at``: the instance answering a user message,
   so recovery after a crash answers it exactly once across replicas;
-  ``messages.reply_placeholder_id``: the placeholder or partial reply shown for it.
+  ``messages.reply_placeholder_id``: the placeholder or partial reply shown for it, and
+  ``messages.reply_chunks_sent``: how many chunks of a partly delivered reply are complete.
 - ``handled_commands``: command deliveries already run (dedupe across restarts).
 - ``conversations.parent_channel``: the channel a Discord thread lives in (training opt-out).
 - Indexes for the recovery pass and the delivery queue.
@@ -30,6 +31,7 @@ def upgrade() -> None:
             sa.Column("answer_claimed_at", sa.DateTime(timezone=True), nullable=True)
         )
         batch_op.add_column(sa.Column("reply_placeholder_id", sa.String(length=255), nullable=True))
+        batch_op.add_column(sa.Column("reply_chunks_sent", sa.Integer(), nullable=True))
         batch_op.create_index("ix_messages_answer_queue", ["answer_state", "stored_at"])
         batch_op.create_index("ix_messages_delivery_queue", ["delivery_state", "platform"])
     with op.batch_alter_table("conversations", schema=None) as batch_op:
@@ -55,6 +57,7 @@ def downgrade() -> None:
     with op.batch_alter_table("messages", schema=None) as batch_op:
         batch_op.drop_index("ix_messages_delivery_queue")
         batch_op.drop_index("ix_messages_answer_queue")
+        batch_op.drop_column("reply_chunks_sent")
         batch_op.drop_column("reply_placeholder_id")
         batch_op.drop_column("answer_claimed_at")
         batch_op.drop_column("answer_claimed_by")
