@@ -308,9 +308,16 @@ async def test_sigkill_at_every_point_loses_nothing_and_posts_nothing_twice(
     }
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_sigterm_lets_the_reply_in_flight_finish_and_exits_0(
-    tmp_path: Path, tiny_model_dir: Path, database_url: str, slack: FakeSlackWebApi
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    database_url: str,
+    slack: FakeSlackWebApi,
+    signum: signal.Signals,
 ) -> None:
+    """systemd and Docker stop with SIGTERM, a terminal with SIGINT (Ctrl-C): the same clean
+    stop."""
     final_edit = slack.hold(
         "chat.update", when=on_channel("D4", final=True), answer_on_release=True
     )
@@ -320,8 +327,8 @@ async def test_sigterm_lets_the_reply_in_flight_finish_and_exits_0(
     try:
         await bot.deliver(dm("D4", "1700000000.000004"))
         await arrived(final_edit)
-        bot.kill(signal.SIGTERM)
-        await bot.wait_for_log("SIGTERM: stopping")
+        bot.kill(signum)
+        await bot.wait_for_log(f"{signum.name}: stopping")
         with contextlib.suppress(Exception):
             # A new event after the signal is not taken (the listener may be closed already).
             await bot.deliver(dm("D5", "1700000000.000005"))
