@@ -97,7 +97,7 @@ def _describe_db(database: Database) -> str:
 
 def _model_init(settings: Settings, *, force: bool) -> int:
     from model.bootstrap import build_default_model
-    from model.service import ModelLoadError
+    from model.loading import ModelLoadError
 
     target = settings.default_model_dir
     if target.exists() and not force:
@@ -172,12 +172,27 @@ def load_generator(settings: Settings) -> ReplyGenerator:
     if not settings.uses_default_model and _names_a_folder(path) and not Path(path).is_dir():
         # Said before torch is imported: that alone takes seconds.
         raise CommandError(f"MODEL_PATH {path} is not a folder (a model folder or hub id)")
-    from model.service import LocalModel, ModelLoadError, ensure_default_model
+    from model.loading import ModelLoadError, ensure_default_model
+    from model.service import GenerationSettings, LocalModel
 
+    # Settings validated the values already, so this raises nothing.
+    generation = GenerationSettings(
+        temperature=settings.generation_temperature,
+        top_p=settings.generation_top_p,
+        repetition_penalty=settings.generation_repetition_penalty,
+        stop_strings=tuple(settings.generation_stop_strings),
+    )
     try:
+        # A missing GPU is said before the default model is built (minutes) or loaded.
+        LocalModel.resolve_device(settings.model_device)
         if settings.uses_default_model:
             ensure_default_model(settings.default_model_dir, progress=_progress)
-        return LocalModel.load(settings.resolved_model_path)
+        return LocalModel.load(
+            settings.resolved_model_path,
+            device=settings.model_device,
+            dtype=settings.model_dtype,
+            generation=generation,
+        )
     except ModelLoadError as error:
         raise CommandError(str(error)) from None
 

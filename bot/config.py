@@ -6,7 +6,7 @@ Every variable is documented, with its default, in ``.env.example``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -34,8 +34,17 @@ class Settings(BaseSettings):
         description="A Hugging Face causal-LM folder or hub id; empty means DATA_DIR/model, "
         "built on first use.",
     )
+    # Where the model runs: auto is CUDA with bfloat16 when torch sees a GPU, else the CPU
+    # with float32 (model/service.py LocalModel.load).
+    model_device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$")
+    model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     system_prompt: str = ""
     max_new_tokens: int = Field(default=128, ge=1, le=4096)
+    # Decoding (model/service.py GenerationSettings). Temperature 0 is greedy decoding.
+    generation_temperature: float = Field(default=0.0, ge=0)
+    generation_top_p: float = Field(default=1.0, gt=0, le=1)
+    generation_repetition_penalty: float = Field(default=1.0, gt=0)
+    generation_stop_strings: IdList = Field(default_factory=list)  # each ends a reply
     history_turns: int = Field(default=20, ge=1, le=1000)
     max_message_chars: int = Field(default=1_000_000, ge=1)
     log_level: str = "WARNING"
@@ -92,6 +101,7 @@ class Settings(BaseSettings):
         "discord_agent_ids",
         "discord_agent_role_ids",
         "phone_regions",
+        "generation_stop_strings",
         mode="before",
     )
     @classmethod

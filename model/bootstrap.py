@@ -62,8 +62,9 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from model.corpus import SEED_EXCHANGES, load_starter_corpus
+from model.loading import ModelLoadError
 from model.prompt import CHAT_TEMPLATE, CONTROL_STRINGS, format_prompt
-from model.service import LocalModel, ModelLoadError
+from model.service import LocalModel
 
 BOS_TOKEN: Final = "<s>"
 EOS_TOKEN: Final = "</s>"

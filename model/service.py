@@ -1,18 +1,23 @@
-"""Serving: load a causal LM folder once, answer chat messages with greedy decoding.
+"""Serving: load a causal LM folder once, answer chat messages (greedy decoding by default).
 
 Usage::
 
-    from model.service import LocalModel, ensure_default_model
+    from model.loading import ensure_default_model
+    from model.service import LocalModel
     path = ensure_default_model(Path("data/model"))      # builds it on first run
     model = LocalModel.load(path)
     reply = await model.generate(messages=[{"role": "user", "content": "Hi"}])
 
 Every prompt has the layout of :func:`model.prompt.format_prompt`, the one formatter shared with
-training, but is tokenized segment by segment (:class:`PromptEncoder`): the template's control
-tokens go in by id and message text is encoded as plain text only, so no text can forge
-structure whatever the tokenizer's normaliser does. Generation stops at any control token (the
-model starting a turn of its own, ``[INST]``, as well as ``</s>``), and the reply, streamed or
-not, is cut before any control string spelled out in text (:class:`model.prompt.ReplyCleaner`).
+training, but is tokenized segment by segment (:class:`model.prompt_encoding.PromptEncoder`):
+the template's control tokens go in by id and message text is encoded as plain text only, so
+no text can forge structure whatever the tokenizer's normaliser does. Generation stops at any
+control token (the model starting a turn of its own, ``[INST]``, as well as ``</s>``), and the
+reply, streamed or not, is cut before any control string spelled out in text
+(:class:`model.prompt.ReplyCleaner`). Decoding follows :class:`GenerationSettings` (greedy
+unless a temperature is set; extra stop strings end a reply and are left out of it). The
+version names the weights: a hash of a local folder's config and weight files' contents, or a
+hub id's resolved commit (:mod:`model.loading`).
 
 Generation runs on one dedicated worker thread, so the event loop never blocks and requests are
 answered one at a time (the model is not re-entrant, and two CPU cores gain nothing from running
@@ -22,10 +27,10 @@ two generations at once).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,178 +38,117 @@ import torch
 from transformers import TextStreamer
 from transformers.generation.streamers import BaseStreamer
 
+from model.loading import (
+    ModelLoadError,
+    _check_local_folder,
+    _is_local_reference,
+    folder_version,
+    hub_version,
+    resolve_hub_commit,
+)
 from model.prompt import (
     CONTROL_STRINGS,
     ReplyCleaner,
     clean_reply,
     format_prompt,
     neutralise,
-    prompt_segments,
 )
+from model.prompt_encoding import PromptEncoder
 
 logger = logging.getLogger(__name__)
 
 #: Used when a model's config names no context window.
 FALLBACK_CONTEXT_WINDOW = 2048
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+#: The dtypes a model may be loaded in, by the names MODEL_DTYPE takes.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
 
-class ModelLoadError(Exception):
-    """A model folder (or hub id) could not be loaded; the message says why."""
+@dataclass(frozen=True, kw_only=True)
+class GenerationSettings:
+    """How replies are decoded; the defaults are greedy decoding with no extra stops.
 
-
-def _is_local_reference(path: str | Path) -> bool:
-    """Whether ``path`` names a local folder (rather than a Hugging Face hub id)."""
-    if isinstance(path, Path):
-        return True
-    text = str(path)
-    return (
-        Path(text).exists()
-        or text.startswith((".", "/", "~", "\\"))
-        or text.count("/") > 1
-        or "\\" in text
-        or (len(text) > 1 and text[1] == ":")
-    )
-
-
-def _folder_version(folder: Path) -> str:
-    """``name-hash``: the hash covers config.json and the weight files' size and mtime."""
-    digest = hashlib.sha256((folder / "config.json").read_bytes())
-    for name in sorted(p.name for p in folder.iterdir()):
-        if name.endswith((".safetensors", ".bin", ".index.json")):
-            stat = (folder / name).stat()
-            digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return f"{folder.name}-{digest.hexdigest()[:10]}"
-
-
-def _check_local_folder(folder: Path) -> None:
-    """Raise ModelLoadError unless ``folder`` looks like a Hugging Face model folder."""
-    if not folder.exists():
-        raise ModelLoadError(f"model folder {folder} does not exist")
-    if not folder.is_dir():
-        raise ModelLoadError(f"model path {folder} is not a folder")
-    if not (folder / "config.json").is_file():
-        raise ModelLoadError(
-            f"{folder} is not a model folder: it has no config.json "
-            "(build the default model with `python -m model.bootstrap DIR`)"
-        )
-    if not any((folder / name).is_file() for name in _WEIGHT_FILES) and not any(
-        folder.glob("*.safetensors")
-    ):
-        raise ModelLoadError(f"{folder} is not a model folder: it has no weight files")
-    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-        raise ModelLoadError(f"{folder} is not a model folder: it has no tokenizer files")
-
-
-class PromptEncoder:
-    """Prompt token ids built from :func:`model.prompt.prompt_segments`, for one tokenizer.
-
-    The template's control strings (``<s>``, ``[INST]``, ``[/INST]``, ``<<SYS>>``, ``<</SYS>>``,
-    ``</s>``; bos and eos are the tokenizer's own) go in as the tokenizer's ids where it has them
-    as added tokens. Everything else, the template's spaces and newlines and the message text, is
-    encoded with ``split_special_tokens=True``, so no message text can become a special token,
-    even where the tokenizer normalises text before matching its added tokens (NFKC turns
-    ``［INST］`` into ``[INST]``; a normaliser may drop the neutralising zero-width space). Added
-    tokens that are not special, which ``split_special_tokens`` leaves alone, are caught after
-    encoding: the text they came from is encoded again one character at a time. So the plain-text
-    ids never hold a control token or any other special token (``<unk>`` aside).
-
-    A control string the tokenizer has no token for is written as text, joined to the text
-    around it (as Llama-2's own tokenizer writes ``[INST]``); there the neutraliser in the text
-    is all that tells a user's ``[INST]`` from the template's.
-
-    For ordinary text the ids equal those of the whole :func:`~model.prompt.format_prompt`
-    string, since a tokenizer splits at its added tokens before anything else.
+    Raises ValueError for a value transformers would reject or misuse.
     """
 
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.bos: str = tokenizer.bos_token or ""
-        self.eos: str = tokenizer.eos_token or ""
-        added: dict[str, int] = tokenizer.get_added_vocab()
-        controls = {*CONTROL_STRINGS, self.bos, self.eos} - {""}
-        #: The control strings that have a token of their own, and its id.
-        self.control_ids = {text: added[text] for text in sorted(controls) if text in added}
-        special = {*self.control_ids.values(), *tokenizer.all_special_ids}
-        #: Ids that plain text must never produce.
-        self.forbidden_ids = frozenset(special - {tokenizer.unk_token_id})
+    #: 0: greedy (deterministic); above 0: sampling, hotter is more varied.
+    temperature: float = 0.0
+    #: Nucleus sampling: sample from the fewest tokens whose probability reaches this (1: all).
+    top_p: float = 1.0
+    #: Above 1 discourages repeating tokens already in the prompt or reply (1: off).
+    repetition_penalty: float = 1.0
+    #: Text that ends the reply, itself left out (on top of the template's control strings).
+    stop_strings: tuple[str, ...] = ()
 
-    def encode(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
-        """The prompt's token ids (raises PromptFormatError like format_prompt)."""
-        ids: list[int] = []
-        text: list[str] = []  # plain text since the last control token
-        for kind, piece in prompt_segments(messages, bos=self.bos, eos=self.eos):
-            if kind == "control" and piece in self.control_ids:
-                ids += self.encode_text("".join(text))
-                text.clear()
-                ids.append(self.control_ids[piece])
-            else:
-                text.append(piece)
-        ids += self.encode_text("".join(text))
-        return ids
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be 0 (greedy) or more, not {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], not {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be above 0, not {self.repetition_penalty}")
+        if any(not stop for stop in self.stop_strings):
+            raise ValueError("stop_strings must not hold an empty string")
 
-    def encode_text(self, text: str) -> list[int]:
-        """``text`` as plain text: ids with no control or other special token among them."""
-        if not text:
-            return []
-        ids: list[int] = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)[
-            "input_ids"
-        ]
-        if self.forbidden_ids.isdisjoint(ids):
-            return ids
-        return self._encode_around_forbidden(text)
+    @property
+    def sampling(self) -> bool:
+        return self.temperature > 0
 
-    def _encode_around_forbidden(self, text: str) -> list[int]:
-        """Encode ``text`` with each stretch that made a forbidden id encoded character-wise."""
-        if not getattr(self.tokenizer, "is_fast", False):  # no offsets: all of it, characterwise
-            return self._encode_characters(text)
-        encoding = self.tokenizer(
-            text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True
-        )
-        ids: list[int] = encoding["input_ids"]
-        offsets: list[tuple[int, int]] = encoding["offset_mapping"]
-        # Mark the characters forbidden tokens came from, and those of any token sharing one of
-        # them (a normaliser can make several tokens of one character), until nothing changes.
-        bad = [token in self.forbidden_ids for token in ids]
-        marked = bytearray(len(text))
-        while True:
-            for (start, end), is_bad in zip(offsets, bad, strict=True):
-                if is_bad and end > start:
-                    marked[start:end] = b"\x01" * (end - start)
-            widened = [
-                is_bad or any(marked[start:end])
-                for (start, end), is_bad in zip(offsets, bad, strict=True)
-            ]
-            if widened == bad:
-                break
-            bad = widened
-        result: list[int] = []
-        done_until = 0  # the marked stretches before this index are encoded already
-        for token, (start, end), is_bad in zip(ids, offsets, bad, strict=True):
-            if not is_bad:
-                result.append(token)
-            elif end > start and start >= done_until:
-                first, last = start, end
-                while first > done_until and marked[first - 1]:
-                    first -= 1
-                while last < len(text) and marked[last]:
-                    last += 1
-                result += self._encode_characters(text[first:last])
-                done_until = last
-        return [token for token in result if token not in self.forbidden_ids]
+    def generate_kwargs(self) -> dict[str, Any]:
+        """The ``model.generate`` arguments for these settings (none of the stops)."""
+        kwargs: dict[str, Any] = {"do_sample": self.sampling}
+        if self.sampling:  # transformers warns about sampling arguments given to greedy search
+            kwargs.update(temperature=self.temperature, top_p=self.top_p)
+        if self.repetition_penalty != 1.0:
+            kwargs["repetition_penalty"] = self.repetition_penalty
+        return kwargs
 
-    def _encode_characters(self, text: str) -> list[int]:
-        """``text`` encoded one character at a time, forbidden ids left out."""
-        if not text:
-            return []
-        batch: list[list[int]] = self.tokenizer(
-            list(text), add_special_tokens=False, split_special_tokens=True
-        )["input_ids"]
-        return [token for ids in batch for token in ids if token not in self.forbidden_ids]
+
+class StopCutter:
+    """Cuts text, also arriving piece by piece, before the first of some stop strings.
+
+    Unlike :class:`model.prompt.ReplyCleaner` (control strings, whose fragments are never
+    text), a possible start of a stop string still held back when the reply ends is text
+    (``pass`` is not ``password``) and is given back by :meth:`finish`.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = tuple(stop for stop in stops if stop)
+        self._longest = max((len(stop) for stop in self.stops), default=0)
+        self._held = ""
+        self._cut = False
+
+    def feed(self, text: str) -> str:
+        """The part of ``text`` (after what was held back) that is safe to show now."""
+        if self._cut or not self.stops:
+            return "" if self._cut else text
+        text = self._held + text
+        self._held = ""
+        found = [index for stop in self.stops if (index := text.find(stop)) >= 0]
+        if found:
+            self._cut = True
+            return text[: min(found)]
+        for length in range(min(len(text), self._longest - 1), 0, -1):
+            if any(stop.startswith(text[-length:]) for stop in self.stops):
+                self._held = text[-length:]
+                return text[:-length]
+        return text
+
+    def finish(self) -> str:
+        """What was held back: the reply ended before it became a stop string."""
+        held, self._held = self._held, ""
+        return "" if self._cut else held
+
+    def cut(self, text: str) -> str:
+        """``text`` before its first stop string (a whole reply)."""
+        return self.feed(text) + self.finish()
 
 
 class LocalModel:
-    """A loaded causal LM and its tokenizer, answering chat messages greedily."""
+    """A loaded causal LM and its tokenizer, answering chat messages (greedily by default)."""
 
     def __init__(
         self,
@@ -215,8 +159,11 @@ class LocalModel:
         device: str,
         context_window: int | None = None,
         history_pairs: int | None = None,
+        generation: GenerationSettings | None = None,
     ) -> None:
         """Wrap an already loaded model and tokenizer (use :meth:`load` normally).
+
+        ``generation`` says how replies are decoded (default: greedy, no extra stop strings).
 
         ``history_pairs`` caps how many earlier user/assistant pairs go into a prompt (None: as
         many as fit). By default it comes from the model's ``config.chat_history_pairs``, which
@@ -226,6 +173,7 @@ class LocalModel:
         self.tokenizer = tokenizer
         self.version = version
         self.device = device
+        self.generation = generation or GenerationSettings()
         self.context_window = context_window or self._context_window_of(model, tokenizer)
         if history_pairs is None:
             declared = getattr(model.config, "chat_history_pairs", None)
@@ -238,8 +186,13 @@ class LocalModel:
         self.stop_ids = list(
             dict.fromkeys([*([eos_id] if eos_id is not None else []), *controls.values()])
         )
-        #: Control strings without a token of their own stop generation as text.
-        self.stop_strings = [c for c in CONTROL_STRINGS if c not in controls]
+        #: Control strings without a token of their own stop generation as text, and so do
+        #: the configured stop strings.
+        self.stop_strings = list(
+            dict.fromkeys(
+                [*(c for c in CONTROL_STRINGS if c not in controls), *self.generation.stop_strings]
+            )
+        )
         #: The strings no reply may contain (see :class:`model.prompt.ReplyCleaner`).
         self.reply_controls = (*CONTROL_STRINGS, *controls)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-generate")
@@ -255,35 +208,51 @@ class LocalModel:
         return FALLBACK_CONTEXT_WINDOW
 
     @classmethod
-    def load(cls, path: str | Path, *, device: str | None = None) -> LocalModel:
-        """Load a Hugging Face causal-LM folder (or hub id).
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        device: str | None = None,
+        dtype: str | None = None,
+        generation: GenerationSettings | None = None,
+    ) -> LocalModel:
+        """Load a Hugging Face causal-LM folder (or hub id); ``generation`` as in the constructor.
 
-        Uses CUDA with bfloat16 when available, otherwise the CPU with float32.
+        ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) and ``dtype`` (``auto``,
+        ``float32``, ``bfloat16``, ``float16``) default to ``auto``: CUDA with bfloat16 when
+        available, otherwise the CPU with float32.
 
         Raises:
-            ModelLoadError: the folder is missing, is not a model folder, or its files are
-                corrupt or incompatible.
+            ModelLoadError: the device or dtype is unknown or the device is not available, or
+                the folder is missing, is not a model folder, or its files are corrupt or
+                incompatible.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        # Checked first: a device that is not there is said at once, not after loading.
+        device = cls.resolve_device(device or "auto")
+        torch_dtype = cls.resolve_dtype(dtype or "auto", device=device)
         local = _is_local_reference(path)
         reference: str | Path = Path(path).expanduser() if local else str(path)
         if isinstance(reference, Path):
             _check_local_folder(reference)
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         where = (
             str(reference)
             if local
             else f"{reference} (no such folder, so tried as a Hugging Face hub id)"
         )
+        # A hub id is pinned to one commit: tokenizer and weights come from the same state of
+        # the repository, and the commit is the version.
+        commit = None if isinstance(reference, Path) else resolve_hub_commit(reference)
+        pinned: dict[str, Any] = {"revision": commit} if commit else {}
         try:
-            tokenizer = AutoTokenizer.from_pretrained(reference)
+            tokenizer = AutoTokenizer.from_pretrained(reference, **pinned)
         except Exception as error:
             raise ModelLoadError(f"could not load the tokenizer from {where}: {error}") from error
         try:
-            model: Any = AutoModelForCausalLM.from_pretrained(reference, dtype=dtype)
+            model: Any = AutoModelForCausalLM.from_pretrained(
+                reference, dtype=torch_dtype, **pinned
+            )
         except Exception as error:
             raise ModelLoadError(
                 f"could not load the model weights from {where} (corrupt or incompatible "
@@ -292,11 +261,49 @@ class LocalModel:
         model.to(device)
         model.eval()
         if isinstance(reference, Path):
-            version = _folder_version(reference)
+            version = folder_version(reference)
         else:
-            config_hash = hashlib.sha256(model.config.to_json_string().encode()).hexdigest()
-            version = f"{reference.rsplit('/', 1)[-1]}-{config_hash[:10]}"
-        return cls(model, tokenizer, version=version, device=device)
+            version = hub_version(reference, commit=commit, config=model.config)
+        return cls(model, tokenizer, version=version, device=device, generation=generation)
+
+    @staticmethod
+    def resolve_device(device: str) -> str:
+        """``auto``: ``cuda`` when torch sees a GPU, else ``cpu``; others checked, unchanged.
+
+        Raises:
+            ModelLoadError: the device is unknown, or is a CUDA device this machine lacks.
+        """
+        if device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            return device
+        kind, _, index = device.partition(":")
+        if kind != "cuda" or (index and not index.isdigit()):
+            raise ModelLoadError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)")
+        if not torch.cuda.is_available():
+            raise ModelLoadError(
+                f"device {device} is not available: torch finds no CUDA GPU on this machine "
+                "(use the device auto or cpu)"
+            )
+        if index and int(index) >= torch.cuda.device_count():
+            raise ModelLoadError(
+                f"device {device} is not available: this machine has "
+                f"{torch.cuda.device_count()} CUDA GPU(s), numbered from 0"
+            )
+        return device
+
+    @staticmethod
+    def resolve_dtype(dtype: str, *, device: str) -> torch.dtype:
+        """``auto``: bfloat16 on CUDA, float32 on the CPU; otherwise the named dtype.
+
+        Raises:
+            ModelLoadError: the dtype is none of auto, float32, bfloat16, float16.
+        """
+        if dtype == "auto":
+            return torch.bfloat16 if device.startswith("cuda") else torch.float32
+        if dtype not in DTYPES:
+            raise ModelLoadError(f"unknown dtype {dtype!r} (use auto, {', '.join(DTYPES)})")
+        return DTYPES[dtype]
 
     # --- prompt building -------------------------------------------------------------------
 
@@ -397,10 +404,11 @@ class LocalModel:
         max_new_tokens: int = 128,
         streamer: BaseStreamer | None = None,
     ) -> str:
-        """Answer ``messages`` (ending with a user message) by greedy decoding; blocking.
+        """Answer ``messages`` (ending with a user message) as :attr:`generation` says; blocking.
 
-        Stops at eos or any other control token; the reply is cut before a control string
-        spelled out in text (:func:`model.prompt.clean_reply`). ``streamer`` (a transformers
+        Stops at eos or any other control token or at a configured stop string; the reply is
+        cut before a control string spelled out in text (:func:`model.prompt.clean_reply`) and
+        before a stop string. ``streamer`` (a transformers
         streamer) receives the tokens as they are generated, uncleaned.
         """
         fitted = self.fit_to_context(messages, max_new_tokens=max_new_tokens)
@@ -416,7 +424,7 @@ class LocalModel:
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
+                **self.generation.generate_kwargs(),
                 eos_token_id=self.stop_ids or None,
                 pad_token_id=pad_id if pad_id is not None else eos_id,
                 streamer=streamer,
@@ -424,7 +432,8 @@ class LocalModel:
             )
         new_tokens = output[0, input_ids.shape[1] :]
         text: str = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
-        return clean_reply(text, self.reply_controls).strip()
+        reply = clean_reply(text, self.reply_controls)
+        return StopCutter(self.generation.stop_strings).cut(reply).strip()
 
     async def generate(
         self, *, messages: Sequence[Mapping[str, str]], max_new_tokens: int = 128
@@ -448,7 +457,10 @@ class LocalModel:
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str | None] = asyncio.Queue()
         cleaner = ReplyCleaner(self.reply_controls)
-        streamer = _LoopStreamer(self.tokenizer, loop=loop, pieces=pieces, cleaner=cleaner)
+        stops = StopCutter(self.generation.stop_strings)
+        streamer = _LoopStreamer(
+            self.tokenizer, loop=loop, pieces=pieces, cleaner=cleaner, stops=stops
+        )
         generation = loop.run_in_executor(
             self._executor,
             lambda: self.generate_sync(
@@ -476,35 +488,21 @@ class _LoopStreamer(TextStreamer):
         loop: asyncio.AbstractEventLoop,
         pieces: asyncio.Queue[str | None],
         cleaner: ReplyCleaner,
+        stops: StopCutter,
     ) -> None:
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
         self.loop = loop
         self.pieces = pieces
         self.cleaner = cleaner
+        self.stops = stops
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        # Control strings first, then stop strings: as generate_sync cuts the whole reply.
         text = self.cleaner.feed(text)
         if stream_end:
             text += self.cleaner.finish()
+        text = self.stops.feed(text)
+        if stream_end:
+            text += self.stops.finish()
         if text:
             self.loop.call_soon_threadsafe(self.pieces.put_nowait, text)
-
-
-def ensure_default_model(path: Path, *, progress: Callable[[str], None] = print) -> Path:
-    """Return ``path``, first building the default model there if the folder is missing/empty.
-
-    Raises:
-        ModelLoadError: ``path`` exists with other files in it but no model (not overwritten).
-    """
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise ModelLoadError(
-            f"{path} exists but is not a model folder; refusing to overwrite it with the "
-            "default model"
-        )
-    from model.bootstrap import build_default_model
-
-    progress(f"no model at {path}; building the default model (about 2 minutes)")
-    return build_default_model(path, progress=progress)

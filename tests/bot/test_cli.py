@@ -165,3 +165,92 @@ def test_export_settings_reach_the_exporter(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("PHONE_REGIONS", "US,Narnia")
     with pytest.raises(ConfigurationError, match="PHONE_REGIONS"):
         load_settings(data_dir=tmp_path)
+
+
+def test_generation_settings_reach_the_model(tmp_path, tiny_model_dir, monkeypatch) -> None:
+    from bot.cli import load_generator
+    from bot.config import load_settings
+    from model.service import GenerationSettings, LocalModel
+
+    monkeypatch.setenv("MODEL_PATH", str(tiny_model_dir))
+    monkeypatch.setenv("GENERATION_TEMPERATURE", "0.7")
+    monkeypatch.setenv("GENERATION_TOP_P", "0.9")
+    monkeypatch.setenv("GENERATION_REPETITION_PENALTY", "1.2")
+    monkeypatch.setenv("GENERATION_STOP_STRINGS", "Customer:, ###")
+    model = load_generator(load_settings(data_dir=tmp_path))
+    assert isinstance(model, LocalModel)
+    try:
+        assert model.generation == GenerationSettings(
+            temperature=0.7, top_p=0.9, repetition_penalty=1.2, stop_strings=("Customer:", "###")
+        )
+    finally:
+        model.close()
+
+
+def test_generation_defaults_are_greedy(tmp_path) -> None:
+    from bot.config import load_settings
+
+    settings = load_settings(data_dir=tmp_path)
+    assert settings.generation_temperature == 0.0
+    assert (settings.generation_top_p, settings.generation_repetition_penalty) == (1.0, 1.0)
+    assert settings.generation_stop_strings == []
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("GENERATION_TEMPERATURE", "-0.5"),
+        ("GENERATION_TOP_P", "0"),
+        ("GENERATION_TOP_P", "1.5"),
+        ("GENERATION_REPETITION_PENALTY", "0"),
+        ("GENERATION_REPETITION_PENALTY", "-1"),
+    ],
+)
+def test_invalid_generation_settings_are_one_line(tmp_path, monkeypatch, name, value) -> None:
+    from bot.config import ConfigurationError, load_settings
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigurationError, match=name) as raised:
+        load_settings(data_dir=tmp_path)
+    assert "\n" not in str(raised.value)
+
+
+def test_an_unavailable_model_device_is_one_clear_line(tmp_path, tiny_model_dir) -> None:
+    result = chatbot(
+        "chat",
+        cwd=tmp_path,
+        stdin=QUESTIONS,
+        MODEL_PATH=str(tiny_model_dir),
+        MODEL_DEVICE="cuda",
+        CUDA_VISIBLE_DEVICES="",  # no GPU, even on a machine that has one
+    )
+
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("chatbot: error: ") and "device cuda" in line and "not available" in line
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(("name", "value"), [("MODEL_DEVICE", "tpu"), ("MODEL_DTYPE", "int8")])
+def test_unknown_model_device_or_dtype_is_a_configuration_error(
+    tmp_path, monkeypatch, name, value
+) -> None:
+    from bot.config import ConfigurationError, load_settings
+
+    assert load_settings(data_dir=tmp_path).model_device == "auto"
+    assert load_settings(data_dir=tmp_path).model_dtype == "auto"
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigurationError, match=name):
+        load_settings(data_dir=tmp_path)
+
+
+def test_an_unavailable_device_is_said_before_building_the_default_model(tmp_path) -> None:
+    result = chatbot(
+        "chat", cwd=tmp_path, stdin=QUESTIONS, MODEL_DEVICE="cuda:1", CUDA_VISIBLE_DEVICES=""
+    )
+
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("chatbot: error: device cuda:1 is not available")
+    assert not (tmp_path / "data" / "model").exists()  # no minutes spent building it first
