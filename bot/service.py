@@ -21,9 +21,10 @@ import contextlib
 import logging
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from typing import Any
 
 # The pipeline's contracts live in bot.contracts; importing them from here works too.
 from bot.contracts import (
@@ -554,47 +555,43 @@ class ReplyPipeline:
         self._lease_renewed_at = time.monotonic()
 
     async def _release(self, message_id: int, state: AnswerState) -> None:
-        # Shielded: it runs when a cancellation is under way and must still reach the database.
-        try:
-            await asyncio.shield(
-                self.store.run(
-                    release_answer_claim, message_id=message_id, holder=self.instance, state=state
-                )
-            )
-        except StorageError:
-            logger.warning("could not release message %d (database unavailable)", message_id)
+        await self._record(
+            f"release message {message_id}",
+            release_answer_claim,
+            message_id=message_id,
+            holder=self.instance,
+            state=state,
+        )
 
     async def _queue_partial(self, answer_id: int, placeholder_id: str, chunks_sent: int) -> None:
-        try:
-            # Shielded like _set_delivery: the progress must reach the database, or the
-            # retry would post again the chunks that are already on the platform.
-            await asyncio.shield(
-                self.store.run(
-                    queue_partial_reply,
-                    answer_message_id=answer_id,
-                    placeholder_id=placeholder_id,
-                    chunks_sent=chunks_sent,
-                )
-            )
-        except StorageError:
-            logger.warning("could not queue reply %d (database unavailable)", answer_id)
+        # The progress must reach the database, or the retry would post again the chunks
+        # that are already on the platform.
+        await self._record(
+            f"queue reply {answer_id}",
+            queue_partial_reply,
+            answer_message_id=answer_id,
+            placeholder_id=placeholder_id,
+            chunks_sent=chunks_sent,
+        )
 
     async def _set_delivery(
         self, answer_id: int, state: DeliveryState, platform_id: str | None
     ) -> None:
+        await self._record(
+            f"record delivery of reply {answer_id}",
+            set_delivery,
+            answer_message_id=answer_id,
+            state=state,
+            platform_message_id=platform_id,
+        )
+
+    async def _record(self, what: str, function: Callable[..., object], **kwargs: Any) -> None:
+        """Write bookkeeping that must survive a cancellation under way (shielded); a database
+        that is gone costs a warning, not the reply."""
         try:
-            await asyncio.shield(
-                self.store.run(
-                    set_delivery,
-                    answer_message_id=answer_id,
-                    state=state,
-                    platform_message_id=platform_id,
-                )
-            )
+            await asyncio.shield(self.store.run(function, **kwargs))
         except StorageError:
-            logger.warning(
-                "could not record delivery of reply %d (database unavailable)", answer_id
-            )
+            logger.warning("could not %s (database unavailable)", what)
 
 
 @dataclass
