@@ -14,40 +14,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import socket
-import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from sqlmodel import col, select
 
-from bot.storage import AnswerState, Database, DeliveryState, ExchangeRecord, MessageRecord
-from model.corpus import SEED_EXCHANGES
-from tests.conftest import scratch_postgres
+from bot.storage import AnswerState, DeliveryState
 from tests.fakes.slack_api import FakeSlackWebApi, HeldCall, event_callback, signed_headers
+from tests.process.harness import (
+    ANSWER,
+    QUESTION,
+    BotProcess,
+    answers_by_channel,
+    question_states,
+    wait_until,
+)
 
 pytestmark = pytest.mark.process
 
-REPO = Path(__file__).resolve().parents[2]
-QUESTION, ANSWER = SEED_EXCHANGES[0]
 SECRET = "process-test-secret"
 PLACEHOLDER = "…"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A database of the bot's own: a SQLite file, then a scratch PostgreSQL."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'chatbot.db'}"
-        return
-    with scratch_postgres("chatbot_process") as url:
-        yield url
 
 
 @pytest.fixture
@@ -66,13 +57,12 @@ def free_port() -> int:
         return port
 
 
-class Bot:
+class Bot(BotProcess):
     """One ``chatbot run`` process serving Slack over HTTP."""
 
     def __init__(self, process: asyncio.subprocess.Process, *, port: int, log: Path) -> None:
-        self.process = process
+        super().__init__(process, log=log)
         self.port = port
-        self.log = log
 
     @classmethod
     async def start(
@@ -80,40 +70,19 @@ class Bot:
     ) -> Bot:
         port = free_port()
         log = tmp_path / f"bot-{port}.log"
-        environment = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith(("SLACK_", "DISCORD_", "DATABASE_", "MODEL_"))
-        }
-        environment.update(
-            PYTHONPATH=str(REPO),
-            DATA_DIR=str(tmp_path / "data"),
-            DATABASE_URL=database_url,
-            MODEL_PATH=str(model),
-            SLACK_BOT_TOKEN="xoxb-process-test",
-            SLACK_SIGNING_SECRET=SECRET,
-            SLACK_API_URL=slack.url,
-            SLACK_PORT=str(port),
-            LOG_LEVEL="INFO",
-            RECOVERY_INTERVAL_SECONDS="0.5",
-            DELIVERY_RETRY_SECONDS="0.3",
-            # Long enough that this process never retries a reply it is still sending.
-            DELIVERY_GRACE_SECONDS="60",
-            SHUTDOWN_DRAIN_SECONDS="20",
+        process = await cls.spawn(
+            tmp_path=tmp_path,
+            database_url=database_url,
+            model=model,
+            log=log,
+            env={
+                "SLACK_BOT_TOKEN": "xoxb-process-test",
+                "SLACK_SIGNING_SECRET": SECRET,
+                "SLACK_API_URL": slack.url,
+                "SLACK_PORT": str(port),
+                **env,
+            },
         )
-        environment.update(env)
-        with log.open("wb") as output:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "bot",
-                "run",
-                cwd=tmp_path,  # away from the repository's .env
-                env=environment,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=output,
-                stderr=output,
-            )
         bot = cls(process, port=port, log=log)
         await bot.wait_listening()
         return bot
@@ -148,27 +117,6 @@ class Bot:
         ):
             assert response.status == 200, await response.text()
 
-    async def wait_for_log(self, text: str, *, within: float = 20.0) -> None:
-        deadline = time.monotonic() + within
-        while text not in self.output():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{text!r} never logged:\n{self.output()}")
-            await asyncio.sleep(0.05)
-
-    async def wait_exit(self, *, within: float = 60.0) -> int:
-        try:
-            return await asyncio.wait_for(self.process.wait(), within)
-        except TimeoutError:
-            self.process.kill()
-            await self.process.wait()
-            raise AssertionError(f"the bot did not exit:\n{self.output()}") from None
-
-    def kill(self, signum: int = signal.SIGKILL) -> None:
-        self.process.send_signal(signum)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
 
 def dm(channel: str, ts: str, text: str = QUESTION) -> dict[str, Any]:
     return {
@@ -199,55 +147,6 @@ def on_channel(channel: str, *, final: bool = False) -> Callable[[dict[str, Any]
 def bot_messages(slack: FakeSlackWebApi, channel: str) -> list[str]:
     """What the bot's messages in ``channel`` show now."""
     return [m["text"] for m in slack.posted() if m["channel"] == channel]
-
-
-def answers_by_channel(database_url: str) -> dict[str, list[tuple[str, str | None]]]:
-    """Per channel: the stored bot answers (text, delivery state)."""
-    database = Database(database_url)
-    try:
-        with database.session() as session:
-            rows = session.exec(
-                select(MessageRecord)
-                .join(ExchangeRecord, col(ExchangeRecord.answer_message_id) == MessageRecord.id)
-                .order_by(col(MessageRecord.id))
-            ).all()
-            found: dict[str, list[tuple[str, str | None]]] = {}
-            for row in rows:
-                found.setdefault(row.channel, []).append((row.text, row.delivery_state))
-            return found
-    finally:
-        database.dispose()
-
-
-def question_states(database_url: str) -> dict[str, list[str | None]]:
-    database = Database(database_url)
-    try:
-        with database.session() as session:
-            rows = session.exec(
-                select(MessageRecord.channel, MessageRecord.answer_state).where(
-                    MessageRecord.role == "user"
-                )
-            ).all()
-            found: dict[str, list[str | None]] = {}
-            for channel, state in rows:
-                found.setdefault(channel, []).append(state)
-            return found
-    finally:
-        database.dispose()
-
-
-async def wait_until(
-    condition: Callable[[], bool],
-    *,
-    what: str,
-    within: float = 60.0,
-    describe: Callable[[], str] = lambda: "",
-) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}\n{describe()}")
-        await asyncio.sleep(0.1)
 
 
 async def test_sigkill_at_every_point_loses_nothing_and_posts_nothing_twice(

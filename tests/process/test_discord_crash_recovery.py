@@ -13,11 +13,9 @@ Select them with ``pytest -m process``.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +23,11 @@ import pytest
 from sqlmodel import select
 
 from bot.storage import AnswerState, Database, DeliveryState, MessageRecord
-from tests.conftest import scratch_postgres
 from tests.fakes.discord_server import FakeDiscord, HeldRequest, Json
-from tests.process.test_crash_recovery import (
+from tests.process.harness import (
     ANSWER,
     QUESTION,
-    REPO,
+    BotProcess,
     answers_by_channel,
     question_states,
     wait_until,
@@ -39,16 +36,6 @@ from tests.process.test_crash_recovery import (
 pytestmark = pytest.mark.process
 
 USERS = [FakeDiscord.make_user(f"30000000000000000{n}", f"user{n}") for n in range(1, 6)]
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A database of the bot's own: a SQLite file, then a scratch PostgreSQL."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'chatbot.db'}"
-        return
-    with scratch_postgres("chatbot_discord_process") as url:
-        yield url
 
 
 @pytest.fixture
@@ -60,12 +47,8 @@ async def discord() -> AsyncIterator[FakeDiscord]:
     await server.stop()
 
 
-class DiscordBot:
+class DiscordBot(BotProcess):
     """One ``chatbot run`` process serving Discord (the fake)."""
-
-    def __init__(self, process: asyncio.subprocess.Process, *, log: Path) -> None:
-        self.process = process
-        self.log = log
 
     @classmethod
     async def start(
@@ -74,39 +57,18 @@ class DiscordBot:
         """Start the bot and wait until the fake has sent its new session READY."""
         sessions = discord.ready_sent
         log = tmp_path / f"bot-{sessions}.log"  # a session per start
-        environment = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith(("SLACK_", "DISCORD_", "DATABASE_", "MODEL_"))
-        }
-        environment.update(
-            PYTHONPATH=str(REPO),
-            DATA_DIR=str(tmp_path / "data"),
-            DATABASE_URL=database_url,
-            MODEL_PATH=str(model),
-            DISCORD_BOT_TOKEN="process-test-token",
-            DISCORD_API_URL=discord.api_url,
-            DISCORD_GATEWAY_URL=discord.gateway_url,
-            LOG_LEVEL="INFO",
-            RECOVERY_INTERVAL_SECONDS="0.5",
-            DELIVERY_RETRY_SECONDS="0.3",
-            # Long enough that this process never retries a reply it is still sending.
-            DELIVERY_GRACE_SECONDS="60",
-            SHUTDOWN_DRAIN_SECONDS="20",
+        process = await cls.spawn(
+            tmp_path=tmp_path,
+            database_url=database_url,
+            model=model,
+            log=log,
+            env={
+                "DISCORD_BOT_TOKEN": "process-test-token",
+                "DISCORD_API_URL": discord.api_url,
+                "DISCORD_GATEWAY_URL": discord.gateway_url,
+                **env,
+            },
         )
-        environment.update(env)
-        with log.open("wb") as output:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "bot",
-                "run",
-                cwd=tmp_path,  # away from the repository's .env
-                env=environment,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=output,
-                stderr=output,
-            )
         bot = cls(process, log=log)
         await bot.wait_connected(discord, sessions_before=sessions)
         return bot
@@ -122,27 +84,6 @@ class DiscordBot:
             if time.monotonic() > deadline:
                 raise AssertionError(f"the bot never connected:\n{self.output()}")
             await asyncio.sleep(0.1)
-
-    async def wait_for_log(self, text: str, *, within: float = 20.0) -> None:
-        deadline = time.monotonic() + within
-        while text not in self.output():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{text!r} never logged:\n{self.output()}")
-            await asyncio.sleep(0.05)
-
-    async def wait_exit(self, *, within: float = 60.0) -> int:
-        try:
-            return await asyncio.wait_for(self.process.wait(), within)
-        except TimeoutError:
-            self.process.kill()
-            await self.process.wait()
-            raise AssertionError(f"the bot did not exit:\n{self.output()}") from None
-
-    def kill(self, signum: int = signal.SIGKILL) -> None:
-        self.process.send_signal(signum)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
 
 
 async def ask(discord: FakeDiscord, user: Json) -> Json:
