@@ -31,6 +31,7 @@ from typing import Any, Literal, TypeVar
 
 from aiohttp import WSMsgType, web
 
+from tests.fakes.holds import Hold
 from tests.fakes.loopback import serve_on_loopback
 
 logger = logging.getLogger(__name__)
@@ -89,16 +90,12 @@ class RecordedRequest:
 
 
 @dataclass
-class HeldRequest:
+class HeldRequest(Hold):
     """A REST request the fake holds until :meth:`release` (see :meth:`FakeDiscord.hold`)."""
 
-    method: re.Pattern[str]
-    path: re.Pattern[str]
-    when: Callable[[Any], bool]
-    apply_first: bool
-    answer_on_release: bool
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)
-    released: asyncio.Event = field(default_factory=asyncio.Event)
+    method: re.Pattern[str] = re.compile(".*")
+    path: re.Pattern[str] = re.compile(".*")
+    when: Callable[[Any], bool] = lambda _body: True
     request: RecordedRequest | None = None  # the request held, once it came in
 
     def matches(self, method: str, path: str, body: Any) -> bool:
@@ -108,9 +105,6 @@ class HeldRequest:
             and bool(self.path.fullmatch(path))
             and self.when(body)
         )
-
-    def release(self) -> None:
-        self.released.set()
 
 
 @dataclass
@@ -534,15 +528,10 @@ class FakeDiscord:
         self, held: HeldRequest, recorded: RecordedRequest, query: Any
     ) -> web.StreamResponse:
         held.request = recorded
-        held.arrived.set()
-        if held.apply_first:
-            response = await self._route(recorded.method, recorded.path, recorded.body, query)
-            await held.released.wait()
-            return response
-        await held.released.wait()
-        if held.answer_on_release:
-            return await self._route(recorded.method, recorded.path, recorded.body, query)
-        return json_response({"message": "held", "code": 0}, status=503)
+        return await held.serve(
+            apply=lambda: self._route(recorded.method, recorded.path, recorded.body, query),
+            refuse=lambda: json_response({"message": "held", "code": 0}, status=503),
+        )
 
     def _take_failure(self, method: str, path: str) -> int | None:
         for wanted_method, pattern, status, counts in self._failures:

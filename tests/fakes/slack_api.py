@@ -23,6 +23,7 @@ from urllib.parse import urlencode
 import aiohttp
 from aiohttp import web
 
+from tests.fakes.holds import Hold
 from tests.fakes.loopback import serve_on_loopback
 
 BOT_USER_ID = "UBOT"
@@ -50,19 +51,12 @@ class _Failure:
 
 
 @dataclass
-class HeldCall:
+class HeldCall(Hold):
     """A Web API call the fake holds until :meth:`release` (see :meth:`FakeSlackWebApi.hold`)."""
 
-    method: str
-    when: Callable[[dict[str, Any]], bool]
-    apply_first: bool
-    answer_on_release: bool
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)
-    released: asyncio.Event = field(default_factory=asyncio.Event)
+    method: str = ""
+    when: Callable[[dict[str, Any]], bool] = lambda _params: True
     params: dict[str, Any] = field(default_factory=dict)
-
-    def release(self) -> None:
-        self.released.set()
 
 
 @dataclass
@@ -199,18 +193,16 @@ class FakeSlackWebApi:
         )
         if held is not None:
             held.params = params
-            held.arrived.set()
-            if held.apply_first:
-                self.calls.append(ApiCall(method, params, 200))
-                answer = self._answer(method, params)
-                await held.released.wait()
-                return web.json_response(answer)
-            await held.released.wait()
-            if held.answer_on_release:
+
+            async def apply() -> web.Response:
                 self.calls.append(ApiCall(method, params, 200))
                 return web.json_response(self._answer(method, params))
-            self.calls.append(ApiCall(method, params, 503))
-            return web.json_response({"ok": False, "error": "held"}, status=503)
+
+            def refuse() -> web.Response:
+                self.calls.append(ApiCall(method, params, 503))
+                return web.json_response({"ok": False, "error": "held"}, status=503)
+
+            return await held.serve(apply=apply, refuse=refuse)
         failure = next(
             (
                 f
