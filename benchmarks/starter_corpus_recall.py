@@ -82,7 +82,6 @@ def main(argv: list[str] | None = None) -> int:
             q: model.generate_sync(messages=[{"role": "user", "content": q}])
             for q, _ in SEED_EXCHANGES
         }
-        model.close()
 
     rows = [
         ("model", f"{model.version} ({sum(p.numel() for p in model.model.parameters()):,} params)"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: A list setting written as comma-separated values: ``SLACK_ADMIN_IDS=U01,U02``.
@@ -38,6 +38,21 @@ class Settings(BaseSettings):
     # with float32 (model/service.py LocalModel.load).
     model_device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$")
     model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Serving (model/batching.py): requests arriving together share a batch of at most this
+    # many, the scheduler waits this long for a batch to fill, at most this many requests wait
+    # beyond the batch (more are told the bot is busy), and each gets this long in all.
+    batch_max_size: int = Field(default=32, ge=1, le=1024)
+    batch_max_wait_ms: float = Field(default=5.0, ge=0, le=10_000)
+    model_queue_size: int = Field(default=256, ge=1)
+    generation_timeout_seconds: float = Field(default=120.0, gt=0)
+    # Where replies are generated: local (this process, MODEL_PATH) or remote (an
+    # OpenAI-compatible completions server at MODEL_URL: vLLM, TGI, llama.cpp, transformers serve).
+    model_backend: Literal["local", "remote"] = "local"
+    model_url: str = ""  # e.g. http://127.0.0.1:8000/v1 (remote only)
+    model_api_key: str = ""  # sent as a bearer token (remote only); empty: none
+    model_name: str = ""  # the served model's id (remote only); empty: the server's first model
+    model_context_window: int = Field(default=4096, ge=64)  # tokens (remote only)
+    model_retries: int = Field(default=3, ge=0, le=20)  # on 429/5xx/connection errors (remote)
     system_prompt: str = ""
     max_new_tokens: int = Field(default=128, ge=1, le=4096)
     # Decoding (model/service.py GenerationSettings). Temperature 0 is greedy decoding.
@@ -120,6 +135,14 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"unknown region code(s) {', '.join(unknown)} (use e.g. US,GB,DE)")
         return regions
+
+    @model_validator(mode="after")
+    def _remote_needs_url(self) -> Settings:
+        if self.model_backend == "remote" and not self.model_url.startswith(
+            ("http://", "https://")
+        ):
+            raise ValueError("MODEL_BACKEND=remote needs MODEL_URL, e.g. http://gpu-host:8000/v1")
+        return self
 
     @property
     def slack_configured(self) -> bool:

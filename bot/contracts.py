@@ -13,19 +13,51 @@ from bot.conversation import IncomingMessage
 from bot.storage.delivery import PENDING_GRACE_SECONDS
 
 
-class ReplyGenerator(Protocol):
-    """Turns chat messages into the bot's reply (the model service implements this)."""
+@dataclass(frozen=True, slots=True)
+class GeneratedReply:
+    """A reply and what produced it, as the model service returns it."""
 
-    version: str
+    #: The reply itself: what is stored, shown and (once vetted) trained on.
+    text: str
+    #: The version of the model that actually generated it (a hot swap may have happened since).
+    model_version: str
+    #: A short remark for the user, sent after the reply but never stored as part of it (and
+    #: so never trained on): e.g. that older messages of a long conversation were left out.
+    note: str = ""
+
+
+class ModelBusy(Exception):
+    """The model service's queue is full: the user is told to try again shortly."""
+
+
+class ReplyStream(AsyncIterator[str]):
+    """The pieces of one reply as they are generated; :attr:`reply` is set once they end."""
+
+    reply: GeneratedReply | None = None
+
+
+class ReplyGenerator(Protocol):
+    """Turns chat messages into the bot's reply (the model service implements this).
+
+    ``generate`` returns the reply text, or a :class:`GeneratedReply` when it knows more (the
+    model version that produced it, a note for the user); a plain string was produced by
+    ``version``. It raises :class:`ModelBusy` when it cannot take more requests now.
+    """
+
+    @property
+    def version(self) -> str:
+        """The model new requests are answered by."""
+        ...
 
     async def generate(
         self, *, messages: Sequence[Mapping[str, str]], max_new_tokens: int
-    ) -> str: ...
+    ) -> str | GeneratedReply: ...
 
 
 @runtime_checkable
 class StreamingReplyGenerator(ReplyGenerator, Protocol):
-    """A generator that can also yield its reply piece by piece as it is produced."""
+    """A generator that can also yield its reply piece by piece as it is produced (a
+    :class:`ReplyStream` carries the version and note once it ends)."""
 
     def stream(
         self, *, messages: Sequence[Mapping[str, str]], max_new_tokens: int

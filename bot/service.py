@@ -28,6 +28,8 @@ from typing import Any
 
 # The pipeline's contracts live in bot.contracts; importing them from here works too.
 from bot.contracts import (
+    GeneratedReply,
+    ModelBusy,
     Outcome,
     PartialDelivery,
     PipelineOptions,
@@ -36,6 +38,7 @@ from bot.contracts import (
     RecoveryReport,
     ReplyGenerator,
     ReplySender,
+    ReplyStream,
     StreamingReplyGenerator,
 )
 from bot.conversation import IncomingMessage, Role, to_chat_messages, utcnow
@@ -77,6 +80,7 @@ APOLOGY = (
     "Sorry, something went wrong while I was answering. "
     "Your message is saved; please try again in a moment."
 )
+BUSY_REPLY = "Sorry, I'm answering a lot of messages right now. Please try again shortly."
 STORAGE_APOLOGY = (
     "Sorry, I can't reach my database right now, so I can't answer. Please try again in a moment."
 )
@@ -118,6 +122,7 @@ class ReplyPipeline:
         With ``progress``, the reply is streamed to it while it is generated (when the model
         can stream); ``send`` always gets the final text.
         """
+        received = time.perf_counter()
         limit = self.options.max_message_chars
         if len(message.text) > limit:
             return await self._refuse(message, send=send)
@@ -145,8 +150,20 @@ class ReplyPipeline:
 
         # Its turn → history → prompt messages → generation → the reply stored.
         try:
-            reply, answer_id, exchange_id = await self._answer(
-                stored, progress=progress, message=message, delivery=DeliveryState.PENDING
+            generated, answer_id, exchange_id = await self._answer(
+                stored,
+                progress=progress,
+                message=message,
+                delivery=DeliveryState.PENDING,
+                busy_state=AnswerState.REFUSED,
+                received=received,
+            )
+        except ModelBusy:
+            # Told to try again: not answered later behind the user's back (state refused).
+            logger.warning("the model is busy; %s message %s refused", message.platform, stored.id)
+            delivered = await self._send_quietly(send, BUSY_REPLY, message)
+            return PipelineResult(
+                Outcome.REFUSED, reply=BUSY_REPLY, message_id=stored.id, delivered=delivered
             )
         except Exception:
             logger.exception("failed to answer %s message %s", message.platform, message.message_id)
@@ -157,9 +174,12 @@ class ReplyPipeline:
 
         # Send; the reply is already stored, so a failed send can be retried later. Delivery is
         # recorded the moment the platform accepted it: a crash in between is the one window
-        # where the retry could post the reply a second time.
+        # where the retry could post the reply a second time. The note (older history left
+        # out...) is for the user only: the stored reply, the one trained on, goes without it.
+        reply = generated.text
+        shown = f"{reply}\n\n{generated.note}" if generated.note else reply
         try:
-            platform_id = await send(text=reply, in_reply_to=message)
+            platform_id = await send(text=shown, in_reply_to=message)
         except PartialDelivery as partial:
             logger.warning(
                 "the reply to %s message %s was only partly sent: %s",
@@ -230,12 +250,19 @@ class ReplyPipeline:
         progress: ProgressSink | None,
         message: IncomingMessage | None,
         delivery: DeliveryState,
-    ) -> tuple[str, int, int | None]:
+        busy_state: AnswerState = AnswerState.UNANSWERED,
+        received: float | None = None,
+    ) -> tuple[GeneratedReply, int, int | None]:
         """Generate and store the reply to ``stored`` (claimed by this instance), in its
-        conversation's turn; returns the reply, the stored answer's id and the exchange id."""
+        conversation's turn; returns the reply, the stored answer's id and the exchange id.
+        A busy model leaves the message in ``busy_state``. ``received`` is the
+        ``time.perf_counter()`` the message arrived at, for the timing log line."""
         assert stored.id is not None
+        started = time.perf_counter()
+        received = started if received is None else received
         try:
             await self._wait_for_turn(stored)
+            waited = time.perf_counter()
             turns = await self.store.run(
                 conversation_history,
                 conversation_id=stored.conversation_id,
@@ -243,22 +270,37 @@ class ReplyPipeline:
                 limit=self.options.history_turns,
             )
             chat = to_chat_messages(turns, system_prompt=self.options.system_prompt)
-            reply = (await self._generate(chat, message, progress, stored.id)).strip()
-            if not reply:
+            asked = time.perf_counter()
+            generated = await self._generate(chat, message, progress, stored.id)
+            generated = replace(generated, text=generated.text.strip())
+            answered = time.perf_counter()
+            if not generated.text:
                 raise ValueError("the model produced an empty reply")
             answer, exchange = await self.store.run(
                 record_answer,
                 user_message_id=stored.id,
-                text=reply,
+                text=generated.text,
                 answered_by=AnsweredBy.BOT,
                 author_id=self.options.bot_id,
                 author_name=self.options.bot_name,
-                model_version=self.generator.version,
+                model_version=generated.model_version,
                 delivery=delivery,
+            )
+            # The split the serving benchmark reads: our own work against the model's (waiting
+            # for the conversation's earlier turns is neither).
+            pipeline = (started - received) + (asked - waited) + (time.perf_counter() - answered)
+            logger.info(
+                "answered message %d: pipeline %.1f ms, model %.1f ms",
+                stored.id,
+                pipeline * 1000,
+                (answered - asked) * 1000,
             )
         except asyncio.CancelledError:
             # Stopped (a shutdown past its drain time): the message stays answerable.
             await self._release(stored.id, AnswerState.PENDING)
+            raise
+        except ModelBusy:
+            await self._release(stored.id, busy_state)
             raise
         except Exception:
             await self._release(stored.id, AnswerState.UNANSWERED)
@@ -267,7 +309,7 @@ class ReplyPipeline:
             # Released (or answered) before the next message of the conversation wakes.
             await self._turn_done(stored.conversation_id)
         assert answer.id is not None
-        return reply, answer.id, exchange.id
+        return generated, answer.id, exchange.id
 
     async def _wait_for_turn(self, stored: MessageRecord) -> None:
         """Wait (at most ``turn_wait`` seconds) until the earlier messages of the conversation
@@ -314,25 +356,38 @@ class ReplyPipeline:
         message: IncomingMessage | None,
         progress: ProgressSink | None,
         message_id: int,
-    ) -> str:
+    ) -> GeneratedReply:
         limit = self.options.max_new_tokens
         if progress is None or message is None:
-            return await self.generator.generate(messages=chat, max_new_tokens=limit)
+            return self._as_reply(
+                await self.generator.generate(messages=chat, max_new_tokens=limit)
+            )
         shown_in = Placeholder(pipeline=self, progress=progress, message=message, id=message_id)
         await shown_in.show("")
         if not isinstance(self.generator, StreamingReplyGenerator):
-            return await self.generator.generate(messages=chat, max_new_tokens=limit)
+            return self._as_reply(
+                await self.generator.generate(messages=chat, max_new_tokens=limit)
+            )
         text = ""
         shown = ""
         last_update = time.monotonic()
-        async for piece in self.generator.stream(messages=chat, max_new_tokens=limit):
+        stream = self.generator.stream(messages=chat, max_new_tokens=limit)
+        async for piece in stream:
             text += piece
             now = time.monotonic()
             if now - last_update >= self.options.progress_interval and text.strip() != shown:
                 shown = text.strip()
                 last_update = now
                 await shown_in.show(shown)
-        return text
+        if isinstance(stream, ReplyStream) and stream.reply is not None:
+            return stream.reply
+        return self._as_reply(text)
+
+    def _as_reply(self, generated: str | GeneratedReply) -> GeneratedReply:
+        """A generator's answer as a :class:`GeneratedReply` (a plain string is ``version``'s)."""
+        if isinstance(generated, GeneratedReply):
+            return generated
+        return GeneratedReply(text=generated, model_version=self.generator.version)
 
     # ------------------------------------------------------------------ other platform events
 

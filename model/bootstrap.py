@@ -63,8 +63,8 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 
 from model.corpus import SEED_EXCHANGES, load_starter_corpus
 from model.loading import ModelLoadError
+from model.local_model import LocalModel
 from model.prompt import CHAT_TEMPLATE, CONTROL_STRINGS, format_prompt
-from model.service import LocalModel
 
 BOS_TOKEN: Final = "<s>"
 EOS_TOKEN: Final = "</s>"
@@ -635,7 +635,6 @@ def train_until_seeds_hold(
                 )
     finally:
         model.eval()
-        service.close()
     raise SeedAnswerError(
         f"the seed answers are still wrong after {config.seed_rounds} extra training round(s) "
         f"({describe_wrong(wrong)}); nothing saved. Train longer (BootstrapConfig.epochs) or allow "
@@ -751,11 +750,7 @@ def build_default_model(
 
             def check(folder: Path) -> None:
                 """The same check on the written folder, loaded as the bot loads it."""
-                service = LocalModel.load(folder, device="cpu")
-                try:
-                    wrong = wrong_seed_answers(service, seeds)
-                finally:
-                    service.close()
+                wrong = wrong_seed_answers(LocalModel.load(folder, device="cpu"), seeds)
                 if wrong:
                     raise SeedAnswerError(
                         f"the saved model answers wrongly ({describe_wrong(wrong)}); nothing saved"

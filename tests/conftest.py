@@ -133,9 +133,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir: Path):
-    """The tiny model loaded by the model service, shared by the whole session."""
-    from model.service import LocalModel
+    """The tiny model served by the model service (batched), shared by the whole session."""
+    from model.service import ModelService
 
-    model = LocalModel.load(tiny_model_dir)
-    yield model
-    model.close()
+    service = ModelService.load(tiny_model_dir, device="cpu")
+    yield service
+    service.close()

@@ -22,6 +22,7 @@ from adapters.discord_adapter import DiscordAdapter
 from adapters.discord_replies import MESSAGE_LIMIT
 from bot.commands import ADMIN_ONLY, Command, CommandAction, Commands
 from bot.config import Settings
+from bot.contracts import GeneratedReply
 from bot.conversation import IncomingMessage, Role
 from bot.export import Exporter, ExportOptions
 from bot.learning import LearningActions
@@ -1167,7 +1168,9 @@ class GatedModel:
         self.started = asyncio.Event()
         self.release = asyncio.Event()
 
-    async def generate(self, *, messages: Sequence[Mapping[str, str]], max_new_tokens: int) -> str:
+    async def generate(
+        self, *, messages: Sequence[Mapping[str, str]], max_new_tokens: int
+    ) -> str | GeneratedReply:
         self.started.set()
         await self.release.wait()
         return await self.inner.generate(messages=messages, max_new_tokens=max_new_tokens)

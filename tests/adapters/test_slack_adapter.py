@@ -25,6 +25,7 @@ from adapters.slack_format import SLACK_MESSAGE_LIMIT
 from adapters.slack_replies import PLACEHOLDER, ThreadReply
 from bot.commands import Commands
 from bot.config import ConfigurationError, Settings
+from bot.contracts import GeneratedReply
 from bot.export import Exporter, ExportOptions
 from bot.learning import LearningActions
 from bot.redaction import Pseudonymizer
@@ -286,7 +287,7 @@ async def test_the_ack_does_not_wait_for_generation(
 
         async def generate(
             self, *, messages: Sequence[Mapping[str, str]], max_new_tokens: int
-        ) -> str:
+        ) -> str | GeneratedReply:
             await gate.wait()
             return await tiny_model.generate(messages=messages, max_new_tokens=max_new_tokens)
 
@@ -903,7 +904,7 @@ async def test_a_reply_whose_final_edit_fails_is_finished_by_editing_not_reposti
 
         async def generate(
             self, *, messages: Sequence[Mapping[str, str]], max_new_tokens: int
-        ) -> str:
+        ) -> str | GeneratedReply:
             return await tiny_model.generate(messages=messages, max_new_tokens=max_new_tokens)
 
     api.fail("chat.update", times=1, status=500)
@@ -1284,7 +1285,7 @@ async def test_request_stop_drains_the_reply_in_flight_and_refuses_new_events(
 
         async def generate(
             self, *, messages: Sequence[Mapping[str, str]], max_new_tokens: int
-        ) -> str:
+        ) -> str | GeneratedReply:
             await gate.wait()
             return await tiny_model.generate(messages=messages, max_new_tokens=max_new_tokens)
 

@@ -170,7 +170,7 @@ def test_export_settings_reach_the_exporter(tmp_path, monkeypatch) -> None:
 def test_generation_settings_reach_the_model(tmp_path, tiny_model_dir, monkeypatch) -> None:
     from bot.cli import load_generator
     from bot.config import load_settings
-    from model.service import GenerationSettings, LocalModel
+    from model.service import GenerationSettings, ModelService
 
     monkeypatch.setenv("MODEL_PATH", str(tiny_model_dir))
     monkeypatch.setenv("GENERATION_TEMPERATURE", "0.7")
@@ -178,9 +178,9 @@ def test_generation_settings_reach_the_model(tmp_path, tiny_model_dir, monkeypat
     monkeypatch.setenv("GENERATION_REPETITION_PENALTY", "1.2")
     monkeypatch.setenv("GENERATION_STOP_STRINGS", "Customer:, ###")
     model = load_generator(load_settings(data_dir=tmp_path))
-    assert isinstance(model, LocalModel)
+    assert isinstance(model, ModelService)
     try:
-        assert model.generation == GenerationSettings(
+        assert model.local.generation == GenerationSettings(
             temperature=0.7, top_p=0.9, repetition_penalty=1.2, stop_strings=("Customer:", "###")
         )
     finally:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from sqlmodel import col, select
 
+from bot.contracts import GeneratedReply
 from bot.conversation import IncomingMessage, Role, utcnow
 from bot.service import (
     APOLOGY,
@@ -270,7 +271,9 @@ class HeldModel:
         self.started = asyncio.Event()
         self.go_on = asyncio.Event()
 
-    async def generate(self, *, messages: Sequence[Mapping[str, str]], max_new_tokens: int) -> str:
+    async def generate(
+        self, *, messages: Sequence[Mapping[str, str]], max_new_tokens: int
+    ) -> str | GeneratedReply:
         self.started.set()
         await self.go_on.wait()
         return await self.inner.generate(messages=messages, max_new_tokens=max_new_tokens)
@@ -385,7 +388,7 @@ async def test_the_placeholder_is_recorded_the_moment_it_is_shown(
     seen_during_generation: list[str | None] = []
 
     class Looking(HeldModel):
-        async def generate(self, **kwargs: Any) -> str:
+        async def generate(self, **kwargs: Any) -> str | GeneratedReply:
             seen_during_generation.append(message_row(database, question_id()).reply_placeholder_id)
             return await self.inner.generate(**kwargs)
 

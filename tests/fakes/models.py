@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from bot.contracts import GeneratedReply
 from bot.service import ReplyGenerator
 
 
@@ -15,7 +16,9 @@ class RecordingModel:
         self.version = inner.version
         self.prompts: list[list[dict[str, str]]] = []
 
-    async def generate(self, *, messages: Sequence[Mapping[str, str]], max_new_tokens: int) -> str:
+    async def generate(
+        self, *, messages: Sequence[Mapping[str, str]], max_new_tokens: int
+    ) -> str | GeneratedReply:
         self.prompts.append([dict(m) for m in messages])
         return await self.inner.generate(messages=messages, max_new_tokens=max_new_tokens)
 

@@ -54,13 +54,10 @@ def test_tiny_model_folder_loads_and_answers_exactly(tiny_model_dir: Path) -> No
 def seed_replies(folder: Path) -> list[str]:
     """The bot's replies to the seed questions (LocalModel: single-turn prompt, greedy)."""
     model = LocalModel.load(folder, device="cpu")
-    try:
-        return [
-            model.generate_sync(messages=[{"role": "user", "content": question}])
-            for question, _ in SEED_EXCHANGES
-        ]
-    finally:
-        model.close()
+    return [
+        model.generate_sync(messages=[{"role": "user", "content": question}])
+        for question, _ in SEED_EXCHANGES
+    ]
 
 
 def test_same_weights_and_exact_seed_answers_with_one_or_two_threads(tmp_path: Path) -> None:

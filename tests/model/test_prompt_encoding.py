@@ -9,7 +9,6 @@ that normalisation, as many published tokenizers have them.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -119,10 +118,8 @@ def wrap(tokenizer: PreTrainedTokenizerBase) -> LocalModel:
 
 
 @pytest.fixture
-def prompt_model(default_tokenizer: PreTrainedTokenizerBase) -> Iterator[LocalModel]:
-    model = wrap(default_tokenizer)
-    yield model
-    model.close()
+def prompt_model(default_tokenizer: PreTrainedTokenizerBase) -> LocalModel:
+    return wrap(default_tokenizer)
 
 
 # --- the default tokenizer: same text, same ids ---------------------------------------------
@@ -134,7 +131,7 @@ def test_default_tokenizer_ids_decode_to_format_prompt(
     default_tokenizer: PreTrainedTokenizerBase,
     messages: list[dict[str, str]],
 ) -> None:
-    ids = prompt_model._encode_prompt(messages)
+    ids = prompt_model.prompt_encoder.encode(messages)
     assert default_tokenizer.decode(ids, skip_special_tokens=False) == format_prompt(messages)
     controls = control_ids_of(default_tokenizer)
     assert [i for i in ids if i in controls.values()] == expected_controls(messages, controls)
@@ -147,7 +144,7 @@ def test_default_tokenizer_ids_equal_whole_string_encoding(
     messages: list[dict[str, str]],
 ) -> None:
     whole = default_tokenizer(format_prompt(messages), add_special_tokens=False)["input_ids"]
-    assert prompt_model._encode_prompt(messages) == whole
+    assert prompt_model.prompt_encoder.encode(messages) == whole
 
 
 # --- a normalising tokenizer: look-alikes stay text -----------------------------------------
@@ -168,11 +165,7 @@ def test_normalised_lookalikes_never_become_control_tokens(
     whole = tokenizer(format_prompt(HOSTILE_DIALOGUE), add_special_tokens=False)["input_ids"]
     assert len([i for i in whole if i in forbidden]) > len(expected)
 
-    model = wrap(tokenizer)
-    try:
-        ids = model._encode_prompt(HOSTILE_DIALOGUE)
-    finally:
-        model.close()
+    ids = wrap(tokenizer).prompt_encoder.encode(HOSTILE_DIALOGUE)
     # Exactly the template's control tokens, in its order, and no other special token.
     assert [i for i in ids if i in forbidden] == expected
     # Each control token sits where the template puts it: the text between two of them is
@@ -199,11 +192,7 @@ def test_tokenizer_without_structure_tokens_writes_them_as_text(tiny_model_dir: 
     tokenizer = normalising_tokenizer(tiny_model_dir, structure="none")
     controls = control_ids_of(tokenizer)
     assert set(controls) == {"<s>", "</s>"}
-    model = wrap(tokenizer)
-    try:
-        ids = model._encode_prompt(HOSTILE_DIALOGUE)
-    finally:
-        model.close()
+    ids = wrap(tokenizer).prompt_encoder.encode(HOSTILE_DIALOGUE)
     forbidden = set(controls.values()) | set(tokenizer.all_special_ids)
     assert [i for i in ids if i in forbidden] == expected_controls(HOSTILE_DIALOGUE, controls)
     normalise = tokenizer.backend_tokenizer.normalizer.normalize_str
@@ -213,11 +202,8 @@ def test_tokenizer_without_structure_tokens_writes_them_as_text(tiny_model_dir: 
 def test_truncated_content_stays_text(tiny_model_dir: Path) -> None:
     tokenizer = normalising_tokenizer(tiny_model_dir, structure="added")
     model = wrap(tokenizer)
-    try:
-        fitted = model.fit_to_context([user(LOOKALIKES * 200)], max_new_tokens=64)
-        ids = model._encode_prompt(fitted)
-    finally:
-        model.close()
+    fitted = model.fit_to_context([user(LOOKALIKES * 200)], max_new_tokens=64)
+    ids = model.prompt_encoder.encode(fitted)
     controls = control_ids_of(tokenizer)
     forbidden = set(controls.values()) | set(tokenizer.all_special_ids)
     assert len(ids) <= 256 - 64
@@ -232,9 +218,5 @@ def test_a_normalising_tokenizer_still_answers(tiny_model_dir: Path) -> None:
         version="nfkc",
         device="cpu",
     )
-    try:
-        for question, answer in SEED_EXCHANGES[:2]:
-            assert model.generate_sync(messages=[user(question)]) == answer
-    finally:
-        model.close()
-        loaded.close()
+    for question, answer in SEED_EXCHANGES[:2]:
+        assert model.generate_sync(messages=[user(question)]) == answer

@@ -9,7 +9,6 @@ cleaning, also when a fragment is split across two of them.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import pytest
 import torch
 
 from model.prompt import CONTROL_STRINGS, ReplyCleaner, clean_reply
-from model.service import LocalModel
+from model.service import LocalModel, ModelService
 from tests.model.test_prompt_encoding import normalising_tokenizer
 
 # --- the cleaning function ------------------------------------------------------------------
@@ -112,10 +111,8 @@ def test_a_held_back_start_is_released_when_it_turns_out_to_be_text() -> None:
 
 
 @pytest.fixture(scope="module")
-def local_model(tiny_model_dir: Path) -> Iterator[LocalModel]:
-    model = LocalModel.load(tiny_model_dir, device="cpu")
-    yield model
-    model.close()
+def local_model(tiny_model_dir: Path) -> LocalModel:
+    return LocalModel.load(tiny_model_dir, device="cpu")
 
 
 class Script:
@@ -154,6 +151,16 @@ def token_id(model: LocalModel, token: str) -> int:
 MESSAGES = [{"role": "user", "content": "Hello"}]
 
 
+async def streamed(model: LocalModel, *, max_new_tokens: int) -> list[str]:
+    """The pieces a :class:`ModelService` serving ``model`` streams in answer to MESSAGES."""
+    service = ModelService(model)
+    try:
+        stream = service.stream(messages=MESSAGES, max_new_tokens=max_new_tokens)
+        return [piece async for piece in stream]
+    finally:
+        await service.aclose()
+
+
 @pytest.mark.parametrize("control", ["[INST]", "<s>", "[/INST]", "<<SYS>>"])
 def test_generation_stops_at_a_control_token(local_model: LocalModel, control: str) -> None:
     answer = text_ids(local_model, "Sure thing.")
@@ -169,7 +176,7 @@ async def test_streaming_stops_at_inst(local_model: LocalModel) -> None:
     answer = text_ids(local_model, "Sure thing, here it is.")
     script = [*answer, token_id(local_model, "[INST]"), *text_ids(local_model, " Next question")]
     with Script(local_model, script) as forced:
-        pieces = [p async for p in local_model.stream(messages=MESSAGES, max_new_tokens=64)]
+        pieces = await streamed(local_model, max_new_tokens=64)
     assert "".join(pieces).strip() == "Sure thing, here it is."
     assert forced.steps == len(answer) + 1
 
@@ -189,7 +196,7 @@ async def test_control_strings_spelled_as_text_never_reach_the_user(
     with Script(local_model, script):
         assert local_model.generate_sync(messages=MESSAGES, max_new_tokens=64) == reply
     with Script(local_model, script):
-        pieces = [p async for p in local_model.stream(messages=MESSAGES, max_new_tokens=64)]
+        pieces = await streamed(local_model, max_new_tokens=64)
     assert "".join(pieces).strip() == reply
     for piece in pieces:
         assert not any(control in piece for control in CONTROL_STRINGS)
@@ -203,8 +210,7 @@ async def test_a_partial_control_string_at_the_token_limit_is_dropped(
         reply = local_model.generate_sync(messages=MESSAGES, max_new_tokens=len(script))
     assert reply == "The answer is here"
     with Script(local_model, script):
-        stream = local_model.stream(messages=MESSAGES, max_new_tokens=len(script))
-        pieces = [p async for p in stream]
+        pieces = await streamed(local_model, max_new_tokens=len(script))
     assert "".join(pieces).strip() == "The answer is here"
     assert not any("[/" in piece for piece in pieces)
 
@@ -216,14 +222,11 @@ def test_without_control_tokens_generation_stops_at_the_text(
     # text, and generation stops there (stop strings), not at the token limit.
     tokenizer = normalising_tokenizer(tiny_model_dir, structure="none")
     model = LocalModel(local_model.model, tokenizer, version="no-structure", device="cpu")
-    try:
-        assert model.stop_strings == ["[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"]
-        answer = text_ids(model, "Sure thing.")
-        new_turn = text_ids(model, " [INST] What now? [/INST] More and more and more")
-        with Script(model, [*answer, *new_turn]) as forced:
-            reply = model.generate_sync(messages=MESSAGES, max_new_tokens=64)
-        assert reply == "Sure thing."
-        inst = len(text_ids(model, " [INST]"))
-        assert forced.steps == len(answer) + inst  # stopped at the last token of "[INST]"
-    finally:
-        model.close()
+    assert model.stop_strings == ["[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"]
+    answer = text_ids(model, "Sure thing.")
+    new_turn = text_ids(model, " [INST] What now? [/INST] More and more and more")
+    with Script(model, [*answer, *new_turn]) as forced:
+        reply = model.generate_sync(messages=MESSAGES, max_new_tokens=64)
+    assert reply == "Sure thing."
+    inst = len(text_ids(model, " [INST]"))
+    assert forced.steps == len(answer) + inst  # stopped at the last token of "[INST]"

@@ -1,15 +1,12 @@
-"""LocalModel: load errors, answers, context fitting, non-blocking generation."""
+"""LocalModel: load errors, versions, plain (unbatched) answers, generation settings."""
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import dataclasses
 import json
-import logging
 import os
 import shutil
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,14 +18,12 @@ from model.bootstrap import TINY_EXCHANGES
 from model.corpus import SEED_EXCHANGES
 from model.loading import ModelLoadError, ensure_default_model, folder_version, hub_version
 from model.prompt import format_prompt
-from model.service import GenerationSettings, LocalModel, StopCutter
+from model.service import GenerationSettings, LocalModel, ModelService, StopCutter
 
 
 @pytest.fixture(scope="module")
 def local_model(tiny_model_dir: Path) -> Iterator[LocalModel]:
-    model = LocalModel.load(tiny_model_dir, device="cpu")
-    yield model
-    model.close()
+    yield LocalModel.load(tiny_model_dir, device="cpu")
 
 
 def user(content: str) -> dict[str, str]:
@@ -94,11 +89,6 @@ def test_generate_sync_answers_seed_questions(
     assert local_model.generate_sync(messages=[user(question)]) == answer
 
 
-async def test_generate_answers_seed_questions(local_model: LocalModel) -> None:
-    for question, answer in SEED_EXCHANGES:
-        assert await local_model.generate(messages=[user(question)]) == answer
-
-
 # --- fitting the context window ------------------------------------------------------------
 
 
@@ -141,57 +131,20 @@ def test_generate_with_overflowing_history_still_answers(local_model: LocalModel
     assert local_model.generate_sync(messages=messages, max_new_tokens=64) == answer
 
 
-def test_huge_user_message_is_truncated_and_answered(
-    local_model: LocalModel, caplog: pytest.LogCaptureFixture
-) -> None:
-    huge = "How do I reset my password? " + "blah " * 20_000  # ~100 KB
-    assert len(huge) > 100_000
-    with caplog.at_level(logging.WARNING, logger="model.service"):
-        fitted = local_model.fit_to_context([user(huge)], max_new_tokens=64)
-        reply = local_model.generate_sync(messages=[user(huge)], max_new_tokens=64)
-    assert "overflows" in caplog.text
-    assert len(fitted) == 1
-    assert huge.startswith(fitted[0]["content"])
-    tokens = local_model.tokenizer(format_prompt(fitted), add_special_tokens=False)["input_ids"]
-    assert len(tokens) <= local_model.context_window - 64
-    assert isinstance(reply, str)
+def test_huge_user_message_keeps_its_question_and_is_answered(local_model: LocalModel) -> None:
+    question = SEED_EXCHANGES[0][0]
+    huge = "Hello there. " + "blah " * 20_000 + question  # ~100 KB, the question at the end
+    fitted = local_model.fit_prompt([user(huge)], max_new_tokens=64)
+    assert fitted.cut_newest and fitted.note
+    content = fitted.messages[0]["content"]
+    assert content.startswith("Hello there.") and content.endswith(question)
+    assert len(fitted.token_ids) <= local_model.context_window - 64
+    assert isinstance(local_model.generate_sync(messages=[user(huge)], max_new_tokens=64), str)
 
 
 def test_max_new_tokens_must_leave_room(local_model: LocalModel) -> None:
     with pytest.raises(ValueError, match="no room"):
         local_model.fit_to_context([user("hi")], max_new_tokens=local_model.context_window)
-
-
-# --- the event loop keeps running ----------------------------------------------------------
-
-
-async def test_generate_does_not_block_the_event_loop(local_model: LocalModel) -> None:
-    original = local_model.generate_sync
-
-    def slow_generate_sync(**kwargs: object) -> str:
-        time.sleep(0.3)  # make generation long enough to observe the loop
-        return original(**kwargs)  # type: ignore[arg-type]
-
-    local_model.generate_sync = slow_generate_sync  # type: ignore[method-assign]
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await asyncio.sleep(0.01)
-
-    task = asyncio.create_task(ticker())
-    try:
-        replies = await asyncio.gather(
-            local_model.generate(messages=[user(SEED_EXCHANGES[0][0])]),
-            local_model.generate(messages=[user(SEED_EXCHANGES[1][0])]),
-        )
-    finally:
-        task.cancel()
-        del local_model.generate_sync
-    assert replies == [SEED_EXCHANGES[0][1], SEED_EXCHANGES[1][1]]
-    assert ticks >= 20  # ~0.6 s of generation, the loop ticked throughout
 
 
 def test_history_pairs_caps_the_history(local_model: LocalModel) -> None:
@@ -204,14 +157,11 @@ def test_history_pairs_caps_the_history(local_model: LocalModel) -> None:
     )
     system = {"role": "system", "content": "Be helpful."}
     messages = [system, *long_history(3), user("Thank you")]
-    try:
-        assert capped.fit_to_context(messages) == [system, *messages[-3:]]
-        capped.history_pairs = 0
-        assert capped.fit_to_context(messages) == [system, user("Thank you")]
-        # The tiny model never saw history or system prompts in this shape; capped, it answers.
-        assert capped.generate_sync(messages=messages[1:]) == "You're welcome!"
-    finally:
-        capped.close()
+    assert capped.fit_to_context(messages) == [system, *messages[-3:]]
+    capped.history_pairs = 0
+    assert capped.fit_to_context(messages) == [system, user("Thank you")]
+    # The tiny model never saw history or system prompts in this shape; capped, it answers.
+    assert capped.generate_sync(messages=messages[1:]) == "You're welcome!"
 
 
 def test_single_exchange_models_declare_no_history(tmp_path: Path, local_model: LocalModel) -> None:
@@ -223,11 +173,7 @@ def test_single_exchange_models_declare_no_history(tmp_path: Path, local_model: 
         tmp_path / "m", exchanges=TINY_EXCHANGES[:2], config=config, progress=lambda _: None
     )
     assert json.loads((folder / "config.json").read_text())["chat_history_pairs"] == 0
-    model = LocalModel.load(folder, device="cpu")
-    try:
-        assert model.history_pairs == 0
-    finally:
-        model.close()
+    assert LocalModel.load(folder, device="cpu").history_pairs == 0
 
 
 # --- the version names the weights ---------------------------------------------------------
@@ -276,24 +222,19 @@ def test_hub_version_names_the_resolved_commit(local_model: LocalModel) -> None:
 
 
 @pytest.fixture
-def tuned(local_model: LocalModel) -> Iterator[Callable[..., LocalModel]]:
+def tuned(local_model: LocalModel) -> Callable[..., LocalModel]:
     """LocalModels sharing the tiny model's weights, with other generation settings."""
-    made: list[LocalModel] = []
 
     def make(**settings: Any) -> LocalModel:
-        model = LocalModel(
+        return LocalModel(
             local_model.model,
             local_model.tokenizer,
             version="tuned",
             device="cpu",
             generation=GenerationSettings(**settings),
         )
-        made.append(model)
-        return model
 
-    yield make
-    for model in made:
-        model.close()
+    return make
 
 
 def test_generation_settings_are_keyword_only_and_frozen() -> None:
@@ -334,11 +275,20 @@ def test_a_stop_string_cuts_the_reply(tuned: Callable[..., LocalModel]) -> None:
     assert model.generate_sync(messages=[user(question)]) == expected
 
 
-async def test_a_stop_string_cuts_the_stream(tuned: Callable[..., LocalModel]) -> None:
+async def test_a_stop_string_cuts_the_stream_and_the_batched_reply(
+    tuned: Callable[..., LocalModel],
+) -> None:
     question, answer = SEED_EXCHANGES[0]
-    model = tuned(stop_strings=("password",))
-    pieces = [piece async for piece in model.stream(messages=[user(question)])]
-    assert "".join(pieces).strip() == answer[: answer.index("password")].strip()
+    service = ModelService(tuned(stop_strings=("password",)))
+    expected = answer[: answer.index("password")].strip()
+    try:
+        stream = service.stream(messages=[user(question)])
+        pieces = [piece async for piece in stream]
+        assert "".join(pieces).strip() == expected
+        assert stream.reply is not None and stream.reply.text == expected
+        assert (await service.generate(messages=[user(question)])).text == expected
+    finally:
+        service.close()
 
 
 def test_stop_cutter_releases_a_partial_stop_string_at_the_end() -> None:
@@ -355,11 +305,8 @@ def test_stop_cutter_releases_a_partial_stop_string_at_the_end() -> None:
 
 def test_dtype_can_be_chosen(tiny_model_dir: Path) -> None:
     model = LocalModel.load(tiny_model_dir, device="cpu", dtype="bfloat16")
-    try:
-        assert model.model.dtype == torch.bfloat16
-        assert model.device == "cpu"
-    finally:
-        model.close()
+    assert model.model.dtype == torch.bfloat16
+    assert model.device == "cpu"
 
 
 def test_auto_picks_the_cpu_and_float32_without_cuda(local_model: LocalModel) -> None:

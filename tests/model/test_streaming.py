@@ -1,4 +1,4 @@
-"""Streaming generation: pieces arrive while the worker thread generates; they make the reply."""
+"""Streaming generation: pieces arrive while the batch decodes; they make the reply."""
 
 from __future__ import annotations
 
@@ -8,21 +8,25 @@ import pytest
 
 from bot.service import StreamingReplyGenerator
 from model.corpus import SEED_EXCHANGES
-from model.service import LocalModel
+from model.service import ModelService
 
 
-async def test_stream_yields_pieces_that_add_up_to_the_reply(tiny_model: LocalModel) -> None:
+async def test_stream_yields_pieces_that_add_up_to_the_reply(tiny_model: ModelService) -> None:
     question, answer = SEED_EXCHANGES[0]
     messages = [{"role": "user", "content": question}]
-    pieces = [piece async for piece in tiny_model.stream(messages=messages, max_new_tokens=64)]
+    stream = tiny_model.stream(messages=messages, max_new_tokens=64)
+    pieces = [piece async for piece in stream]
 
     assert isinstance(tiny_model, StreamingReplyGenerator)
     assert len(pieces) > 1  # more than one piece: it streamed
     assert "".join(pieces).strip() == answer
-    assert await tiny_model.generate(messages=messages, max_new_tokens=64) == answer
+    assert stream.reply is not None and stream.reply.text == answer
+    assert (await tiny_model.generate(messages=messages, max_new_tokens=64)).text == answer
 
 
-async def test_a_failing_generation_ends_the_stream_with_its_error(tiny_model: LocalModel) -> None:
+async def test_a_failing_generation_ends_the_stream_with_its_error(
+    tiny_model: ModelService,
+) -> None:
     with pytest.raises(Exception, match="role"):
         async for _ in tiny_model.stream(
             messages=[{"role": "robot", "content": "x"}], max_new_tokens=8
@@ -33,4 +37,4 @@ async def test_a_failing_generation_ends_the_stream_with_its_error(tiny_model: L
         tiny_model.generate(messages=[{"role": "user", "content": "Hello"}], max_new_tokens=16),
         timeout=60,
     )
-    assert reply
+    assert reply.text

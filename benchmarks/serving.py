@@ -1,0 +1,744 @@
+"""Serving throughput of the model service against plain generate and ``transformers serve``.
+
+In one run, on the same prompts (the first questions of the starter corpus, model/corpus.py,
+each asked alone as a user message), for each model:
+
+- ``1``: one request alone through the service (``ModelService``), a few times: the latency a
+  lone user sees, the reference for (b)'s p99;
+- ``a``: 32 replies one after another through plain ``model.generate`` (batch 1, a KV cache,
+  the prompt ids of :class:`model.prompt_encoding.PromptEncoder`), as the bot answered before;
+- ``b``: the same 32 sent at once through the service;
+- ``c``: the same 32 at once through ``transformers serve`` (a subprocess on loopback,
+  ``--device cpu``, float32), reached through the remote backend (``model.remote.RemoteModel``);
+  ``c-cb`` the same with ``--continuous-batching``;
+- ``d``: 128 at once through the service (the first 128 questions);
+- ``e``: the same 32 through transformers' own in-process continuous-batching manager
+  (``model.init_continuous_batching``, warmed up first), so that the choice between it and the
+  service's scheduler is measured.
+
+Models: ``default``, the default model (``--default-model``, built there first when missing,
+about 2 minutes), and ``random200m``, a ~210M-parameter Llama with random weights and the
+default tokenizer (benchmarks/random_llama.py) whose replies are a fixed 32 new tokens on
+every path (``GenerationSettings(ignore_eos=True)`` in the service, ``min_new_tokens`` in plain
+generate; its special tokens can never win greedy decoding anyway), standing in for a real
+model's cost.
+
+Columns. ``total s`` runs from sending the row's requests to the last reply; ``replies/s`` and
+``tokens/s`` are per that. Latency runs from the row's start to each reply, so in (a) a request
+waits for those before it, as 32 mentions in line do; in ``1`` each request is timed alone.
+Generated tokens: the random model's replies are 32 tokens each by construction; the default
+model's are counted by encoding each reply's text again (no row is credited for tokens it cut
+or left out). ``× (a)`` is the row's replies/s over (a)'s. ``% roof`` is tokens/s as a share of
+the compute roof: the best fp32 ``torch.mm`` of two 2048×2048 matrices on this machine
+(2·n³ FLOPs) over 2 FLOPs per parameter per token. ``= (a)`` counts the replies equal to
+(a)'s (greedy decoding: batching must not change a reply).
+
+Targets (printed under the table, never the exit status): (b) at least 8× (a) with p99 at most
+3× a lone request's latency; (b) ahead of both (c) rows; (d) at least 20% of the roof on the
+200M model. A row that cannot run (a missing module, ``transformers serve`` failing to start)
+is reported as not measured, with the reason.
+
+Usage::
+
+    python benchmarks/serving.py                          # both models, 32/128 requests
+    python benchmarks/serving.py --quick                  # 8/16 requests: a smoke test
+    python benchmarks/serving.py --models default --rows 1,a,b --default-model /tmp/model
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from benchmarks.random_llama import RANDOM_MODEL_NEW_TOKENS, build_random_llama  # noqa: E402
+from model.corpus import load_starter_corpus  # noqa: E402
+
+MODELS = ("default", "random200m")
+#: Row keys, in the table's order, and what each measures.
+ROWS: dict[str, str] = {
+    "1": "one request alone, service",
+    "a": "(a) one after another, model.generate",
+    "b": "(b) at once, service",
+    "c": "(c) at once, transformers serve",
+    "c-cb": "(c) at once, transformers serve --continuous-batching",
+    "d": "(d) at once, service",
+    "e": "(e) at once, transformers continuous batching in-process",
+}
+#: Seconds a row may take before it is reported as not measured.
+ROW_TIMEOUT = 1800.0
+#: Seconds ``transformers serve`` may take to answer /health.
+SERVE_STARTUP_TIMEOUT = 300.0
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True, kw_only=True)
+class Measurement:
+    """One row of the table: ``requests`` replies in ``seconds`` (or why it was not measured)."""
+
+    model: str
+    row: str
+    requests: int = 0
+    seconds: float = 0.0
+    tokens: int = 0
+    latencies: tuple[float, ...] = ()
+    texts: tuple[str, ...] = ()
+    #: Replies equal to (a)'s reply for the same prompt, of those compared (None: not compared).
+    same_as_a: tuple[int, int] | None = None
+    #: Why the row was not measured (empty: it was).
+    skipped: str = ""
+    note: str = ""
+
+    @property
+    def measured(self) -> bool:
+        return not self.skipped and self.requests > 0 and self.seconds > 0
+
+    @property
+    def replies_per_second(self) -> float:
+        return self.requests / self.seconds if self.measured else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.measured else 0.0
+
+    @property
+    def p50(self) -> float:
+        return percentile(self.latencies, 0.50)
+
+    @property
+    def p99(self) -> float:
+        return percentile(self.latencies, 0.99)
+
+    def summary(self) -> dict[str, Any]:
+        """The row's figures (for ``--json``), replies left out."""
+        figures = {k: v for k, v in asdict(self).items() if k not in ("texts", "latencies")}
+        return figures | {
+            "replies_per_second": self.replies_per_second,
+            "tokens_per_second": self.tokens_per_second,
+            "p50": self.p50,
+            "p99": self.p99,
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelFigures:
+    """One model and its measured rows."""
+
+    name: str
+    path: Path
+    parameters: int
+    #: Every reply is exactly ``max_new_tokens`` tokens (the random model).
+    fixed_length: bool
+    rows: list[Measurement] = field(default_factory=list)
+
+    def row(self, key: str) -> Measurement | None:
+        found = [m for m in self.rows if m.row == key and m.measured]
+        return found[0] if found else None
+
+
+def percentile(values: Sequence[float], share: float) -> float:
+    """The nearest-rank percentile (``share`` in (0, 1]); NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(share * len(ordered)) - 1)]
+
+
+# --------------------------------------------------------------------------- the roof
+
+
+def measure_roof(*, size: int = 2048, repeats: int = 8) -> float:
+    """The machine's fp32 matmul rate in FLOP/s: the best of ``repeats`` ``torch.mm``."""
+    left = torch.randn(size, size)
+    right = torch.randn(size, size)
+    out = torch.empty(size, size)
+    torch.mm(left, right, out=out)  # first call: thread pool and page faults
+    best = math.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        torch.mm(left, right, out=out)
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best
+
+
+# --------------------------------------------------------------------------- one row's timing
+
+
+@dataclass(frozen=True, kw_only=True)
+class Timing:
+    texts: list[str]
+    latencies: list[float]
+    seconds: float
+    #: Exact generated token counts where the path reports them.
+    token_counts: list[int] | None = None
+
+
+def reply_text(reply: Any) -> str:
+    """The text of a service or remote reply (a GeneratedReply, or a plain string)."""
+    return reply if isinstance(reply, str) else str(reply.text)
+
+
+async def at_once(calls: Sequence[Callable[[], Awaitable[Any]]]) -> Timing:
+    """Start every call together; each latency runs from the start to its own reply."""
+    started = time.perf_counter()
+
+    async def one(call: Callable[[], Awaitable[Any]]) -> tuple[str, float]:
+        reply = await call()
+        return reply_text(reply), time.perf_counter() - started
+
+    results = await asyncio.gather(*(one(call) for call in calls))
+    seconds = time.perf_counter() - started
+    return Timing(
+        texts=[text for text, _ in results],
+        latencies=[latency for _, latency in results],
+        seconds=seconds,
+    )
+
+
+async def one_at_a_time(calls: Sequence[Callable[[], Awaitable[Any]]]) -> Timing:
+    """Each call alone, after the previous one; each latency is that call's own."""
+    texts: list[str] = []
+    latencies: list[float] = []
+    for call in calls:
+        started = time.perf_counter()
+        texts.append(reply_text(await call()))
+        latencies.append(time.perf_counter() - started)
+    return Timing(texts=texts, latencies=latencies, seconds=sum(latencies))
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def messages_for(question: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": question}]
+
+
+def plain_generate(local: Any, questions: Sequence[str], *, max_new_tokens: int) -> Timing:
+    """Path (a): LocalModel's plain ``model.generate``, one prompt after another (blocking).
+
+    Latency runs from the start of the first, so a request's wait for those before it counts.
+    """
+    texts: list[str] = []
+    counts: list[int] = []
+    latencies: list[float] = []
+    started = time.perf_counter()
+    for question in questions:
+        prompt = local.fit_prompt(messages_for(question), max_new_tokens=max_new_tokens)
+        ids = local.generate_ids_sync(prompt.token_ids, max_new_tokens=max_new_tokens)
+        texts.append(local.reply_text(ids))
+        counts.append(len(ids))
+        latencies.append(time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return Timing(texts=texts, latencies=latencies, seconds=seconds, token_counts=counts)
+
+
+def transformers_batch_manager(
+    local: Any, questions: Sequence[str], *, max_new_tokens: int
+) -> Timing:
+    """Path (e): transformers' ContinuousBatchingManager in this process, warmed up first."""
+    from transformers import GenerationConfig
+    from transformers.generation.continuous_batching.utils import WorkloadHints
+
+    ignore_eos = local.generation.ignore_eos
+    prompts = [
+        local.fit_prompt(messages_for(q), max_new_tokens=max_new_tokens).token_ids
+        for q in questions
+    ]
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=-1 if ignore_eos else list(local.stop_ids),  # -1: none
+        pad_token_id=local.tokenizer.pad_token_id,
+    )
+    hints = WorkloadHints(
+        max_prompt_length=max(len(p) for p in prompts),
+        max_generated_length=max_new_tokens,
+        num_requests=len(prompts),
+    )
+    manager = local.model.init_continuous_batching(generation_config=config, workload_hints=hints)
+    manager.warmup()
+    manager.start()
+    try:
+        started = time.perf_counter()
+        ids = manager.add_requests(inputs=prompts, max_new_tokens=max_new_tokens)
+        done: dict[str, tuple[list[int], float]] = {}
+        while len(done) < len(ids):
+            result = manager.get_result(timeout=1)
+            if result is None and not manager.is_running():
+                raise RuntimeError("the continuous-batching manager stopped")
+            if result is not None and result.is_finished():
+                if result.error is not None:
+                    raise RuntimeError(f"request {result.request_id} failed: {result.error}")
+                tokens = list(result.generated_tokens)
+                if tokens and tokens[-1] in local.stop_ids and not ignore_eos:
+                    tokens.pop()  # as LocalModel.generate_ids_sync: the stop token is no reply
+                done[result.request_id] = (tokens, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+    finally:
+        manager.stop(block=True, timeout=10)
+        manager.destroy()
+    outputs = [done[request_id] for request_id in ids]
+    return Timing(
+        texts=[local.reply_text(tokens) for tokens, _ in outputs],
+        latencies=[latency for _, latency in outputs],
+        seconds=seconds,
+        token_counts=[len(tokens) for tokens, _ in outputs],
+    )
+
+
+# --------------------------------------------------------------------------- transformers serve
+
+
+class ServeUnavailable(RuntimeError):
+    """``transformers serve`` did not start; the message says why."""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def transformers_command() -> list[str]:
+    """The ``transformers`` command line tool next to this Python, else on PATH."""
+    beside = Path(sys.executable).with_name("transformers")
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("transformers")
+    if found is None:
+        raise ServeUnavailable("no `transformers` command (pip install 'transformers[serving]')")
+    return [found]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+@contextlib.asynccontextmanager
+async def transformers_serve(
+    path: Path, *, continuous_batching: bool, log_file: Path
+) -> AsyncIterator[str]:
+    """Run ``transformers serve`` for ``path`` on a free loopback port; yields its /v1 URL."""
+    port = free_port()
+    options = ["--host", "127.0.0.1", "--device", "cpu", "--dtype", "float32"]
+    batching = "--continuous-batching" if continuous_batching else "--no-continuous-batching"
+    command = [*transformers_command(), "serve", str(path), *options, "--port", str(port), batching]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+    with log_file.open("wb") as output:
+        process = await asyncio.create_subprocess_exec(
+            *command, env=env, stdout=output, stderr=asyncio.subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + SERVE_STARTUP_TIMEOUT
+        health = f"http://127.0.0.1:{port}/health"
+        while not await asyncio.to_thread(_healthy, health):
+            if process.returncode is not None or time.monotonic() > deadline:
+                text = await asyncio.to_thread(log_file.read_text, errors="replace")
+                tail = " | ".join(text.strip().splitlines()[-5:])
+                what = "did not answer /health" if process.returncode is None else "exited"
+                raise ServeUnavailable(f"transformers serve {what}: {tail}")
+            await asyncio.sleep(0.25)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), 15)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+async def serve_row(
+    local: Any, path: Path, questions: Sequence[str], *, plan: Plan, batching: bool
+) -> Timing:
+    """Path (c): ``questions`` at once through RemoteModel against ``transformers serve``."""
+    from model.remote import RemoteModel
+
+    log_file = plan.workdir / f"serve-{'cb' if batching else 'plain'}.log"
+    async with transformers_serve(path, continuous_batching=batching, log_file=log_file) as url:
+        remote = RemoteModel(
+            url=url,
+            model_name=str(path),
+            tokenizer=local.tokenizer,
+            context_window=local.context_window,
+            generation=local.generation,
+            timeout=ROW_TIMEOUT,
+            stall_timeout=ROW_TIMEOUT,  # a warm-up that compiles or sizes caches says nothing
+        )
+        await remote.start()
+        try:
+            calls = request_calls(remote, questions, max_new_tokens=plan.max_new_tokens)
+            await calls[0]()  # warm-up: the first request pays for set-up
+            return await at_once(calls)
+        finally:
+            await remote.close()
+
+
+def request_calls(
+    generator: Any, questions: Sequence[str], *, max_new_tokens: int
+) -> list[Callable[[], Awaitable[Any]]]:
+    """One ``generator.generate`` call per question, not yet started."""
+
+    def call(question: str) -> Callable[[], Awaitable[Any]]:
+        return lambda: generator.generate(
+            messages=messages_for(question), max_new_tokens=max_new_tokens
+        )
+
+    return [call(question) for question in questions]
+
+
+# --------------------------------------------------------------------------- one model
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    rows: tuple[str, ...]
+    requests: int
+    many: int
+    single_repeats: int
+    max_new_tokens: int
+    workdir: Path
+
+
+def measurement(
+    figures: ModelFigures, key: str, timing: Timing, *, tokenizer: Any, max_new_tokens: int
+) -> Measurement:
+    """The row's figures; generated tokens as the module docstring says."""
+    note = ""
+    if figures.fixed_length:
+        tokens = max_new_tokens * len(timing.texts)
+        counts = timing.token_counts
+        if counts is not None and (short := sum(1 for c in counts if c != max_new_tokens)):
+            tokens = sum(counts)
+            note = f"{short} replies not {max_new_tokens} tokens"
+    else:
+        tokens = sum(len(tokenizer.encode(text, add_special_tokens=False)) for text in timing.texts)
+    same = None
+    reference = figures.row("a")
+    if reference is not None and key not in ("a", "1"):
+        pairs = list(zip(timing.texts, reference.texts, strict=False))
+        same = (sum(1 for text, ref in pairs if text == ref), len(pairs))
+    return Measurement(
+        model=figures.name,
+        row=key,
+        requests=len(timing.texts),
+        seconds=timing.seconds,
+        tokens=tokens,
+        latencies=tuple(timing.latencies),
+        texts=tuple(timing.texts),
+        same_as_a=same,
+        note=note,
+    )
+
+
+def not_measured(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}".splitlines()[0][:200]
+
+
+async def bench_model(name: str, path: Path, *, plan: Plan) -> ModelFigures:
+    """Every planned row for one model folder, on one loaded model."""
+    from model.batching import BatchSettings
+    from model.service import GenerationSettings, ModelService
+
+    fixed_length = name == "random200m"
+    questions = starter_questions(max(plan.requests, plan.many))
+    first = questions[: plan.requests]
+    service = ModelService.load(
+        path,
+        batch=BatchSettings(max_batch=128, max_wait=0.005, queue_size=1024, timeout=900),
+        generation=GenerationSettings(ignore_eos=fixed_length),
+        device="cpu",
+        dtype="float32",
+    )
+    local = service.local
+    figures = ModelFigures(
+        name=name,
+        path=path,
+        parameters=sum(p.numel() for p in local.model.parameters()),
+        fixed_length=fixed_length,
+    )
+
+    async def row(key: str, run: Callable[[], Awaitable[Timing]]) -> None:
+        if key not in plan.rows:
+            return
+        log(f"  {name}: {ROWS[key]} ...")
+        try:
+            timing = await asyncio.wait_for(run(), ROW_TIMEOUT)
+        except Exception as error:  # one failing row must not cost the others
+            figures.rows.append(Measurement(model=name, row=key, skipped=not_measured(error)))
+            log(f"  {name}: {key} not measured: {not_measured(error)}")
+            return
+        result = measurement(
+            figures, key, timing, tokenizer=local.tokenizer, max_new_tokens=plan.max_new_tokens
+        )
+        figures.rows.append(result)
+        log(
+            f"  {name}: {key}: {result.requests} in {result.seconds:.2f}s "
+            f"({result.replies_per_second:.2f} replies/s, p99 {result.p99:.2f}s)"
+        )
+
+    async def in_thread(function: Callable[..., Timing], questions: Sequence[str]) -> Timing:
+        return await asyncio.to_thread(
+            function, local, questions, max_new_tokens=plan.max_new_tokens
+        )
+
+    try:
+        # The service's worker is idle while (a) runs on the same model, in another thread.
+        await in_thread(plain_generate, first[:1])  # warm-up
+        await row("a", lambda: in_thread(plain_generate, first))
+        await at_once(request_calls(service, first[:1], max_new_tokens=plan.max_new_tokens))
+        alone = request_calls(
+            service, first[:1] * plan.single_repeats, max_new_tokens=plan.max_new_tokens
+        )
+        await row("1", lambda: one_at_a_time(alone))
+        batch = request_calls(service, first, max_new_tokens=plan.max_new_tokens)
+        await row("b", lambda: at_once(batch))
+        many = request_calls(service, questions[: plan.many], max_new_tokens=plan.max_new_tokens)
+        await row("d", lambda: at_once(many))
+    finally:
+        await service.aclose()
+
+    def served(batching: bool) -> Callable[[], Awaitable[Timing]]:
+        return lambda: serve_row(local, path, first, plan=plan, batching=batching)
+
+    await row("c", served(False))
+    await row("c-cb", served(True))
+    # Last: the manager may change the model's attention implementation.
+    await row("e", lambda: in_thread(transformers_batch_manager, first))
+    return figures
+
+
+def starter_questions(count: int) -> list[str]:
+    """The first ``count`` questions of the starter corpus (repeated if it has fewer)."""
+    questions = [question for question, _ in load_starter_corpus()]
+    return [questions[i % len(questions)] for i in range(count)]
+
+
+# --------------------------------------------------------------------------- report
+
+
+def roof_tokens_per_second(roof_flops: float, parameters: int) -> float:
+    return roof_flops / (2 * parameters)
+
+
+def table(models: Sequence[ModelFigures], *, roof_flops: float) -> str:
+    lines = [
+        "| model | row | requests | total s | replies/s | generated tokens/s | p50 s | p99 s "
+        "| × (a) | % roof | = (a) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for figures in models:
+        base = figures.row("a")
+        roof = roof_tokens_per_second(roof_flops, figures.parameters)
+        for m in sorted(figures.rows, key=lambda m: list(ROWS).index(m.row)):
+            if not m.measured:
+                lines.append(f"| {m.model} | {ROWS[m.row]} | not measured: {m.skipped} |")
+                continue
+            ratio = (
+                f"{m.replies_per_second / base.replies_per_second:.1f}×"
+                if base and m.row != "1"
+                else "—"
+            )
+            same = f"{m.same_as_a[0]}/{m.same_as_a[1]}" if m.same_as_a else "—"
+            note = f" ({m.note})" if m.note else ""
+            lines.append(
+                f"| {m.model} | {ROWS[m.row]}{note} | {m.requests} | {m.seconds:.2f} | "
+                f"{m.replies_per_second:.2f} | {m.tokens_per_second:.1f} | {m.p50:.2f} | "
+                f"{m.p99:.2f} | {ratio} | {100 * m.tokens_per_second / roof:.2f}% | {same} |"
+            )
+    return "\n".join(lines)
+
+
+def targets(models: Sequence[ModelFigures], *, roof_flops: float) -> list[tuple[bool | None, str]]:
+    """Each target: met (True), missed (False) or not checked (None), and what was compared."""
+    checks: list[tuple[bool | None, str]] = []
+    for f in models:
+        a, b, alone, d = f.row("a"), f.row("b"), f.row("1"), f.row("d")
+        if a and b:
+            ratio = b.replies_per_second / a.replies_per_second
+            checks.append((ratio >= 8, f"{f.name}: (b) at {ratio:.1f}× (a)'s throughput (≥ 8×)"))
+        else:
+            checks.append((None, f"{f.name}: (b) ≥ 8× (a): not checked, a row is missing"))
+        if b and alone:
+            times = b.p99 / alone.p50
+            checks.append(
+                (
+                    times <= 3,
+                    f"{f.name}: (b) p99 {b.p99:.2f} s, {times:.1f}× a lone request's "
+                    f"{alone.p50:.2f} s (≤ 3×)",
+                )
+            )
+        else:
+            checks.append((None, f"{f.name}: (b) p99 ≤ 3× a lone request: not checked"))
+        for key in ("c", "c-cb"):
+            c = f.row(key)
+            if b and c:
+                ahead = b.replies_per_second / c.replies_per_second
+                checks.append(
+                    (
+                        ahead > 1,
+                        f"{f.name}: (b) at {ahead:.1f}× the replies/s of {ROWS[key]} (> 1×)",
+                    )
+                )
+            else:
+                checks.append((None, f"{f.name}: (b) ahead of {ROWS[key]}: not checked"))
+        if f.name == "random200m":
+            if d:
+                share = d.tokens_per_second / roof_tokens_per_second(roof_flops, f.parameters)
+                checks.append(
+                    (share >= 0.2, f"{f.name}: (d) at {100 * share:.1f}% of the roof (≥ 20%)")
+                )
+            else:
+                checks.append((None, f"{f.name}: (d) ≥ 20% of the roof: not checked"))
+    return checks
+
+
+def report(models: Sequence[ModelFigures], *, roof_flops: float) -> str:
+    """The header line, the table and the targets, as printed."""
+    header = f"torch {torch.__version__}, {torch.get_num_threads()} threads, " + "; ".join(
+        [f"fp32 matmul roof {roof_flops / 1e9:.1f} GFLOP/s"]
+        + [
+            f"{f.name}: {f.parameters / 1e6:.1f}M parameters, roof "
+            f"{roof_tokens_per_second(roof_flops, f.parameters):,.0f} tokens/s"
+            for f in models
+        ]
+    )
+    lines = [header, "", table(models, roof_flops=roof_flops), "", "Targets:"]
+    for met, text in targets(models, roof_flops=roof_flops):
+        mark = {True: "met", False: "MISSED", None: "not checked"}[met]
+        lines.append(f"- [{mark}] {text}")
+    return "\n".join(lines)
+
+
+def figures_json(models: Sequence[ModelFigures], *, roof_flops: float) -> str:
+    """Everything the table and the targets show, as JSON (``--json``)."""
+    return json.dumps(
+        {
+            "roof_flops": roof_flops,
+            "models": [
+                {
+                    "name": f.name,
+                    "path": str(f.path),
+                    "parameters": f.parameters,
+                    "rows": [m.summary() for m in f.rows],
+                }
+                for f in models
+            ],
+            "targets": [
+                {"met": met, "target": text} for met, text in targets(models, roof_flops=roof_flops)
+            ],
+        },
+        indent=1,
+    )
+
+
+# --------------------------------------------------------------------------- main
+
+
+def model_folder(
+    name: str, *, default_model: Path, workdir: Path, args: argparse.Namespace
+) -> Path:
+    """The folder of ``name``, built first where needed."""
+    from model.loading import ensure_default_model
+
+    if name == "default":
+        return ensure_default_model(default_model, progress=log)
+    log(f"building the random model ({args.random_layers} layers, hidden {args.random_hidden})")
+    tokenizer_from = default_model if (default_model / "config.json").is_file() else None
+    return build_random_llama(
+        workdir / "random200m",
+        tokenizer_from=tokenizer_from,
+        hidden_size=args.random_hidden,
+        num_layers=args.random_layers,
+        num_heads=max(1, args.random_hidden // 64),
+        intermediate_size=args.random_hidden * 11 // 4,
+        seed=args.seed,
+    )
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--default-model", type=Path, default=Path("data/model"))
+    parser.add_argument("--models", default=",".join(MODELS), help="default,random200m")
+    parser.add_argument("--rows", default=",".join(ROWS), help=",".join(ROWS))
+    parser.add_argument("--quick", action="store_true", help="8 and 16 requests (a smoke test)")
+    parser.add_argument("--max-new-tokens", type=int, default=RANDOM_MODEL_NEW_TOKENS)
+    parser.add_argument("--random-hidden", type=int, default=1024, help=argparse.SUPPRESS)
+    parser.add_argument("--random-layers", type=int, default=16, help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    args.model_names = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.row_keys = tuple(r.strip() for r in args.rows.split(",") if r.strip())
+    if unknown := sorted(set(args.model_names) - set(MODELS)):
+        parser.error(f"--models: unknown {', '.join(unknown)} (use {','.join(MODELS)})")
+    if unknown := sorted(set(args.row_keys) - set(ROWS)):
+        parser.error(f"--rows: unknown {', '.join(unknown)} (use {','.join(ROWS)})")
+    return args
+
+
+async def run(args: argparse.Namespace, workdir: Path) -> tuple[list[ModelFigures], float]:
+    torch.manual_seed(args.seed)
+    roof = measure_roof(repeats=3 if args.quick else 8)
+    log(f"fp32 matmul roof: {roof / 1e9:.1f} GFLOP/s on {torch.get_num_threads()} threads")
+    plan = Plan(
+        rows=args.row_keys,
+        requests=8 if args.quick else 32,
+        many=16 if args.quick else 128,
+        single_repeats=1 if args.quick else 3,
+        max_new_tokens=args.max_new_tokens,
+        workdir=workdir,
+    )
+    models: list[ModelFigures] = []
+    for name in args.model_names:
+        path = model_folder(name, default_model=args.default_model, workdir=workdir, args=args)
+        torch.manual_seed(args.seed)
+        models.append(await bench_model(name, path, plan=plan))
+    return models, roof
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="chatbot-serving-bench-") as workdir:
+        models, roof = asyncio.run(run(args, Path(workdir)))
+    print()
+    print(report(models, roof_flops=roof))
+    if args.json:
+        args.json.write_text(figures_json(models, roof_flops=roof))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

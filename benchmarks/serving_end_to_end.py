@@ -1,0 +1,627 @@
+"""End-to-end serving throughput through a real ``chatbot run`` (issue #10).
+
+For each platform and model, one bot process (SQLite in a temporary ``DATA_DIR``, ``MODEL_PATH``
+at the model folder, ``LOG_LEVEL=INFO``) serves the test suite's fakes: Slack in HTTP mode
+against the fake Web API (signed Events API ``app_mention`` requests posted to the bot), Discord
+against the fake REST API and gateway (guild-channel mentions as MESSAGE_CREATE dispatches).
+After a warm-up mention it measures
+
+- ``one by one``: 8 mentions, each sent when the previous reply is posted;
+- ``at once``: 32 mentions sent together, each from another user in another channel, so they
+  are separate conversations rather than one conversation's ordered turns.
+
+Both phases ask the same starter-corpus questions (the first phase's 8, four times over in the
+second), so a reply costs the same in both. ``ratio`` = ``(32 / t_at_once) / (8 / t_one_by_one)``;
+the target is at least 8 on every platform and model.
+
+Timing: a reply is done when the bot's database records it delivered (polled every 10 ms); its
+time is that of the bot's last post or edit of it on the fake, so the polling does not count.
+``one by one`` sums each mention's send-to-posted time; ``at once`` runs from the first mention
+sent to the last reply posted.
+
+Pipeline split: the pipeline logs, on ``bot.service`` at INFO, one line per answered message,
+``answered message <id>: pipeline <x> ms, model <y> ms`` (pipeline: database, dedupe, history,
+formatting; model: generation). The table gives p50/p99 of both; the target is a pipeline p50
+under 10 ms.
+
+Usage::
+
+    python benchmarks/serving_end_to_end.py                       # default + random 200M model
+    python benchmarks/serving_end_to_end.py --quick --models default --platforms slack
+    python benchmarks/serving_end_to_end.py --models /path/to/model-folder --keep-logs logs/
+
+Models: ``default`` (built once into ``--cache-dir``, about 2 minutes), ``random-200m`` (the
+~200M-parameter random-weight Llama of benchmarks/random_llama.py, a fixed 32 new tokens per
+reply), or a model folder. The exit status is 1 when a target is missed (not with ``--quick``,
+whose smaller phases are for trying the set-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import re
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+from sqlmodel import select
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bot.storage import Database, DeliveryState, MessageRecord  # noqa: E402
+from model.corpus import load_starter_corpus  # noqa: E402
+from tests.fakes.discord_server import FakeDiscord, RecordedRequest, snowflake  # noqa: E402
+from tests.fakes.slack_api import (  # noqa: E402
+    BOT_USER_ID,
+    ApiCall,
+    FakeSlackWebApi,
+    event_callback,
+    signed_headers,
+)
+from tests.process.harness import BotProcess  # noqa: E402
+
+T = TypeVar("T")
+
+SECRET = "benchmark-signing-secret"
+PLATFORMS = ("slack", "discord")
+TARGET_RATIO = 8.0
+TARGET_PIPELINE_MS = 10.0  # p50
+POLL_SECONDS = 0.01
+ANSWERED = re.compile(
+    r"bot\.service: answered message (?P<id>\S+): "
+    r"pipeline (?P<pipeline>[\d.]+) ms, model (?P<model>[\d.]+) ms"
+)
+#: The bot's settings for the runs; ``--bot-env`` adds to and overrides them.
+BOT_ENV = {
+    "LOG_LEVEL": "INFO",
+    "BATCH_MAX_SIZE": "32",
+    "BATCH_MAX_WAIT_MS": "5",
+    "MODEL_QUEUE_SIZE": "256",
+    "GENERATION_TIMEOUT_SECONDS": "600",
+    # Recovery and the retry queue stay out of the way: nothing crashes here, and a reply
+    # slow to go out under load must not be posted a second time.
+    "RECOVERY_INTERVAL_SECONDS": "30",
+    "DELIVERY_GRACE_SECONDS": "900",
+    "DELIVERY_RETRY_SECONDS": "30",
+}
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One measured phase: its wall time and the pipeline's split of each answered message."""
+
+    platform: str
+    model: str
+    mode: str  # "one by one" or "at once"
+    messages: int
+    seconds: float
+    pipeline_ms: tuple[float, ...]
+    model_ms: tuple[float, ...]
+    ratio: float | None = None  # at once: its replies/s over those of one by one
+
+    @property
+    def replies_per_second(self) -> float:
+        return self.messages / self.seconds
+
+
+def pct(values: Sequence[float], share: float) -> float | None:
+    """Nearest-rank percentile (``share`` in 0..1); None without values."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(share * len(ordered)) - 1)] if ordered else None
+
+
+def fmt(value: float | None, digits: int = 1, *, scale: float = 1.0) -> str:
+    return "n/a" if value is None else f"{value * scale:.{digits}f}"
+
+
+def table(phases: Sequence[Phase]) -> str:
+    header = (
+        "| platform | model | mode | messages | total s | replies/s | ratio "
+        "| pipeline p50 ms | pipeline p99 ms | model p50 s | model p99 s |"
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for p in phases:
+        ratio = "" if p.ratio is None else f"{p.ratio:.2f}"
+        lines.append(
+            f"| {p.platform} | {p.model} | {p.mode} | {p.messages} | {p.seconds:.2f} "
+            f"| {p.replies_per_second:.2f} | {ratio} | {fmt(pct(p.pipeline_ms, 0.5))} "
+            f"| {fmt(pct(p.pipeline_ms, 0.99))} | {fmt(pct(p.model_ms, 0.5), 2, scale=1e-3)} "
+            f"| {fmt(pct(p.model_ms, 0.99), 2, scale=1e-3)} |"
+        )
+    return "\n".join(lines)
+
+
+def checks(phases: Sequence[Phase]) -> list[tuple[bool, str]]:
+    """Each target, met or not, with what was measured."""
+    found: list[tuple[bool, str]] = []
+    for p in phases:
+        where = f"{p.platform}, {p.model}, {p.mode}"
+        if p.ratio is not None:
+            found.append((p.ratio >= TARGET_RATIO, f"{where}: throughput ratio {p.ratio:.2f}"))
+        p50 = pct(p.pipeline_ms, 0.5)
+        if p50 is None:
+            found.append((False, f"{where}: no 'answered message' lines from bot.service"))
+        else:
+            found.append((p50 < TARGET_PIPELINE_MS, f"{where}: pipeline p50 {p50:.1f} ms"))
+    return found
+
+
+# --------------------------------------------------------------------------- platforms
+
+
+class StampedList(list[T]):
+    """A fake's request log that also notes when each request came in (the fakes append a
+    request to their log as it arrives, before answering it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stamps: list[float] = []
+
+    def append(self, item: T) -> None:
+        self.stamps.append(time.monotonic())
+        super().append(item)
+
+    def newest_first(self) -> list[tuple[float, T]]:
+        return list(zip(self.stamps, self, strict=False))[::-1]
+
+
+class Platform:
+    """One platform's fake and the ``chatbot run`` serving it."""
+
+    name = ""
+
+    def __init__(self, requests: StampedList[Any]) -> None:
+        self.bot: BotProcess | None = None
+        self.requests = requests  # the fake's log of the bot's requests
+
+    async def start(self, *, folder: Path, model: Path, env: dict[str, str]) -> BotProcess:
+        """Start the fake, then the bot, and wait until it serves."""
+        log = folder / f"bot-{self.name}.log"
+        process = await BotProcess.spawn(
+            tmp_path=folder,
+            database_url=database_url(folder),
+            model=model,
+            log=log,
+            env={**await self.open(), **env},
+        )
+        self.bot = BotProcess(process, log=log)
+        deadline = time.monotonic() + 300.0
+        while not await self.serving():
+            if process.returncode is not None:
+                raise RuntimeError(f"the bot exited early:\n{self.bot.output()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the bot never came up:\n{self.bot.output()[-4000:]}")
+            await asyncio.sleep(0.1)
+        return self.bot
+
+    def last_post_at(self, channel: str) -> float | None:
+        """When the bot last posted or edited a message in ``channel`` (monotonic)."""
+        found = (at for at, r in self.requests.newest_first() if self.posts_in(r) == channel)
+        return next(found, None)
+
+    async def open(self) -> dict[str, str]:
+        """Start the fake; the bot's settings for it."""
+        raise NotImplementedError
+
+    async def serving(self) -> bool:
+        raise NotImplementedError
+
+    async def mention(self, index: int, question: str) -> str:
+        """Mention the bot as user ``index`` in channel ``index``; returns the channel."""
+        raise NotImplementedError
+
+    def posts_in(self, request: Any) -> str | None:
+        """The channel of a request that posts or edits a message of the bot's."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self, *, keep_log: Path | None, as_name: str) -> None:
+        """Stop the bot (SIGTERM), keep its log if asked, stop the fake."""
+        try:
+            if self.bot is not None and self.bot.process.returncode is None:
+                self.bot.kill(signal.SIGTERM)
+                await self.bot.wait_exit(within=60)
+        finally:
+            await self.close()
+            if self.bot is not None and keep_log is not None:
+                keep_log.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (once, at the end)
+                shutil.copy(self.bot.log, keep_log / f"{as_name}.log")
+
+
+class Slack(Platform):
+    """Slack in HTTP mode: signed Events API ``app_mention`` requests, posted to the bot."""
+
+    name = "slack"
+
+    def __init__(self) -> None:
+        super().__init__(StampedList[ApiCall]())
+        self.api = FakeSlackWebApi(calls=self.requests)
+        self.session: aiohttp.ClientSession | None = None
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port: int = probe.getsockname()[1]
+
+    async def open(self) -> dict[str, str]:
+        await self.api.start()
+        self.session = aiohttp.ClientSession()
+        return {
+            "SLACK_BOT_TOKEN": "xoxb-benchmark",
+            "SLACK_SIGNING_SECRET": SECRET,
+            "SLACK_API_URL": self.api.url,
+            "SLACK_PORT": str(self.port),
+        }
+
+    async def serving(self) -> bool:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        except OSError:
+            return False
+        writer.close()
+        await writer.wait_closed()
+        return True
+
+    async def mention(self, index: int, question: str) -> str:
+        assert self.session is not None
+        channel = f"C{index:05d}"
+        event = {
+            "type": "app_mention",
+            "channel": channel,
+            "user": f"U{index:05d}",
+            "text": f"<@{BOT_USER_ID}> {question}",
+            "ts": f"{1_700_000_000 + index}.000100",
+        }
+        body = json.dumps(event_callback(event))
+        async with self.session.post(
+            f"http://127.0.0.1:{self.port}/slack/events",
+            data=body,
+            headers=signed_headers(body, secret=SECRET),
+        ) as response:
+            if response.status != 200:
+                raise RuntimeError(f"the bot answered {response.status}: {await response.text()}")
+        return channel
+
+    def posts_in(self, request: ApiCall) -> str | None:
+        if request.method in {"chat.postMessage", "chat.update"}:
+            return str(request.params.get("channel"))
+        return None
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+        self.api.release_all()
+        await self.api.close()
+
+
+class Discord(Platform):
+    """Discord: guild-channel mentions dispatched on the fake gateway."""
+
+    name = "discord"
+    _posts = re.compile(r"/channels/(?P<channel>\d+)/messages(?:/\d+)?")
+
+    def __init__(self, *, channels: int) -> None:
+        super().__init__(StampedList[RecordedRequest]())
+        self.server = FakeDiscord()
+        self.server.requests = self.requests
+        # The channels exist before the bot connects, so its GUILD_CREATE holds them all.
+        self.channels = [
+            self.server.add_channel(
+                {"id": snowflake(), "type": 0, "name": f"bench-{n}", "position": n + 1}
+            )["id"]
+            for n in range(channels)
+        ]
+        self.users = [
+            FakeDiscord.make_user(str(400_000_000_000_000_000 + n), f"asker{n}")
+            for n in range(channels)
+        ]
+
+    async def open(self) -> dict[str, str]:
+        await self.server.start()
+        return {
+            "DISCORD_BOT_TOKEN": "benchmark-token",
+            "DISCORD_API_URL": self.server.api_url,
+            "DISCORD_GATEWAY_URL": self.server.gateway_url,
+        }
+
+    async def serving(self) -> bool:
+        return self.server.ready_sent > 0
+
+    async def mention(self, index: int, question: str) -> str:
+        bot_user = self.server.bot_user
+        message = self.server.user_message(
+            channel_id=self.channels[index],
+            author=self.users[index],
+            content=f"<@{bot_user['id']}> {question}",
+            mentions=(bot_user,),
+        )
+        await self.server.dispatch("MESSAGE_CREATE", message)
+        return str(self.channels[index])
+
+    def posts_in(self, request: RecordedRequest) -> str | None:
+        match = self._posts.fullmatch(request.path)
+        return match["channel"] if match and request.method in {"POST", "PATCH"} else None
+
+    async def close(self) -> None:
+        self.server.release_all()
+        await self.server.stop()
+
+
+def database_url(folder: Path) -> str:
+    return f"sqlite:///{folder / 'chatbot.db'}"
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+class Run:
+    """Mentions to one bot process and its replies, as the bot's database records them."""
+
+    def __init__(
+        self, *, platform: Platform, bot: BotProcess, folder: Path, questions: Sequence[str]
+    ) -> None:
+        self.platform = platform
+        self.bot = bot
+        self.questions = questions
+        self.database = Database(database_url(folder))
+        self.next_index = 0
+        # The bot's log, read as it grows (polled every 10 ms: never re-read whole).
+        self._log = bot.log.open("rb")
+        self.log = bytearray()
+        self._checked = 0
+
+    def read_log(self) -> int:
+        """Take in what the bot logged since the last look; the log's length."""
+        self.log += self._log.read()
+        return len(self.log)
+
+    def close(self) -> None:
+        self._log.close()
+        self.database.dispose()
+
+    def sent_channels(self) -> set[str]:
+        query = select(MessageRecord.channel).where(
+            MessageRecord.delivery_state == DeliveryState.SENT
+        )
+        with self.database.engine.connect() as connection:
+            return {str(channel) for channel in connection.execute(query).scalars()}
+
+    async def wait_posted(self, channels: set[str], *, within: float) -> dict[str, float]:
+        """Until every channel's reply is recorded delivered; when each was posted."""
+        deadline = time.monotonic() + within
+        while not channels <= self.sent_channels():
+            failed = b"failed to answer" in self.log[max(0, self._checked - 64) : self.read_log()]
+            self._checked = len(self.log)
+            if failed or self.bot.process.returncode is not None:
+                raise RuntimeError(f"the bot failed:\n{self.bot.output()[-4000:]}")
+            if time.monotonic() > deadline:
+                missing = sorted(channels - self.sent_channels())
+                raise RuntimeError(f"no reply in {missing} within {within:.0f} s")
+            await asyncio.sleep(POLL_SECONDS)
+        now = time.monotonic()
+        return {c: self.platform.last_post_at(c) or now for c in channels}
+
+    def _questions(self, count: int) -> list[tuple[int, str]]:
+        first, self.next_index = self.next_index, self.next_index + count
+        return [(first + n, self.questions[n % len(self.questions)]) for n in range(count)]
+
+    async def one_by_one(self, count: int, *, within: float) -> float:
+        """Seconds of ``count`` mentions answered one after the other (the sum of each
+        one's send-to-posted time)."""
+        total = 0.0
+        for index, question in self._questions(count):
+            sent = time.monotonic()
+            channel = await self.platform.mention(index, question)
+            total += (await self.wait_posted({channel}, within=within))[channel] - sent
+        return total
+
+    async def at_once(self, count: int, *, within: float) -> float:
+        """Seconds from sending ``count`` mentions together to the last reply posted."""
+        started = time.monotonic()
+        mentions = (self.platform.mention(i, q) for i, q in self._questions(count))
+        posted = await self.wait_posted(set(await asyncio.gather(*mentions)), within=within)
+        return max(posted.values()) - started
+
+    async def split_since(
+        self, offset: int, count: int
+    ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The pipeline and model ms logged after ``offset``; waits a little for the last
+        lines (the pipeline may log after the delivery)."""
+        deadline = time.monotonic() + 2.0
+        while True:
+            self.read_log()
+            found = list(ANSWERED.finditer(self.log[offset:].decode(errors="replace")))
+            if len(found) >= count or time.monotonic() > deadline:
+                pipeline = tuple(float(m["pipeline"]) for m in found)
+                return pipeline, tuple(float(m["model"]) for m in found)
+            await asyncio.sleep(0.1)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to measure on each platform and model."""
+
+    sequential: int
+    concurrent: int
+    warmup: int
+    reply_within: float  # seconds a phase may take
+    questions: Sequence[str]
+    keep_logs: Path | None = None  # where the bots' logs are copied
+
+
+async def measure(
+    platform: Platform, *, model_name: str, model: Path, env: dict[str, str], plan: Plan
+) -> list[Phase]:
+    """Both phases on one platform with one model, in a bot process of its own."""
+    with tempfile.TemporaryDirectory(prefix=f"e2e-{platform.name}-") as scratch:
+        folder, started = Path(scratch), time.monotonic()
+        try:
+            bot = await platform.start(folder=folder, model=model, env=env)
+            say(f"{platform.name}/{model_name}: bot ready in {time.monotonic() - started:.1f} s")
+            run = Run(platform=platform, bot=bot, folder=folder, questions=plan.questions)
+            try:
+                return await phases_of(run, label=(platform.name, model_name), plan=plan)
+            finally:
+                run.close()
+        finally:
+            await platform.stop(keep_log=plan.keep_logs, as_name=f"{platform.name}-{model_name}")
+
+
+async def phases_of(run: Run, *, label: tuple[str, str], plan: Plan) -> list[Phase]:
+    if plan.warmup:
+        await run.one_by_one(plan.warmup, within=plan.reply_within)
+    phases: list[Phase] = []
+    for mode, count, phase in (
+        ("one by one", plan.sequential, run.one_by_one),
+        ("at once", plan.concurrent, run.at_once),
+    ):
+        offset = run.read_log()
+        seconds = await phase(count, within=plan.reply_within)
+        pipeline_ms, model_ms = await run.split_since(offset, count)
+        say(f"{'/'.join(label)}: {count} {mode} in {seconds:.2f} s")
+        ratio = (count / seconds) / phases[0].replies_per_second if phases else None
+        phases.append(Phase(*label, mode, count, seconds, pipeline_ms, model_ms, ratio))
+    return phases
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    name: str
+    folder: Path
+    max_new_tokens: int | None  # None: the bot's own default
+
+
+def resolve_model(spec: str, *, cache: Path, max_new_tokens: int | None) -> ModelChoice:
+    """``default``, ``random-200m`` or a model folder, built into ``cache`` when needed."""
+    if spec == "default":
+        folder = cache / "default-model"
+        if not (folder / "config.json").exists():
+            say(f"building the default model into {folder} (about 2 minutes)")
+            from model.bootstrap import build_default_model
+
+            build_default_model(folder, progress=say)
+        return ModelChoice("default", folder, max_new_tokens)
+    if spec == "random-200m":
+        folder = cache / "random-200m"
+        from benchmarks.random_llama import RANDOM_MODEL_NEW_TOKENS, build_random_llama
+
+        if not (folder / "config.json").exists():
+            say(f"building the random 200M model into {folder}")
+            default = cache / "default-model"
+            tokenizer_from = default if (default / "tokenizer.json").exists() else None
+            folder = build_random_llama(folder, tokenizer_from=tokenizer_from)
+        return ModelChoice("random-200m", folder, max_new_tokens or RANDOM_MODEL_NEW_TOKENS)
+    folder = Path(spec).expanduser().resolve()
+    if not (folder / "config.json").exists():
+        raise SystemExit(f"--models: {spec!r} is neither default, random-200m nor a model folder")
+    return ModelChoice(folder.name, folder, max_new_tokens)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _bot_env(pairs: Sequence[str]) -> dict[str, str]:
+    env = dict(BOT_ENV)
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--bot-env wants KEY=VALUE, got {pair!r}")
+        env[key] = value
+    return env
+
+
+async def run_all(args: argparse.Namespace) -> list[Phase]:
+    platforms = [p.strip() for p in args.platforms.split(",") if p.strip()]
+    unknown = sorted(set(platforms) - set(PLATFORMS))
+    if unknown:
+        raise SystemExit(f"--platforms: unknown {', '.join(unknown)} (use slack,discord)")
+    models = [
+        resolve_model(spec.strip(), cache=args.cache_dir, max_new_tokens=args.max_new_tokens)
+        for spec in args.models.split(",")
+        if spec.strip()
+    ]
+    plan = Plan(
+        sequential=args.sequential,
+        concurrent=args.concurrent,
+        warmup=args.warmup,
+        reply_within=args.timeout,
+        questions=[question for question, _ in load_starter_corpus()[: args.sequential]],
+        keep_logs=args.keep_logs,
+    )
+    phases: list[Phase] = []
+    for choice in models:
+        env = _bot_env(args.bot_env)
+        if choice.max_new_tokens is not None:
+            env.setdefault("MAX_NEW_TOKENS", str(choice.max_new_tokens))
+        for name in platforms:
+            channels = plan.warmup + plan.sequential + plan.concurrent
+            platform = Slack() if name == "slack" else Discord(channels=channels)
+            phases += await measure(
+                platform, model_name=choice.name, model=choice.folder, env=env, plan=plan
+            )
+    return phases
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="2 one by one, 8 at once")
+    parser.add_argument("--models", default="default,random-200m", help="comma-separated")
+    parser.add_argument("--platforms", default="slack,discord", help="comma-separated")
+    parser.add_argument("--sequential", type=int, default=None, help="mentions one by one (8)")
+    parser.add_argument("--concurrent", type=int, default=None, help="mentions at once (32)")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured mentions first")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="MAX_NEW_TOKENS")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per phase")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=REPO / "data" / "benchmarks",
+        help="where the default and random models are built once",
+    )
+    parser.add_argument(
+        "--bot-env", action="append", default=[], metavar="KEY=VALUE", help="bot setting"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--keep-logs", type=Path, default=None, help="copy the bot logs here")
+    args = parser.parse_args(argv)
+    args.sequential = args.sequential or (2 if args.quick else 8)
+    args.concurrent = args.concurrent or (8 if args.quick else 32)
+
+    phases = asyncio.run(run_all(args))
+    print(table(phases))
+    for p in phases:
+        if len(p.pipeline_ms) != p.messages:
+            print(f"{p.platform}, {p.model}, {p.mode}: {len(p.pipeline_ms)} split lines logged")
+    results = checks(phases)
+    print()
+    for ok, text in results:
+        print(f"{'PASS' if ok else 'MISS'} {text}")
+    if args.json is not None:
+        args.json.write_text(json.dumps([asdict(p) for p in phases], indent=2))
+    return 0 if args.quick or all(ok for ok, _ in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,522 @@
+"""Iteration-level batching: many requests decoded together over ``model.forward``.
+
+One worker thread owns the model. Requests wait in a bounded queue; between two decoding steps
+the worker admits as many as the batch has room for, prefills them (left-padded, as a group of
+their own) and joins their KV caches to the running batch's :class:`~transformers.DynamicCache`
+(left-padded to a common length). Each step then feeds every row its last token with an
+attention mask over its own positions and explicit position ids, so a row's logits are those
+it would have alone: greedy decoding in float32 gives each request the tokens an unbatched
+``model.generate`` gives it. A row leaves the batch the step it ends (a stop token, its token
+limit, a stop string, its deadline, or its caller going away), and the padding columns no row
+needs any more are cut off the cache.
+
+Why our own scheduler rather than transformers' continuous-batching manager
+(``model.generate_batch`` / ``init_continuous_batching``): on this machine's CPU the manager's
+paged-attention bookkeeping costs more per step than the tiny default model's forward pass
+itself; ``benchmarks/serving.py`` measures both side by side (rows (b) and (e)).
+
+A forward pass that raises takes down no one by accident: the rows of the failed step are each
+run again on their own, and only those that fail alone get the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.generation.stopping_criteria import StopStringCriteria
+
+from bot.contracts import ModelBusy
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchSettings:
+    """How requests share the model (from BATCH_MAX_SIZE, BATCH_MAX_WAIT_MS, MODEL_QUEUE_SIZE and
+    GENERATION_TIMEOUT_SECONDS)."""
+
+    #: The most requests decoded together.
+    max_batch: int = 32
+    #: Seconds an idle worker waits, after a first request, for others to share its batch.
+    max_wait: float = 0.005
+    #: The most requests waiting for a place in the batch; more are refused as busy.
+    queue_size: int = 256
+    #: Seconds a request may take in all, waiting included.
+    timeout: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, not {self.max_batch}")
+        if self.max_wait < 0:
+            raise ValueError(f"max_wait must not be negative, not {self.max_wait}")
+        if self.queue_size < 1:
+            raise ValueError(f"queue_size must be at least 1, not {self.queue_size}")
+        if self.timeout <= 0:
+            raise ValueError(f"timeout must be positive, not {self.timeout}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Decoding:
+    """What the scheduler needs to know of the model's decoding (built by the model service)."""
+
+    pad_id: int
+    #: Tokens that end a reply (eos, ``[INST]``...); empty: only the token limit does.
+    stop_ids: frozenset[int] = frozenset()
+    #: Text that ends a reply when it has no token of its own.
+    stop_strings: tuple[str, ...] = ()
+    temperature: float = 0.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+
+class GenerationTimeout(TimeoutError):
+    """A request ran past its deadline (``BatchSettings.timeout``)."""
+
+
+class SchedulerClosed(RuntimeError):
+    """The scheduler was closed: it takes no more requests."""
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerStats:
+    """A snapshot of the scheduler, for status reports and tests."""
+
+    active: int  # rows in the running batch
+    waiting: int  # requests queued for a place in it
+    finished: int  # requests ended since start (answered, failed, cancelled or timed out)
+    steps: int  # forward passes run
+    largest_batch: int  # the most rows one step decoded
+
+
+@dataclass(eq=False)
+class GenerationRequest:
+    """One request's state. Made by :meth:`BatchScheduler.submit`; the worker thread fills it."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    deadline: float  # time.monotonic()
+    loop: asyncio.AbstractEventLoop
+    #: Settled on the event loop with the generated ids (stop token excluded) or the error.
+    done: asyncio.Future[list[int]]
+    #: Called on the worker thread with each generated token, then ``on_end`` once.
+    on_token: Callable[[int], None] | None = None
+    on_end: Callable[[], None] | None = None
+    generated: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    finished: bool = False
+
+    @property
+    def ids(self) -> list[int]:
+        """Prompt and generated tokens: the whole sequence so far."""
+        return self.prompt_ids + self.generated
+
+    def cancel(self) -> None:
+        """The caller went away: the row leaves the batch at the next step (thread-safe)."""
+        self.cancelled = True
+
+    def _finish(self, error: BaseException | None = None) -> None:
+        """End the request (worker thread, or the loop for one never admitted)."""
+        if self.finished:
+            return
+        self.finished = True
+        if self.on_end is not None:
+            try:
+                self.on_end()
+            except Exception:  # a closed loop: nobody listens any more
+                logger.debug("could not end a request's stream", exc_info=True)
+        result = list(self.generated)
+        with contextlib.suppress(RuntimeError):  # the caller's loop is closed
+            self.loop.call_soon_threadsafe(_settle, self.done, result, error)
+
+
+def _settle(
+    done: asyncio.Future[list[int]], result: list[int], error: BaseException | None
+) -> None:
+    if done.done():
+        return
+    if error is None:
+        done.set_result(result)
+    else:
+        done.set_exception(error)
+
+
+@dataclass
+class _Batch:
+    """The running batch: its rows, their joint KV cache and attention mask (``[rows, T]``,
+    0 for left padding), and each row's last token (fed to the next step)."""
+
+    rows: list[GenerationRequest]
+    cache: DynamicCache
+    mask: torch.Tensor
+    last: torch.Tensor
+
+
+class BatchScheduler:
+    """Decodes the requests it is given in batches, on a worker thread of its own.
+
+    ``model`` is a loaded causal LM (``eval()``, on ``device``). Submit from the event loop
+    (:meth:`submit`); every request's ``done`` future is settled on the loop it was submitted
+    from, so one scheduler serves any number of loops.
+    """
+
+    def __init__(
+        self, model: Any, *, device: str, decoding: Decoding, settings: BatchSettings, name: str
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.decoding = decoding
+        self.settings = settings
+        self._processors = self._logits_processors(decoding)
+        self._stop_strings: StopStringCriteria | None = None
+        self._pending: deque[GenerationRequest] = deque()
+        self._active = 0
+        self._finished = 0
+        self._steps = 0
+        self._largest = 0
+        self._closing = False
+        self._condition = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name=f"model-batch-{name}", daemon=True)
+        self._thread.start()
+
+    def use_stop_strings(self, tokenizer: Any) -> None:
+        """End rows at :attr:`Decoding.stop_strings` (needs the tokenizer's vocabulary)."""
+        if self.decoding.stop_strings:
+            self._stop_strings = StopStringCriteria(tokenizer, list(self.decoding.stop_strings))
+
+    @staticmethod
+    def _logits_processors(decoding: Decoding) -> LogitsProcessorList:
+        processors = LogitsProcessorList()
+        if decoding.repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(decoding.repetition_penalty))
+        if decoding.temperature > 0:
+            processors.append(TemperatureLogitsWarper(decoding.temperature))
+            if decoding.top_p < 1.0:
+                processors.append(TopPLogitsWarper(decoding.top_p))
+        return processors
+
+    # --- the event loop's side --------------------------------------------------------------
+
+    def submit(
+        self,
+        *,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        on_token: Callable[[int], None] | None = None,
+        on_end: Callable[[], None] | None = None,
+    ) -> GenerationRequest:
+        """Queue a request (from a running event loop); await its ``done`` for the ids.
+
+        Raises:
+            ModelBusy: ``queue_size`` requests are waiting already.
+            SchedulerClosed: the scheduler is closing.
+            ValueError: an empty prompt or a token limit below 1.
+        """
+        if not prompt_ids:
+            raise ValueError("the prompt holds no tokens")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
+        loop = asyncio.get_running_loop()
+        request = GenerationRequest(
+            prompt_ids=list(prompt_ids),
+            max_new_tokens=max_new_tokens,
+            deadline=time.monotonic() + self.settings.timeout,
+            loop=loop,
+            done=loop.create_future(),
+            on_token=on_token,
+            on_end=on_end,
+        )
+        with self._condition:
+            if self._closing:
+                raise SchedulerClosed("the model is shutting down")
+            if len(self._pending) >= self.settings.queue_size:
+                raise ModelBusy(f"{len(self._pending)} requests are waiting for the model already")
+            self._pending.append(request)
+            self._condition.notify()
+        return request
+
+    def stats(self) -> SchedulerStats:
+        with self._condition:
+            return SchedulerStats(
+                active=self._active,
+                waiting=len(self._pending),
+                finished=self._finished,
+                steps=self._steps,
+                largest_batch=self._largest,
+            )
+
+    @property
+    def idle(self) -> bool:
+        with self._condition:
+            return not self._pending and not self._active
+
+    def close(self, *, timeout: float | None = None) -> None:
+        """Take no more requests, finish those queued and running, stop the thread (blocking)."""
+        with self._condition:
+            self._closing = True
+            self._condition.notify()
+        self._thread.join(timeout)
+
+    # --- the worker thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        batch: _Batch | None = None
+        while True:
+            admitted = self._wait_for_work(running=batch is not None)
+            if admitted is None:
+                return
+            try:
+                with torch.inference_mode():
+                    if admitted:
+                        batch = _join(batch, self._prefill(admitted))
+                    if batch is not None:
+                        batch = self._step(batch)
+            except Exception as error:  # a bug of ours: fail what is running, keep serving
+                logger.exception("the batch scheduler failed")
+                for request in [*(batch.rows if batch else []), *admitted]:
+                    request._finish(error)
+                batch = None
+            with self._condition:
+                self._active = len(batch.rows) if batch else 0
+
+    def _wait_for_work(self, *, running: bool) -> list[GenerationRequest] | None:
+        """The requests to admit now (``[]``: none, keep decoding); ``None``: stop."""
+        with self._condition:
+            while not running and not self._pending:
+                if self._closing:
+                    return None
+                self._condition.wait()
+            room = self.settings.max_batch - self._active
+            if not running and self.settings.max_wait > 0 and len(self._pending) < room:
+                # An idle model: let the requests arriving together share the first step.
+                until = time.monotonic() + self.settings.max_wait
+                while len(self._pending) < room and (left := until - time.monotonic()) > 0:
+                    self._condition.wait(left)
+            admitted: list[GenerationRequest] = []
+            now = time.monotonic()
+            while self._pending and len(admitted) < room:
+                request = self._pending.popleft()
+                if request.cancelled:
+                    self._end(request)
+                elif now > request.deadline:
+                    self._end(request, GenerationTimeout(_timeout_message(self.settings)))
+                else:
+                    admitted.append(request)
+            self._active += len(admitted)
+            return admitted
+
+    def _end(self, request: GenerationRequest, error: BaseException | None = None) -> None:
+        request._finish(error)
+        self._finished += 1
+
+    def _prefill(self, requests: list[GenerationRequest]) -> _Batch | None:
+        """Run the requests' sequences as one left-padded group: a batch of those still going.
+
+        If the forward pass raises, each request runs again on its own; those failing alone
+        end with their error.
+        """
+        try:
+            return self._prefill_group(requests)
+        except Exception as error:
+            if len(requests) == 1:
+                logger.warning("a generation failed: %s", error)
+                with self._condition:
+                    self._end(requests[0], error)
+                return None
+            logger.warning("a batch of %d failed (%s); running each alone", len(requests), error)
+        batch: _Batch | None = None
+        for request in requests:
+            batch = _join(batch, self._prefill([request]))
+        return batch
+
+    def _prefill_group(self, requests: list[GenerationRequest]) -> _Batch | None:
+        sequences = [request.ids for request in requests]
+        width = max(len(ids) for ids in sequences)
+        input_ids = torch.full((len(requests), width), self.decoding.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(requests), width), dtype=torch.long)
+        for row, ids in enumerate(sequences):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            mask[row, width - len(ids) :] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        cache = DynamicCache()
+        output = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self._count_step(len(requests))
+        tokens = self._choose(output.logits[:, -1, :], requests)
+        return self._advance(_Batch(requests, cache, mask, tokens), tokens)
+
+    def _step(self, batch: _Batch) -> _Batch | None:
+        """One decoding step for every row still wanted; the batch that goes on."""
+        wanted = self._drop_unwanted(batch)
+        if wanted is None:
+            return None
+        batch = wanted
+        mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], dim=1)
+        try:
+            output = self.model(
+                input_ids=batch.last[:, None],
+                attention_mask=mask,
+                position_ids=batch.mask.sum(-1, keepdim=True),
+                cache=batch.cache,
+                use_cache=True,
+            )
+        except Exception as error:
+            logger.warning("a decoding step failed (%s); running each row alone", error)
+            # Each row's last token is in its ids, not in its cache: a fresh prefill redoes it.
+            return self._prefill(batch.rows)
+        self._count_step(len(batch.rows))
+        batch.mask = mask
+        tokens = self._choose(output.logits[:, -1, :], batch.rows)
+        return self._advance(batch, tokens)
+
+    def _count_step(self, rows: int) -> None:
+        with self._condition:
+            self._steps += 1
+            self._largest = max(self._largest, rows)
+
+    def _choose(self, logits: torch.Tensor, rows: list[GenerationRequest]) -> torch.Tensor:
+        """Each row's next token: greedy, or sampled as :class:`Decoding` says."""
+        logits = logits.float()
+        if self._processors:
+            ids: Any = self._padded([row.ids for row in rows])
+            logits = self._processors(ids, logits)
+        if self.decoding.temperature > 0:
+            return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)[:, 0]
+        return logits.argmax(dim=-1)
+
+    def _padded(self, sequences: list[list[int]]) -> torch.Tensor:
+        width = max(len(ids) for ids in sequences)
+        padded = torch.full((len(sequences), width), self.decoding.pad_id, dtype=torch.long)
+        for row, ids in enumerate(sequences):
+            padded[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        return padded.to(self.device)
+
+    def _advance(self, batch: _Batch, tokens: torch.Tensor) -> _Batch | None:
+        """Give each row its new token; end the rows that are done; the rest go on."""
+        chosen: list[int] = tokens.tolist()
+        ended: list[tuple[GenerationRequest, BaseException | None]] = []
+        going: list[int] = []
+        for index, (request, token) in enumerate(zip(batch.rows, chosen, strict=True)):
+            if token in self.decoding.stop_ids:
+                ended.append((request, None))
+                continue
+            request.generated.append(token)
+            if request.on_token is not None:
+                try:
+                    request.on_token(token)
+                except Exception as listener_error:  # its listener is gone: so is the request
+                    ended.append((request, listener_error))
+                    continue
+            if len(request.generated) >= request.max_new_tokens:
+                ended.append((request, None))
+            else:
+                going.append(index)
+        if self._stop_strings is not None and going:
+            tails = self._padded([batch.rows[i].generated[-32:] for i in going])
+            stopped = self._stop_strings(tails, None).tolist()
+            for index, stop in zip(list(going), stopped, strict=True):
+                if stop:
+                    ended.append((batch.rows[index], None))
+                    going.remove(index)
+        with self._condition:
+            for request, failure in ended:
+                self._end(request, failure)
+        return _select(batch, going, tokens)
+
+    def _drop_unwanted(self, batch: _Batch) -> _Batch | None:
+        """Rows whose caller went away or whose deadline passed leave before the step."""
+        now = time.monotonic()
+        going: list[int] = []
+        with self._condition:
+            for index, request in enumerate(batch.rows):
+                if request.cancelled:
+                    self._end(request)
+                elif now > request.deadline:
+                    self._end(request, GenerationTimeout(_timeout_message(self.settings)))
+                else:
+                    going.append(index)
+        if len(going) == len(batch.rows):
+            return batch
+        return _select(batch, going, batch.last)
+
+
+def _timeout_message(settings: BatchSettings) -> str:
+    return f"the model did not finish within {settings.timeout:g} s"
+
+
+def _select(batch: _Batch, keep: list[int], tokens: torch.Tensor) -> _Batch | None:
+    """The batch narrowed to the rows ``keep``, with the padding none of them needs cut off."""
+    if not keep:
+        return None
+    if len(keep) < len(batch.rows):
+        index = torch.tensor(keep, dtype=torch.long, device=batch.mask.device)
+        batch.cache.batch_select_indices(index)
+        batch.mask = batch.mask[index]
+        tokens = tokens[index]
+        batch.rows = [batch.rows[i] for i in keep]
+    batch.last = tokens
+    used = batch.mask.any(dim=0).nonzero()
+    start = int(used[0]) if len(used) else 0
+    if start > 0:
+        batch.mask = batch.mask[:, start:]
+        for layer in _layers(batch.cache):
+            layer.keys = layer.keys[:, :, start:]
+            layer.values = layer.values[:, :, start:]
+    return batch
+
+
+def _join(batch: _Batch | None, joining: _Batch | None) -> _Batch | None:
+    """One batch of both: the shorter one's cache and mask left-padded to the longer one's."""
+    if batch is None or joining is None:
+        return batch or joining
+    width = max(batch.mask.shape[1], joining.mask.shape[1])
+    layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for mine, theirs in zip(_layers(batch.cache), _layers(joining.cache), strict=True):
+        keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
+        values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
+        layers.append((keys, values))
+    mask = torch.cat([_left_pad(batch.mask, width), _left_pad(joining.mask, width)])
+    return _Batch(
+        rows=batch.rows + joining.rows,
+        cache=DynamicCache(ddp_cache_data=layers),
+        mask=mask,
+        last=torch.cat([batch.last, joining.last]),
+    )
+
+
+def _layers(cache: DynamicCache) -> list[Any]:
+    """The cache's layers: full-attention ``DynamicLayer``s, each with ``keys`` and ``values``
+    of shape ``[rows, heads, T, head_dim]``."""
+    return list(cache.layers)
+
+
+def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """``tensor`` with zeros in front along its sequence axis (2 for KV, 1 for a mask)."""
+    axis = 2 if tensor.dim() == 4 else 1
+    missing = width - tensor.shape[axis]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[axis] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=axis)

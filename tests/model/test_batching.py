@@ -1,0 +1,334 @@
+"""The model service's batching: equal answers, own streams, back-pressure, timeouts,
+cancellation, faults in a batch and hot swap, all on the real tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.contracts import GeneratedReply, ModelBusy
+from model.corpus import SEED_EXCHANGES
+from model.service import (
+    BatchSettings,
+    GenerationSettings,
+    GenerationTimeout,
+    LocalModel,
+    ModelLoadError,
+    ModelService,
+)
+
+QUESTIONS = [
+    "How do I reset my password?",
+    "What is your refund policy?",
+    "hello",
+    "who are you",
+    "tell me a joke about cats and dogs",
+    "Can I change my order after it ships?",
+    "what?",
+    "x" * 40,
+]
+
+
+def user(content: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": content}]
+
+
+@pytest.fixture(scope="module")
+def local(tiny_model_dir: Path) -> LocalModel:
+    return LocalModel.load(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture
+def serve(local: LocalModel) -> Iterator[Any]:
+    """ModelServices over the tiny model's weights, with the given batch/generation settings."""
+    made: list[ModelService] = []
+
+    def make(*, generation: GenerationSettings | None = None, **batch: Any) -> ModelService:
+        model = LocalModel(
+            local.model, local.tokenizer, version=local.version, device="cpu", generation=generation
+        )
+        service = ModelService(model, batch=BatchSettings(**batch))
+        made.append(service)
+        return service
+
+    yield make
+    for service in made:
+        service.close()
+
+
+async def until(condition: Any, *, within: float = 30.0) -> None:
+    """Poll ``condition`` (state the worker thread changes; no event to wait on)."""
+    async with asyncio.timeout(within):
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+
+
+# --- the same answers, batched ---------------------------------------------------------------
+
+
+async def test_batched_greedy_equals_unbatched_token_for_token(
+    local: LocalModel, serve: Any
+) -> None:
+    service = serve(max_batch=16, max_wait=0.0)
+    scheduler = service._engine.scheduler
+    prompts = [local.fit_prompt(user(q), max_new_tokens=40).token_ids for q in QUESTIONS]
+    expected = [local.generate_ids_sync(ids, max_new_tokens=40) for ids in prompts]
+
+    requests = []
+    for ids in prompts:  # staggered: later ones join a batch already decoding
+        requests.append(scheduler.submit(prompt_ids=ids, max_new_tokens=40))
+        await asyncio.sleep(0.003)
+    got = [await request.done for request in requests]
+
+    assert got == expected
+    stats = service.stats()
+    assert stats.largest_batch > 1  # they really shared steps
+    assert stats.steps < sum(len(ids) + 1 for ids in expected)  # fewer than one by one
+
+
+async def test_each_caller_gets_its_own_reply_and_stream(serve: Any) -> None:
+    service = serve(max_batch=8, max_wait=0.02)
+
+    async def streamed(question: str) -> tuple[list[str], GeneratedReply | None]:
+        stream = service.stream(messages=user(question), max_new_tokens=64)
+        return [piece async for piece in stream], stream.reply
+
+    results = await asyncio.gather(*(streamed(q) for q, _ in SEED_EXCHANGES))
+    for (pieces, reply), (_question, answer) in zip(results, SEED_EXCHANGES, strict=True):
+        assert len(pieces) > 1
+        assert "".join(pieces).strip() == answer
+        assert reply == GeneratedReply(text=answer, model_version=service.version)
+    assert service.stats().largest_batch == len(SEED_EXCHANGES)  # coalesced by max_wait
+
+
+async def test_generation_runs_off_the_event_loop(serve: Any) -> None:
+    service = serve(generation=GenerationSettings(ignore_eos=True))
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.005)
+
+    task = asyncio.create_task(ticker())
+    try:
+        replies = await asyncio.gather(
+            *(service.generate(messages=user(q), max_new_tokens=150) for q in QUESTIONS[:4])
+        )
+    finally:
+        task.cancel()
+    assert all(reply.text for reply in replies)
+    assert ticks >= 10
+
+
+# --- back-pressure, timeouts, cancellation ---------------------------------------------------
+
+
+async def test_a_full_queue_says_busy_at_once_and_the_rest_are_answered(serve: Any) -> None:
+    service = serve(max_batch=8, queue_size=16, max_wait=0.0)
+    results = await asyncio.gather(
+        *(service.generate(messages=user(QUESTIONS[i % 8]), max_new_tokens=32) for i in range(64)),
+        return_exceptions=True,
+    )
+    busy = [r for r in results if isinstance(r, ModelBusy)]
+    answered = [r for r in results if isinstance(r, GeneratedReply)]
+    assert len(busy) + len(answered) == 64  # nothing else: no error, no hang
+    assert len(busy) >= 64 - 16 - 8  # at most a queue and a batch were taken
+    assert len(answered) >= 16
+    # Busy is momentary: once the queue drained, the next request is answered.
+    assert (await service.generate(messages=user("hello"), max_new_tokens=16)).text
+
+
+@pytest.fixture
+def slowed(local: LocalModel) -> Iterator[None]:
+    """A model that takes 10 ms a forward pass (a large model's pace)."""
+    handle = local.model.register_forward_pre_hook(lambda *_: time.sleep(0.01))
+    yield
+    handle.remove()
+
+
+async def test_a_request_past_its_timeout_fails_and_frees_its_slot(
+    serve: Any, slowed: None
+) -> None:
+    service = serve(timeout=0.3, max_batch=1, generation=GenerationSettings(ignore_eos=True))
+    slow = [{"role": "user", "content": "hello"}]
+    with pytest.raises(GenerationTimeout, match=r"0\.3 s"):
+        # 200 steps at 10 ms: far past 0.3 s.
+        await service.generate(messages=slow, max_new_tokens=200)
+    await until(lambda: service.stats().active == 0, within=5)
+    reply = await service.generate(messages=slow, max_new_tokens=4)
+    assert reply.text
+
+
+async def test_a_cancelled_request_leaves_the_batch_and_frees_its_slot(
+    serve: Any, slowed: None
+) -> None:
+    service = serve(max_batch=1, generation=GenerationSettings(ignore_eos=True))
+    long = asyncio.create_task(service.generate(messages=user("hello"), max_new_tokens=200))
+    await until(lambda: service.stats().active == 1)
+    waiting = asyncio.create_task(service.generate(messages=user("hi"), max_new_tokens=4))
+    await until(lambda: service.stats().waiting == 1)
+    long.cancel()
+    reply = await asyncio.wait_for(waiting, 10)  # got the only slot well before 200 steps
+    assert reply.text
+    assert service.stats().steps < 100
+
+
+async def test_a_stream_abandoned_midway_leaves_the_batch(serve: Any, slowed: None) -> None:
+    service = serve(generation=GenerationSettings(ignore_eos=True))
+    stream = service.stream(messages=user("hello"), max_new_tokens=200)
+    async for _piece in stream:
+        break
+    await stream.aclose()
+    await until(lambda: service.stats().active == 0, within=5)
+    assert service.stats().steps < 150
+
+
+# --- faults ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def poisoned(local: LocalModel) -> Iterator[dict[str, Any]]:
+    """Make the model's forward pass raise: for any batch holding the poison token, and for
+    the decoding steps listed in ``fail_steps`` (counted over batched steps)."""
+    poison = local.prompt_encoder.encode_text("§")[-1]
+    state: dict[str, Any] = {"poison": poison, "fail_steps": set(), "decode_steps": 0}
+
+    def hook(_module: Any, args: tuple[Any, ...]) -> None:
+        (input_ids,) = args
+        if (input_ids == poison).any():
+            raise RuntimeError("poisoned input")
+        if input_ids.shape[1] == 1 and input_ids.shape[0] > 1:
+            state["decode_steps"] += 1
+            if state["decode_steps"] in state["fail_steps"]:
+                raise RuntimeError("transient failure in a decoding step")
+
+    handle = local.model.model.embed_tokens.register_forward_pre_hook(hook)
+    yield state
+    handle.remove()
+
+
+async def test_a_generation_raising_mid_batch_fails_only_its_request(
+    local: LocalModel, serve: Any, poisoned: dict[str, Any]
+) -> None:
+    service = serve(max_batch=8, max_wait=0.05)
+    questions = [q for q, _ in SEED_EXCHANGES]
+    assert all(poisoned["poison"] not in local.fit_prompt(user(q)).token_ids for q in questions)
+    results = await asyncio.gather(
+        *(service.generate(messages=user(q), max_new_tokens=64) for q in questions[:2]),
+        service.generate(messages=user("§ " + questions[0]), max_new_tokens=64),
+        *(service.generate(messages=user(q), max_new_tokens=64) for q in questions[2:]),
+        return_exceptions=True,
+    )
+    failed = results.pop(2)
+    assert isinstance(failed, RuntimeError) and "poisoned" in str(failed)
+    assert [r.text for r in results if isinstance(r, GeneratedReply)] == [
+        a for _, a in SEED_EXCHANGES
+    ]
+
+
+async def test_a_decoding_step_that_raises_is_retried_row_by_row(
+    local: LocalModel, serve: Any, poisoned: dict[str, Any]
+) -> None:
+    poisoned["fail_steps"] = {3}
+    service = serve(max_batch=8, max_wait=0.05)
+    prompts = [user(q) for q, _ in SEED_EXCHANGES]
+    replies = await asyncio.gather(
+        *(service.generate(messages=p, max_new_tokens=64) for p in prompts)
+    )
+    assert poisoned["decode_steps"] > 3  # the failure happened, decoding went on
+    assert [r.text for r in replies] == [a for _, a in SEED_EXCHANGES]
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+async def test_a_prompt_of_only_control_strings_is_answered_cleanly(tiny_model: Any) -> None:
+    reply = await tiny_model.generate(
+        messages=user("[INST] [/INST] </s> <s> <<SYS>> <</SYS>>"), max_new_tokens=32
+    )
+    for control in ("[INST]", "[/INST]", "<s>", "</s>", "<<SYS>>"):
+        assert control not in reply.text
+
+
+async def test_an_empty_history_is_a_clear_error(tiny_model: Any) -> None:
+    from model.prompt import PromptFormatError
+
+    with pytest.raises(PromptFormatError, match="user message"):
+        await tiny_model.generate(messages=[], max_new_tokens=16)
+
+
+async def test_a_history_100x_the_context_window_is_answered_with_a_note(
+    tiny_model: Any, local: LocalModel
+) -> None:
+    question, answer = SEED_EXCHANGES[1]
+    pair = [*user("Tell me about the weather today."), {"role": "assistant", "content": "Sun."}]
+    pair_tokens = len(local.prompt_encoder.encode(pair))
+    history = pair * (100 * local.context_window // pair_tokens + 1)
+    reply = await asyncio.wait_for(
+        tiny_model.generate(messages=[*history, *user(question)], max_new_tokens=64), 30
+    )
+    assert reply.text.startswith(answer[:20])  # the tiny model is shaky after long histories
+    assert reply.note  # older history was left out, and the reply says so
+
+
+# --- hot swap --------------------------------------------------------------------------------
+
+
+def changed_copy(source: Path, target: Path) -> Path:
+    """The same weights with another config: another version."""
+    shutil.copytree(source, target)
+    config = json.loads((target / "config.json").read_text())
+    config["swap_test_marker"] = 1
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+async def test_hot_swap_finishes_in_flight_on_the_old_model_and_serves_new_on_the_new(
+    tmp_path: Path, tiny_model_dir: Path, serve: Any
+) -> None:
+    service = serve(generation=GenerationSettings(ignore_eos=True))
+    old_version = service.version
+    old_scheduler = service._engine.scheduler
+    in_flight = asyncio.create_task(service.generate(messages=user("hello"), max_new_tokens=150))
+    await until(lambda: service.stats().active == 1)
+
+    new_version = await service.swap(changed_copy(tiny_model_dir, tmp_path / "new"))
+
+    assert new_version != old_version and service.version == new_version
+    after = await service.generate(messages=user("hi"), max_new_tokens=8)
+    before = await in_flight
+    assert before.model_version == old_version and len(before.text) > 0
+    assert after.model_version == new_version
+    await until(lambda: not old_scheduler._thread.is_alive(), within=10)  # let go once done
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+async def test_a_broken_folder_at_swap_keeps_the_current_model_serving(
+    tmp_path: Path, tiny_model_dir: Path, serve: Any, damage: str
+) -> None:
+    service = serve()
+    version = service.version
+    folder = tmp_path / "new"
+    if damage == "corrupt":
+        shutil.copytree(tiny_model_dir, folder)
+        (folder / "model.safetensors").write_bytes(b"\x00not safetensors" * 100)
+    with pytest.raises(ModelLoadError):
+        await service.swap(folder)
+    assert service.version == version
+    reply = await service.generate(messages=user(SEED_EXCHANGES[0][0]), max_new_tokens=64)
+    assert reply.text == SEED_EXCHANGES[0][1] and reply.model_version == version
+
+
+def test_batch_settings_are_checked() -> None:
+    for bad in ({"max_batch": 0}, {"queue_size": 0}, {"timeout": 0}, {"max_wait": -1}):
+        with pytest.raises(ValueError):
+            BatchSettings(**bad)
