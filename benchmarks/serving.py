@@ -60,7 +60,10 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +238,26 @@ async def one_at_a_time(calls: Sequence[Callable[[], Awaitable[Any]]]) -> Timing
 
 def messages_for(question: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": question}]
+
+
+def run_alone(
+    function: Callable[..., Timing],
+    path: Path,
+    questions: Sequence[str],
+    *,
+    max_new_tokens: int,
+    ignore_eos: bool,
+) -> Timing:
+    """Load the model in this (child) process, warm ``function`` up on one question, then time
+    it on ``questions``."""
+    from model.generation import GenerationSettings
+    from model.local_model import LocalModel
+
+    local = LocalModel.load(
+        path, device="cpu", dtype="float32", generation=GenerationSettings(ignore_eos=ignore_eos)
+    )
+    function(local, questions[:1], max_new_tokens=max_new_tokens)
+    return function(local, questions, max_new_tokens=max_new_tokens)
 
 
 def plain_generate(local: Any, questions: Sequence[str], *, max_new_tokens: int) -> Timing:
@@ -507,15 +530,27 @@ async def bench_model(name: str, path: Path, *, plan: Plan) -> ModelFigures:
             f"({result.replies_per_second:.2f} replies/s, p99 {result.p99:.2f}s)"
         )
 
-    async def in_thread(function: Callable[..., Timing], questions: Sequence[str]) -> Timing:
-        return await asyncio.to_thread(
-            function, local, questions, max_new_tokens=plan.max_new_tokens
-        )
+    async def isolated(function: Callable[..., Timing], questions: Sequence[str]) -> Timing:
+        # A process of its own: torch work from a second thread of this process measurably
+        # slows the service's worker thread afterwards (oneDNN / OpenMP state per thread:
+        # (b) on the default model took 0.21-0.35 s instead of 0.12-0.19 s after (a) ran
+        # in a thread here), and the service's thread would slow these paths in turn.
+        loop = asyncio.get_running_loop()
+        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as child:
+            return await loop.run_in_executor(
+                child,
+                partial(
+                    run_alone,
+                    function,
+                    path,
+                    questions,
+                    max_new_tokens=plan.max_new_tokens,
+                    ignore_eos=fixed_length,
+                ),
+            )
 
     try:
-        # The service's worker is idle while (a) runs on the same model, in another thread.
-        await in_thread(plain_generate, first[:1])  # warm-up
-        await row("a", lambda: in_thread(plain_generate, first))
+        await row("a", lambda: isolated(plain_generate, first))
         await at_once(request_calls(service, first[:1], max_new_tokens=plan.max_new_tokens))
         alone = request_calls(
             service, first[:1] * plan.single_repeats, max_new_tokens=plan.max_new_tokens
@@ -534,7 +569,7 @@ async def bench_model(name: str, path: Path, *, plan: Plan) -> ModelFigures:
     await row("c", served(False))
     await row("c-cb", served(True))
     # Last: the manager may change the model's attention implementation.
-    await row("e", lambda: in_thread(transformers_batch_manager, first))
+    await row("e", lambda: isolated(transformers_batch_manager, first))
     return figures
 
 
@@ -711,7 +746,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 async def run(args: argparse.Namespace, workdir: Path) -> tuple[list[ModelFigures], float]:
     torch.manual_seed(args.seed)
-    roof = measure_roof(repeats=3 if args.quick else 8)
+    # In a thread that then ends: a live thread that ran large matrix products leaves the
+    # service's worker thread about 2x slower for good (measured: (b) on the default model
+    # 0.26-0.36 s instead of 0.10-0.16 s); a finished thread leaves nothing behind.
+    with ThreadPoolExecutor(max_workers=1) as once:
+        roof = once.submit(measure_roof, repeats=3 if args.quick else 8).result()
     log(f"fp32 matmul roof: {roof / 1e9:.1f} GFLOP/s on {torch.get_num_threads()} threads")
     plan = Plan(
         rows=args.row_keys,

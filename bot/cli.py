@@ -21,6 +21,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -184,7 +185,12 @@ def load_generator(settings: Settings) -> ReplyGenerator:
         # A missing GPU is said before the default model is built (minutes) or loaded.
         LocalModel.resolve_device(settings.model_device)
         if settings.uses_default_model:
-            ensure_default_model(settings.default_model_dir, progress=_progress)
+            # Trained on a thread that then ends: a live thread that ran torch work slows the
+            # batch worker about 2x for good (see model.service.in_passing_thread).
+            with ThreadPoolExecutor(max_workers=1) as once:
+                once.submit(
+                    ensure_default_model, settings.default_model_dir, progress=_progress
+                ).result()
         return ModelService.load(
             settings.resolved_model_path,
             device=settings.model_device,

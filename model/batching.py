@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
@@ -353,7 +354,7 @@ class BatchScheduler:
             input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
             mask[row, width - len(ids) :] = 1
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        cache = DynamicCache()
+        cache = _roomy_cache()
         output = self.model(
             input_ids=input_ids,
             attention_mask=mask,
@@ -499,10 +500,60 @@ def _join(batch: _Batch | None, joining: _Batch | None) -> _Batch | None:
     mask = torch.cat([_left_pad(batch.mask, width), _left_pad(joining.mask, width)])
     return _Batch(
         rows=batch.rows + joining.rows,
-        cache=DynamicCache(ddp_cache_data=layers),
+        cache=_roomy_cache(layers),
         mask=mask,
         last=torch.cat([batch.last, joining.last]),
     )
+
+
+class _RoomyLayer(DynamicLayer):
+    """A cache layer whose keys and values are views into buffers with room to grow.
+
+    ``DynamicLayer`` appends each decoding step with ``torch.cat``, copying the whole cache of
+    every row every step; here a step writes its one position in place, and the buffers are
+    copied only when they fill up or the rows change (then with room for as much again).
+    """
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = self.get_seq_length()
+        needed = length + key_states.shape[-2]
+        keys: Any = self.keys
+        values: Any = self.values
+        buffers: tuple[torch.Tensor, torch.Tensor] | None = getattr(self, "_buffers", None)
+        if (
+            buffers is None
+            or buffers[0].shape[-2] < needed
+            or buffers[0].shape[0] != key_states.shape[0]
+            # keys replaced from outside (rows selected, padding cut): start a new buffer
+            or (length and keys.data_ptr() != buffers[0].data_ptr())
+        ):
+            room = max(2 * needed, needed + 64)
+            shape = (*key_states.shape[:-2], room, key_states.shape[-1])
+            buffers = (key_states.new_empty(shape), value_states.new_empty(shape))
+            if length:
+                buffers[0][..., :length, :] = keys
+                buffers[1][..., :length, :] = values
+            self._buffers = buffers
+        buffers[0][..., length:needed, :] = key_states
+        buffers[1][..., length:needed, :] = value_states
+        self.keys = buffers[0][..., :needed, :]
+        self.values = buffers[1][..., :needed, :]
+        return self.keys, self.values
+
+
+def _roomy_cache(layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> DynamicCache:
+    """A ``DynamicCache`` of :class:`_RoomyLayer`s, holding ``layers``' keys and values."""
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = _RoomyLayer
+    for keys, values in layers or []:
+        layer = _RoomyLayer()
+        layer.update(keys, values)
+        cache.layers.append(layer)
+    return cache
 
 
 def _layers(cache: DynamicCache) -> list[Any]:

@@ -332,3 +332,34 @@ def test_batch_settings_are_checked() -> None:
     for bad in ({"max_batch": 0}, {"queue_size": 0}, {"timeout": 0}, {"max_wait": -1}):
         with pytest.raises(ValueError):
             BatchSettings(**bad)
+
+
+def test_the_roomy_cache_layer_holds_what_a_plain_layer_holds() -> None:
+    """Appending in place (no copy per step) changes nothing a reader of the cache sees,
+    through row selection and padding cuts included."""
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    from model.batching import _RoomyLayer
+
+    torch.manual_seed(0)
+    roomy: Any = _RoomyLayer()
+    plain: Any = DynamicLayer()
+    copies = 0
+    for step in range(40):
+        width = 7 if step == 0 else 1
+        keys, values = torch.randn(3, 2, width, 4), torch.randn(3, 2, width, 4)
+        if step == 20:  # a row leaves: both select the same rows
+            for layer in (roomy, plain):
+                layer.batch_select_indices(torch.tensor([0, 2]))
+        if step >= 20:
+            keys, values = keys[:2], values[:2]
+        if step == 30:  # padding columns no row needs are cut
+            for layer in (roomy, plain):
+                layer.keys, layer.values = layer.keys[:, :, 3:], layer.values[:, :, 3:]
+        before = getattr(roomy, "_buffers", None)
+        got = roomy.update(keys, values)
+        copies += before is not None and roomy._buffers is not before
+        expected = plain.update(keys, values)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert copies <= 3  # the selection, the cut, at most one growth: not one per step
