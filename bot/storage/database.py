@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -98,10 +99,20 @@ class Database:
 
 
 class Store:
-    """Runs the storage functions in worker threads, one session per call."""
+    """Runs the storage functions in worker threads, one session per call.
+
+    On SQLite every call runs on one thread of the store's own, in arrival order: SQLite takes
+    one writer at a time, and threads contending for its lock back off in sleeps of up to
+    100 ms. Measured with 32 messages at once through the pipeline: 10.5 ms of database time
+    per message across the default pool's threads, against the 9.1 ms one message alone takes.
+    PostgreSQL runs calls side by side on the default pool.
+    """
 
     def __init__(self, database: Database) -> None:
         self.database = database
+        self._executor: ThreadPoolExecutor | None = None
+        if _is_sqlite(database.url):
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
 
     async def run(self, function: Callable[..., T], /, **kwargs: Any) -> T:
         """Call ``function(session=..., **kwargs)`` in a worker thread.
@@ -109,7 +120,10 @@ class Store:
         Raises:
             StorageError: the database failed (unreachable, locked, schema missing).
         """
-        return await asyncio.to_thread(self._call, function, kwargs)
+        if self._executor is None:
+            return await asyncio.to_thread(self._call, function, kwargs)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._call, function, kwargs)
 
     def _call(self, function: Callable[..., T], kwargs: dict[str, Any]) -> T:
         try:

@@ -123,6 +123,11 @@ def test_db_upgrade_by_hand(tmp_path) -> None:
         ({"MODEL_PATH": "/nonexistent/model"}, "/nonexistent/model"),
         ({"MAX_NEW_TOKENS": "lots"}, "MAX_NEW_TOKENS"),
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+        ({"MODEL_BACKEND": "remote"}, "MODEL_BACKEND=remote needs MODEL_URL"),
+        (
+            {"MODEL_BACKEND": "remote", "MODEL_URL": "http://127.0.0.1:9/v1", "MODEL_RETRIES": "0"},
+            "http://127.0.0.1:9/v1",
+        ),
     ],
 )
 def test_bad_configuration_is_one_clear_line(tmp_path, env: dict[str, str], message: str) -> None:
@@ -143,6 +148,20 @@ def test_a_model_folder_that_is_not_a_model_is_one_clear_line(tmp_path) -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("chatbot: error: ")
+
+
+def test_a_corrupt_model_folder_is_one_clear_line(tmp_path, tiny_model_dir) -> None:
+    import shutil
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"\x00 not safetensors " * 64)
+    result = chatbot("chat", cwd=tmp_path, stdin=QUESTIONS, MODEL_PATH=str(broken))
+
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("chatbot: error: ") and "corrupt" in line
 
 
 def test_export_settings_reach_the_exporter(tmp_path, monkeypatch) -> None:

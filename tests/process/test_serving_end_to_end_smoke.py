@@ -1,0 +1,55 @@
+"""Smoke test of benchmarks/serving_end_to_end.py: a real ``chatbot run`` on each platform, on
+the tiny model, with few mentions (the benchmark itself runs 8 against 32)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.process
+
+
+@pytest.mark.timeout(180)
+def test_end_to_end_benchmark_measures_both_platforms(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Both phases on Slack and Discord: every mention answered, one pipeline split line per
+    answered message parsed from the bot's log, and the table printed."""
+    rows_file = tmp_path / "rows.json"
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "serving_end_to_end.py"),
+            "--quick",
+            "--sequential",
+            "2",
+            "--concurrent",
+            "4",
+            "--models",
+            str(tiny_model_dir),
+            "--json",
+            str(rows_file),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "| platform | model | mode | messages | total s | replies/s | ratio |" in run.stdout
+    rows = json.loads(rows_file.read_text())
+    assert [(r["platform"], r["mode"], r["messages"]) for r in rows] == [
+        ("slack", "one by one", 2),
+        ("slack", "at once", 4),
+        ("discord", "one by one", 2),
+        ("discord", "at once", 4),
+    ]
+    for row in rows:
+        assert row["seconds"] > 0
+        assert len(row["pipeline_ms"]) == len(row["model_ms"]) == row["messages"], row
+        assert all(ms > 0 for ms in row["model_ms"]), row
+    assert rows[0]["ratio"] is None and rows[1]["ratio"] > 0 and rows[3]["ratio"] > 0
