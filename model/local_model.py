@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from model.context_fit import FittedPrompt, fit_prompt
+from model.context_fit import MIN_BUDGET, FittedPrompt, fit_prompt
 from model.generation import GenerationSettings, StopCutter
 from model.loading import (
     ModelLoadError,
@@ -237,7 +237,7 @@ class LocalModel:
             ValueError: ``max_new_tokens`` leaves no room for a prompt.
         """
         budget = self.context_window - max_new_tokens
-        if budget < 8:
+        if budget < MIN_BUDGET:
             raise ValueError(
                 f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
                 f"{self.context_window}-token context window"

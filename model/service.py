@@ -39,6 +39,7 @@ from model.batching import (
     GenerationTimeout,
     SchedulerClosed,
     SchedulerStats,
+    settle,
 )
 from model.generation import GenerationSettings, StopCutter
 from model.loading import ModelLoadError
@@ -319,21 +320,12 @@ async def in_passing_thread(work: Callable[[], T]) -> T:
         try:
             result = work()
         except BaseException as error:  # handed to the awaiting coroutine
-            loop.call_soon_threadsafe(_settle_once, done, None, error)
+            loop.call_soon_threadsafe(settle, done, None, error)
         else:
-            loop.call_soon_threadsafe(_settle_once, done, result, None)
+            loop.call_soon_threadsafe(settle, done, result, None)
 
     threading.Thread(target=run, name="model-load", daemon=True).start()
     return await done
-
-
-def _settle_once(done: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if done.done():
-        return
-    if error is None:
-        done.set_result(result)
-    else:
-        done.set_exception(error)
 
 
 class _Stream(ReplyStream):

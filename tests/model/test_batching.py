@@ -93,6 +93,22 @@ async def test_batched_greedy_equals_unbatched_token_for_token(
     assert stats.steps < sum(len(ids) + 1 for ids in expected)  # fewer than one by one
 
 
+async def test_batched_greedy_equals_unbatched_with_eager_attention(tiny_model_dir: Path) -> None:
+    """The same with transformers' eager attention (which builds its masks from ours)."""
+    local = LocalModel.load(tiny_model_dir, device="cpu")
+    local.model.set_attn_implementation("eager")
+    service = ModelService(local, batch=BatchSettings(max_batch=16, max_wait=0.05))
+    try:
+        prompts = [local.fit_prompt(user(q), max_new_tokens=40).token_ids for q in QUESTIONS]
+        expected = [local.generate_ids_sync(ids, max_new_tokens=40) for ids in prompts]
+        scheduler = service._engine.scheduler
+        requests = [scheduler.submit(prompt_ids=ids, max_new_tokens=40) for ids in prompts]
+        assert [await request.done for request in requests] == expected
+        assert service.stats().largest_batch == len(QUESTIONS)
+    finally:
+        await service.aclose()
+
+
 async def test_each_caller_gets_its_own_reply_and_stream(serve: Any) -> None:
     service = serve(max_batch=8, max_wait=0.02)
 
