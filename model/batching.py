@@ -11,9 +11,10 @@ limit, a stop string, its deadline, or its caller going away), and the padding c
 needs any more are cut off the cache.
 
 Why our own scheduler rather than transformers' continuous-batching manager
-(``model.generate_batch`` / ``init_continuous_batching``): on this machine's CPU the manager's
-paged-attention bookkeeping costs more per step than the tiny default model's forward pass
-itself; ``benchmarks/serving.py`` measures both side by side (rows (b) and (e)).
+(``model.generate_batch`` / ``init_continuous_batching``): on this machine's CPU the manager is
+slower on both benchmark models (0.8-1.5x plain ``generate`` on the default model against
+6.9-7.5x here; 4.1-9.7x against 8.9-10.5x on a 200M model), measured side by side by
+``benchmarks/serving.py`` (rows (b) and (e)).
 
 A forward pass that raises takes down no one by accident: the rows of the failed step are each
 run again on their own, and only those that fail alone get the error.
