@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from bot.commands import Commands
     from bot.export import Exporter
     from bot.service import ReplyGenerator, ReplyPipeline
+    from model.generation import GenerationSettings
 
 logger = logging.getLogger("chatbot")
 
@@ -207,7 +208,7 @@ def load_generator(settings: Settings) -> ReplyGenerator:
         raise CommandError(str(error)) from None
 
 
-def _generation_settings(settings: Settings) -> Any:
+def _generation_settings(settings: Settings) -> GenerationSettings:
     from model.generation import GenerationSettings
 
     return GenerationSettings(

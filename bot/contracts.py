@@ -4,7 +4,7 @@ pipeline's options and results. :mod:`bot.service` re-exports all of it."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
@@ -31,9 +31,22 @@ class ModelBusy(Exception):
 
 
 class ReplyStream(AsyncIterator[str]):
-    """The pieces of one reply as they are generated; :attr:`reply` is set once they end."""
+    """The pieces of one reply as they are generated; :attr:`reply` is set once they end.
 
-    reply: GeneratedReply | None = None
+    ``produce`` is an async generator function given this stream: it yields the pieces and
+    sets :attr:`reply` before it ends.
+    """
+
+    def __init__(self, produce: Callable[[ReplyStream], AsyncGenerator[str, None]]) -> None:
+        self.reply: GeneratedReply | None = None
+        self._pieces = produce(self)
+
+    async def __anext__(self) -> str:
+        return await self._pieces.__anext__()
+
+    async def aclose(self) -> None:
+        """Stop early: the producer is closed (its request leaves the batch or the server)."""
+        await self._pieces.aclose()
 
 
 class ReplyGenerator(Protocol):

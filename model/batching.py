@@ -90,6 +90,10 @@ class Decoding:
 class GenerationTimeout(TimeoutError):
     """A request ran past its deadline (``BatchSettings.timeout``)."""
 
+    @classmethod
+    def after(cls, seconds: float) -> GenerationTimeout:
+        return cls(f"the model did not finish within {seconds:g} s")
+
 
 class SchedulerClosed(RuntimeError):
     """The scheduler was closed: it takes no more requests."""
@@ -261,11 +265,6 @@ class BatchScheduler:
                 largest_batch=self._largest,
             )
 
-    @property
-    def idle(self) -> bool:
-        with self._condition:
-            return not self._pending and not self._active
-
     def close(self, *, timeout: float | None = None) -> None:
         """Take no more requests, finish those queued and running, stop the thread (blocking)."""
         with self._condition:
@@ -289,8 +288,9 @@ class BatchScheduler:
                         batch = self._step(batch)
             except Exception as error:  # a bug of ours: fail what is running, keep serving
                 logger.exception("the batch scheduler failed")
-                for request in [*(batch.rows if batch else []), *admitted]:
-                    request._finish(error)
+                with self._condition:
+                    for request in {*(batch.rows if batch else []), *admitted}:
+                        self._end(request, error)
                 batch = None
             with self._condition:
                 self._active = len(batch.rows) if batch else 0
@@ -315,15 +315,16 @@ class BatchScheduler:
                 if request.cancelled:
                     self._end(request)
                 elif now > request.deadline:
-                    self._end(request, GenerationTimeout(_timeout_message(self.settings)))
+                    self._end(request, GenerationTimeout.after(self.settings.timeout))
                 else:
                     admitted.append(request)
             self._active += len(admitted)
             return admitted
 
     def _end(self, request: GenerationRequest, error: BaseException | None = None) -> None:
-        request._finish(error)
-        self._finished += 1
+        if not request.finished:
+            request._finish(error)
+            self._finished += 1
 
     def _prefill(self, requests: list[GenerationRequest]) -> _Batch | None:
         """Run the requests' sequences as one left-padded group: a batch of those still going.
@@ -466,7 +467,7 @@ class BatchScheduler:
                 if request.cancelled:
                     self._end(request)
                 elif now > request.deadline:
-                    self._end(request, GenerationTimeout(_timeout_message(self.settings)))
+                    self._end(request, GenerationTimeout.after(self.settings.timeout))
                 else:
                     going.append(index)
         if len(going) == len(batch.rows):
@@ -474,21 +475,20 @@ class BatchScheduler:
         return _select(batch, going, batch.last)
 
 
-def _timeout_message(settings: BatchSettings) -> str:
-    return f"the model did not finish within {settings.timeout:g} s"
-
-
 def _select(batch: _Batch, keep: list[int], tokens: torch.Tensor) -> _Batch | None:
     """The batch narrowed to the rows ``keep``, with the padding none of them needs cut off."""
     if not keep:
         return None
-    if len(keep) < len(batch.rows):
-        index = torch.tensor(keep, dtype=torch.long, device=batch.mask.device)
-        batch.cache.batch_select_indices(index)
-        batch.mask = batch.mask[index]
-        tokens = tokens[index]
-        batch.rows = [batch.rows[i] for i in keep]
     batch.last = tokens
+    if len(keep) == len(batch.rows):
+        # Only rows leaving free padding columns: the longest row, joined or prefilled,
+        # always fills the first one.
+        return batch
+    index = torch.tensor(keep, dtype=torch.long, device=batch.mask.device)
+    batch.cache.batch_select_indices(index)
+    batch.mask = batch.mask[index]
+    batch.last = tokens[index]
+    batch.rows = [batch.rows[i] for i in keep]
     used = batch.mask.any(dim=0).nonzero()
     start = int(used[0]) if len(used) else 0
     if start > 0:

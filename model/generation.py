@@ -6,9 +6,11 @@ backend, so every path decodes and cuts replies alike.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from model.prompt import ReplyCleaner
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,4 +97,32 @@ class StopCutter:
 
     def cut(self, text: str) -> str:
         """``text`` before its first stop string (a whole reply)."""
+        return self.feed(text) + self.finish()
+
+
+class ReplyFilter:
+    """What of a generated reply a user may see, whole or piece by piece: cut before the first
+    control string (:class:`model.prompt.ReplyCleaner`), then before the first stop string
+    (:class:`StopCutter`). Feeding the pieces and then :meth:`finish` gives :meth:`cut` of their
+    concatenation."""
+
+    def __init__(self, *, controls: Iterable[str], stops: Sequence[str]) -> None:
+        self._cleaner = ReplyCleaner(controls)
+        self._stops = StopCutter(stops)
+
+    def feed(self, text: str) -> str:
+        """The part of ``text`` (after what was held back) that is safe to show now."""
+        return self._stops.feed(self._cleaner.feed(text))
+
+    def finish(self) -> str:
+        """What was held back and turned out to be text."""
+        return self._stops.feed(self._cleaner.finish()) + self._stops.finish()
+
+    @property
+    def stopped(self) -> bool:
+        """A stop string was found: nothing more is text of the reply."""
+        return self._stops.stopped
+
+    def cut(self, text: str) -> str:
+        """A whole reply, filtered."""
         return self.feed(text) + self.finish()

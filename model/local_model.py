@@ -35,7 +35,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from model.context_fit import MIN_BUDGET, FittedPrompt, fit_prompt
-from model.generation import GenerationSettings, StopCutter
+from model.generation import GenerationSettings, ReplyFilter
 from model.loading import (
     ModelLoadError,
     _check_local_folder,
@@ -44,7 +44,7 @@ from model.loading import (
     hub_version,
     resolve_hub_commit,
 )
-from model.prompt import CONTROL_STRINGS, clean_reply
+from model.prompt import CONTROL_STRINGS
 from model.prompt_encoding import PromptEncoder
 
 logger = logging.getLogger(__name__)
@@ -250,8 +250,11 @@ class LocalModel:
         """The reply in ``generated_ids``: decoded, cut before any control string spelled out
         in text (:func:`model.prompt.clean_reply`) and before a stop string, stripped."""
         text: str = self.tokenizer.decode(list(generated_ids), skip_special_tokens=True)
-        reply = clean_reply(text, self.reply_controls)
-        return StopCutter(self.generation.stop_strings).cut(reply).strip()
+        return self.reply_filter().cut(text).strip()
+
+    def reply_filter(self) -> ReplyFilter:
+        """A filter for one reply of this model, whole or streamed (:class:`ReplyFilter`)."""
+        return ReplyFilter(controls=self.reply_controls, stops=self.generation.stop_strings)
 
     # --- generation ------------------------------------------------------------------------
 

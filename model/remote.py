@@ -23,7 +23,7 @@ without its leading ``<s>``: the tokenizer tells, else the server's token counts
 Decoding: temperature, top-p and ``stop`` (every control string and stop string) are OpenAI
 fields; the rest goes as the server's own extension, vLLM's top-level fields first, then (when
 they are rejected) ``transformers serve``'s ``generation_config``, then none. Replies are cleaned
-like the local model's (:class:`model.prompt.ReplyCleaner`, :class:`model.generation.StopCutter`),
+like the local model's (:class:`model.generation.ReplyFilter`: control strings, stop strings),
 so no ``[INST]``/``[/INST]``/``<s>`` fragment reaches a user whatever the server does.
 
 Faults never hang: ``connect_timeout`` for connecting, ``stall_timeout`` for each wait for data
@@ -50,8 +50,8 @@ import aiohttp
 
 from bot.contracts import GeneratedReply, ModelBusy, ReplyStream
 from model.context_fit import FittedPrompt, fit_prompt
-from model.generation import GenerationSettings, StopCutter
-from model.prompt import B_INST, BOS, CONTROL_STRINGS, EOS, ReplyCleaner, format_prompt
+from model.generation import GenerationSettings, ReplyFilter
+from model.prompt import B_INST, BOS, CONTROL_STRINGS, EOS, format_prompt
 from model.prompt_encoding import PromptEncoder
 
 logger = logging.getLogger(__name__)
@@ -323,7 +323,7 @@ class RemoteModel:
     ) -> GeneratedReply:
         """Answer ``messages`` (ending with a user message); starts the session if need be.
         Raises RemoteModelError (RemoteModelBusy when the server stayed busy)."""
-        stream = _Stream(self, messages, max_new_tokens)
+        stream = self.stream(messages=messages, max_new_tokens=max_new_tokens)
         async with contextlib.aclosing(stream):
             async for _piece in stream:
                 pass
@@ -334,10 +334,10 @@ class RemoteModel:
         """The reply piece by piece as the server streams it, cleaned like :meth:`generate`'s
         (which is the pieces joined, stripped); ``reply`` is set once they end. Raises as
         :meth:`generate` does, from the iteration."""
-        return _Stream(self, messages, max_new_tokens)
+        return ReplyStream(lambda stream: self._pieces(stream, messages, max_new_tokens))
 
     async def _pieces(
-        self, stream: _Stream, messages: Sequence[Mapping[str, str]], max_new_tokens: int
+        self, stream: ReplyStream, messages: Sequence[Mapping[str, str]], max_new_tokens: int
     ) -> AsyncGenerator[str, None]:
         await self.start()
         fitted = await asyncio.to_thread(self.fit, messages, max_new_tokens=max_new_tokens)
@@ -347,8 +347,9 @@ class RemoteModel:
         yielded = False
         try:
             while True:
-                cleaner = ReplyCleaner(self.reply_controls)
-                stops = StopCutter(self.generation.stop_strings)
+                shown = ReplyFilter(
+                    controls=self.reply_controls, stops=self.generation.stop_strings
+                )
                 parts: list[str] = []
                 received = False  # any text at all, before cleaning
                 dialect = self._dialect
@@ -359,14 +360,14 @@ class RemoteModel:
                     async with contextlib.aclosing(self._completion(body, deadline)) as raw:
                         async for text in raw:
                             received = True
-                            piece = stops.feed(cleaner.feed(text))
+                            piece = shown.feed(text)
                             if not parts:  # the reply starts at its first visible character
                                 piece = piece.lstrip()
                             if piece:
                                 parts.append(piece)
                                 yielded = True
                                 yield piece
-                    tail = stops.feed(cleaner.finish()) + stops.finish()
+                    tail = shown.finish()
                     tail = tail if parts else tail.lstrip()
                     if tail:
                         parts.append(tail)
@@ -501,23 +502,6 @@ class RemoteModel:
             raise _Retriable(f"no connection to {self.url} while {what}: {cause}") from error
         except aiohttp.ClientError as error:
             raise RemoteModelError(f"request to {self.url} failed while {what}: {error}") from error
-
-
-class _Stream(ReplyStream):
-    """:meth:`RemoteModel.stream`'s iterator; ``reply`` is set when the pieces end."""
-
-    def __init__(
-        self, model: RemoteModel, messages: Sequence[Mapping[str, str]], max_new_tokens: int
-    ) -> None:
-        self.reply: GeneratedReply | None = None
-        self._pieces = model._pieces(self, messages, max_new_tokens)
-
-    async def __anext__(self) -> str:
-        return await self._pieces.__anext__()
-
-    async def aclose(self) -> None:
-        """Stop early: the request to the server is closed."""
-        await self._pieces.aclose()
 
 
 class _Backoff:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -41,10 +41,10 @@ from model.batching import (
     SchedulerStats,
     settle,
 )
+from model.context_fit import FittedPrompt
 from model.generation import GenerationSettings, StopCutter
 from model.loading import ModelLoadError
 from model.local_model import LocalModel
-from model.prompt import ReplyCleaner
 
 __all__ = [
     "BatchSettings",
@@ -70,12 +70,6 @@ INLINE_FIT_CHARS = 4_000
 #: Seconds past the scheduler's own deadline before the caller stops waiting on its own (the
 #: worker notices a deadline only between two steps).
 DEADLINE_SLACK = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class _Prompt:
-    ids: list[int]
-    note: str
 
 
 @dataclass(eq=False)
@@ -180,7 +174,9 @@ class ModelService:
         """
         engine = self._engine
         prompt = await self._prompt(engine, messages, max_new_tokens)
-        request = engine.scheduler.submit(prompt_ids=prompt.ids, max_new_tokens=max_new_tokens)
+        request = engine.scheduler.submit(
+            prompt_ids=prompt.token_ids, max_new_tokens=max_new_tokens
+        )
         try:
             ids = await self._result(request)
         finally:
@@ -196,76 +192,68 @@ class ModelService:
         The pieces add up to :meth:`generate`'s text (less the whitespace that strips) and
         never hold a control string. Raises what :meth:`generate` raises, while iterating.
         """
-        return _Stream(self, messages, max_new_tokens)
+        return ReplyStream(lambda stream: self._stream(stream, messages, max_new_tokens))
 
     async def _stream(
-        self, into: _Stream, messages: Sequence[Mapping[str, str]], max_new_tokens: int
-    ) -> AsyncIterator[str]:
+        self, into: ReplyStream, messages: Sequence[Mapping[str, str]], max_new_tokens: int
+    ) -> AsyncGenerator[str, None]:
         engine = self._engine
         local = engine.local
         prompt = await self._prompt(engine, messages, max_new_tokens)
         streamer = AsyncTextIteratorStreamer(local.tokenizer, skip_special_tokens=True)
         request = engine.scheduler.submit(
-            prompt_ids=prompt.ids,
+            prompt_ids=prompt.token_ids,
             max_new_tokens=max_new_tokens,
             on_token=lambda token: streamer.put(torch.tensor([token])),
             on_end=streamer.end,
         )
-        cleaner = ReplyCleaner(local.reply_controls)
-        stops = StopCutter(local.generation.stop_strings)
+        shown = local.reply_filter()  # as reply_text cuts the whole reply
         text = ""
         try:
-            async with asyncio.timeout(self.batch.timeout + DEADLINE_SLACK):
+            async with asyncio.timeout(self._wait_limit):
                 async for raw in streamer:
-                    # Control strings first, then stop strings: as reply_text cuts the whole.
-                    piece = stops.feed(cleaner.feed(raw))
-                    if piece:
+                    if piece := shown.feed(raw):
                         text += piece
                         yield piece
-                    if stops.stopped:
+                    if shown.stopped:
                         break
-                if not stops.stopped:
+                if not shown.stopped:
                     await request.done  # raises what the generation raised
-                    if tail := stops.feed(cleaner.finish()) + stops.finish():
+                    if tail := shown.finish():
                         text += tail
                         yield tail
-        except TimeoutError as error:
-            if isinstance(error, GenerationTimeout):
-                raise
-            raise GenerationTimeout(
-                f"the model did not finish within {self.batch.timeout:g} s"
-            ) from None
+        except GenerationTimeout:
+            raise
+        except TimeoutError:
+            raise GenerationTimeout.after(self.batch.timeout) from None
         finally:
             request.cancel()
         into.reply = GeneratedReply(
             text=text.strip(), model_version=engine.version, note=prompt.note
         )
 
+    @property
+    def _wait_limit(self) -> float:
+        """How long a caller waits on its own (the worker notices a deadline between steps)."""
+        return self.batch.timeout + DEADLINE_SLACK
+
     async def _prompt(
         self, engine: _Engine, messages: Sequence[Mapping[str, str]], max_new_tokens: int
-    ) -> _Prompt:
-        """The prompt's ids, fitted to the context window off the event loop (a long history
-        takes a while to tokenize)."""
+    ) -> FittedPrompt:
+        """The prompt, fitted to the context window; a long one off the event loop (a long
+        history takes a while to tokenize)."""
         local = engine.local
         if sum(len(message.get("content") or "") for message in messages) <= INLINE_FIT_CHARS:
-            fitted = local.fit_prompt(messages, max_new_tokens=max_new_tokens)
-        else:
-            fitted = await asyncio.to_thread(
-                local.fit_prompt, messages, max_new_tokens=max_new_tokens
-            )
-        return _Prompt(ids=fitted.token_ids, note=fitted.note)
+            return local.fit_prompt(messages, max_new_tokens=max_new_tokens)
+        return await asyncio.to_thread(local.fit_prompt, messages, max_new_tokens=max_new_tokens)
 
     async def _result(self, request: GenerationRequest) -> list[int]:
         try:
-            return await asyncio.wait_for(
-                asyncio.shield(request.done), self.batch.timeout + DEADLINE_SLACK
-            )
-        except TimeoutError as error:
-            if isinstance(error, GenerationTimeout):
-                raise
-            raise GenerationTimeout(
-                f"the model did not finish within {self.batch.timeout:g} s"
-            ) from None
+            return await asyncio.wait_for(asyncio.shield(request.done), self._wait_limit)
+        except GenerationTimeout:
+            raise
+        except TimeoutError:
+            raise GenerationTimeout.after(self.batch.timeout) from None
 
     # --- hot swap and shutdown --------------------------------------------------------------
 
@@ -326,20 +314,3 @@ async def in_passing_thread(work: Callable[[], T]) -> T:
 
     threading.Thread(target=run, name="model-load", daemon=True).start()
     return await done
-
-
-class _Stream(ReplyStream):
-    """:meth:`ModelService.stream`'s iterator; ``reply`` is set when the pieces end."""
-
-    def __init__(
-        self, service: ModelService, messages: Sequence[Mapping[str, str]], max_new_tokens: int
-    ) -> None:
-        self.reply: GeneratedReply | None = None
-        self._pieces = service._stream(self, messages, max_new_tokens)
-
-    async def __anext__(self) -> str:
-        return await self._pieces.__anext__()
-
-    async def aclose(self) -> None:
-        """Stop early: the request leaves the batch."""
-        await self._pieces.aclose()  # type: ignore[attr-defined]
