@@ -261,7 +261,7 @@ class ReplyPipeline:
         started = time.perf_counter()
         received = started if received is None else received
         try:
-            await self._wait_for_turn(stored)
+            had_to_wait = await self._wait_for_turn(stored)
             waited = time.perf_counter()
             turns = await self.store.run(
                 conversation_history,
@@ -287,8 +287,14 @@ class ReplyPipeline:
                 delivery=delivery,
             )
             # The split the serving benchmark reads: our own work against the model's (waiting
-            # for the conversation's earlier turns is neither).
-            pipeline = (started - received) + (asked - waited) + (time.perf_counter() - answered)
+            # for the conversation's earlier turns is neither; checking for them is ours).
+            turn_check = 0.0 if had_to_wait else waited - started
+            pipeline = (
+                (started - received)
+                + turn_check
+                + (asked - waited)
+                + (time.perf_counter() - answered)
+            )
             logger.info(
                 "answered message %d: pipeline %.1f ms, model %.1f ms",
                 stored.id,
@@ -311,11 +317,12 @@ class ReplyPipeline:
         assert answer.id is not None
         return generated, answer.id, exchange.id
 
-    async def _wait_for_turn(self, stored: MessageRecord) -> None:
+    async def _wait_for_turn(self, stored: MessageRecord) -> bool:
         """Wait (at most ``turn_wait`` seconds) until the earlier messages of the conversation
-        are answered, so the prompt holds their answers. The database decides, so a message
-        handled by another replica waits too; within this process a finished message wakes
-        the waiting ones at once, across processes they look again every poll interval."""
+        are answered, so the prompt holds their answers; ``True`` when it had to wait. The
+        database decides, so a message handled by another replica waits too; within this
+        process a finished message wakes the waiting ones at once, across processes they look
+        again every poll interval."""
         assert stored.id is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.options.turn_wait
@@ -324,12 +331,14 @@ class ReplyPipeline:
         if condition is None:
             condition = asyncio.Condition()
             self._turns[stored.conversation_id] = condition
+        waited = False
         while await self.store.run(
             earlier_turn_waiting,
             conversation_id=stored.conversation_id,
             message_id=stored.id,
             since=since,
         ):
+            waited = True
             remaining = deadline - loop.time()
             if remaining <= 0:
                 logger.warning(
@@ -337,12 +346,13 @@ class ReplyPipeline:
                     stored.id,
                     self.options.turn_wait,
                 )
-                return
+                return True
             async with condition:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
                         condition.wait(), min(remaining, self.options.turn_poll_interval)
                     )
+        return waited
 
     async def _turn_done(self, conversation_id: int) -> None:
         condition = self._turns.get(conversation_id)
