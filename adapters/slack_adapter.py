@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from multidict import MultiMapping
 from slack_bolt.adapter.aiohttp import to_aiohttp_response
@@ -206,6 +207,20 @@ class SlackAdapter:
         Raises:
             ConfigurationError: Slack refused the token or cannot be reached.
         """
+        # One session for every Web API call: without one, slack_sdk opens and closes a
+        # connection per call (a TLS handshake for each placeholder and each edit). Bolt's
+        # per-request clients share it too.
+        self.client.session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.client.timeout)
+        )
+        try:
+            await self._connect()
+        except BaseException:
+            await self._close_session()
+            raise
+        self._retry_loop = asyncio.create_task(self._retry_undelivered_forever())
+
+    async def _connect(self) -> None:
         self.identity = await self._authenticate()
         if self.uses_socket_mode:
             # The Socket Mode client retries a failed connection forever; one check of the app
@@ -240,7 +255,6 @@ class SlackAdapter:
                 EVENTS_PATH,
                 self.identity.name,
             )
-        self._retry_loop = asyncio.create_task(self._retry_undelivered_forever())
 
     async def stop(self, *, drain_within: float | None = None) -> None:
         """Stop taking events, finish the work in flight (for at most ``drain_within``
@@ -260,6 +274,12 @@ class SlackAdapter:
             # Kept open while draining, answering 503, so Slack retries instead of timing out.
             await self._runner.cleanup()
             self._runner = None
+        await self._close_session()
+
+    async def _close_session(self) -> None:
+        session, self.client.session = self.client.session, None
+        if session is not None:
+            await session.close()
 
     async def drain(self) -> None:
         """Wait until every event received so far is fully handled."""

@@ -272,6 +272,18 @@ async def test_a_mention_gets_one_reply_in_its_thread(slack: SlackHarness) -> No
     assert stored["assistant"].platform_message_id == reply["ts"]
 
 
+async def test_replies_reuse_one_connection_to_the_web_api(slack: SlackHarness) -> None:
+    # slack_sdk opens (and closes) a connection per call unless it is given a session: with
+    # TLS to slack.com that is a handshake per placeholder and per edit.
+    for n in range(4):
+        assert await slack.event(mention(RESET_QUESTION, ts=f"1700000001.00010{n}")) == 200
+        await slack.settled()
+
+    assert len(slack.api.posted()) == 4
+    assert len(slack.api.calls) >= 8  # auth.test, then a post and an edit per reply
+    assert len(slack.api.connections) == 1, slack.api.connections
+
+
 async def test_the_ack_does_not_wait_for_generation(
     database: Database,
     tiny_model: ReplyGenerator,

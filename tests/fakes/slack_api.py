@@ -72,6 +72,8 @@ class FakeSlackWebApi:
     messages: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        #: Each client connection (its peer address) that sent the Web API a request.
+        self.connections: set[tuple[str, int]] = set()
         self._failures: dict[str, _Failure] = {}
         self._failures_when: list[tuple[str, _Failure]] = []
         self._holds: list[HeldCall] = []
@@ -182,6 +184,9 @@ class FakeSlackWebApi:
 
     async def _api(self, request: web.Request) -> web.Response:
         method = request.match_info["method"]
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        if peer:
+            self.connections.add((str(peer[0]), int(peer[1])))
         params = await _params(request)
         held = next(
             (
