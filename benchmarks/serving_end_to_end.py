@@ -42,6 +42,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import re
 import shutil
 import signal
@@ -113,6 +114,9 @@ class Phase:
     pipeline_ms: tuple[float, ...]
     model_ms: tuple[float, ...]
     ratio: float | None = None  # at once: its replies/s over those of one by one
+    #: CPU seconds the phase cost the bot process and this one (the fakes and the driver).
+    bot_cpu: float | None = None
+    driver_cpu: float | None = None
 
     @property
     def replies_per_second(self) -> float:
@@ -129,10 +133,24 @@ def fmt(value: float | None, digits: int = 1, *, scale: float = 1.0) -> str:
     return "n/a" if value is None else f"{value * scale:.{digits}f}"
 
 
+def per_reply(cpu_seconds: float | None, messages: int) -> float | None:
+    return None if cpu_seconds is None else cpu_seconds * 1000 / messages
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU seconds (user and system, all threads) process ``pid`` has used; None off Linux."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def table(phases: Sequence[Phase]) -> str:
     header = (
         "| platform | model | mode | messages | total s | replies/s | ratio "
-        "| pipeline p50 ms | pipeline p99 ms | model p50 s | model p99 s |"
+        "| pipeline p50 ms | pipeline p99 ms | model p50 s | model p99 s "
+        "| bot CPU ms/reply | fakes CPU ms/reply |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for p in phases:
@@ -141,7 +159,9 @@ def table(phases: Sequence[Phase]) -> str:
             f"| {p.platform} | {p.model} | {p.mode} | {p.messages} | {p.seconds:.2f} "
             f"| {p.replies_per_second:.2f} | {ratio} | {fmt(pct(p.pipeline_ms, 0.5))} "
             f"| {fmt(pct(p.pipeline_ms, 0.99))} | {fmt(pct(p.model_ms, 0.5), 2, scale=1e-3)} "
-            f"| {fmt(pct(p.model_ms, 0.99), 2, scale=1e-3)} |"
+            f"| {fmt(pct(p.model_ms, 0.99), 2, scale=1e-3)} "
+            f"| {fmt(per_reply(p.bot_cpu, p.messages))} "
+            f"| {fmt(per_reply(p.driver_cpu, p.messages))} |"
         )
     return "\n".join(lines)
 
@@ -491,11 +511,26 @@ async def phases_of(run: Run, *, label: tuple[str, str], plan: Plan) -> list[Pha
         ("at once", plan.concurrent, run.at_once),
     ):
         offset = run.read_log()
+        bot_before, driver_before = cpu_seconds(run.bot.process.pid), time.process_time()
         seconds = await phase(count, within=plan.reply_within)
+        bot_after, driver_cpu = cpu_seconds(run.bot.process.pid), time.process_time()
+        bot_cpu = None if bot_before is None or bot_after is None else bot_after - bot_before
         pipeline_ms, model_ms = await run.split_since(offset, count)
         say(f"{'/'.join(label)}: {count} {mode} in {seconds:.2f} s")
         ratio = (count / seconds) / phases[0].replies_per_second if phases else None
-        phases.append(Phase(*label, mode, count, seconds, pipeline_ms, model_ms, ratio))
+        phases.append(
+            Phase(
+                *label,
+                mode,
+                count,
+                seconds,
+                pipeline_ms,
+                model_ms,
+                ratio,
+                bot_cpu=bot_cpu,
+                driver_cpu=driver_cpu - driver_before,
+            )
+        )
     return phases
 
 

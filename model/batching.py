@@ -1,9 +1,10 @@
 """Iteration-level batching: many requests decoded together over ``model.forward``.
 
 One worker thread owns the model. Requests wait in a bounded queue; between two decoding steps
-the worker admits as many as the batch has room for, prefills them (left-padded, as a group of
-their own) and joins their KV caches to the running batch's :class:`~transformers.DynamicCache`
-(left-padded to a common length). Each step then feeds every row its last token with an
+the worker admits as many as the batch has room for, prefills them packed (their prompts end to
+end in one sequence, each attending only to itself, so no padding is computed) and joins their
+KV caches to the running batch's :class:`~transformers.DynamicCache` (left-padded to a common
+length). Each step then feeds every row its last token with an
 attention mask over its own positions and explicit position ids, so a row's logits are those
 it would have alone: greedy decoding in float32 gives each request the tokens an unbatched
 ``model.generate`` gives it. A row leaves the batch the step it ends (a stop token, its token
@@ -46,6 +47,11 @@ from transformers.generation.stopping_criteria import StopStringCriteria
 from bot.contracts import ModelBusy
 
 logger = logging.getLogger(__name__)
+
+#: The most prompt tokens one packed prefill holds (a longer prompt goes alone). Its attention
+#: mask is this squared, and its attention computes every pair of the pack's positions, so
+#: packs stay a size at which the matmuls are efficient and the waste is small.
+PREFILL_TOKENS = 1024
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -327,13 +333,18 @@ class BatchScheduler:
             self._finished += 1
 
     def _prefill(self, requests: list[GenerationRequest]) -> _Batch | None:
-        """Run the requests' sequences as one left-padded group: a batch of those still going.
+        """Prefill the requests' sequences, packed :data:`PREFILL_TOKENS` at a time: a batch
+        of those still going."""
+        batch: _Batch | None = None
+        for pack in _packs(requests, budget=PREFILL_TOKENS):
+            batch = _join(batch, self._prefill_pack(pack))
+        return batch
 
-        If the forward pass raises, each request runs again on its own; those failing alone
-        end with their error.
-        """
+    def _prefill_pack(self, requests: list[GenerationRequest]) -> _Batch | None:
+        """One packed forward pass. If it raises, each request runs again on its own; those
+        failing alone end with their error."""
         try:
-            return self._prefill_group(requests)
+            return self._prefill_packed(requests)
         except Exception as error:
             if len(requests) == 1:
                 logger.warning("a generation failed: %s", error)
@@ -343,30 +354,57 @@ class BatchScheduler:
             logger.warning("a batch of %d failed (%s); running each alone", len(requests), error)
         batch: _Batch | None = None
         for request in requests:
-            batch = _join(batch, self._prefill([request]))
+            batch = _join(batch, self._prefill_pack([request]))
         return batch
 
-    def _prefill_group(self, requests: list[GenerationRequest]) -> _Batch | None:
+    def _prefill_packed(self, requests: list[GenerationRequest]) -> _Batch | None:
+        """Run the sequences end to end as one row; each position sees the earlier positions
+        of its own sequence only, and its position id counts from its sequence's start. The
+        cache is then laid out as one left-padded row per request."""
         sequences = [request.ids for request in requests]
-        width = max(len(ids) for ids in sequences)
-        input_ids = torch.full((len(requests), width), self.decoding.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(requests), width), dtype=torch.long)
-        for row, ids in enumerate(sequences):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            mask[row, width - len(ids) :] = 1
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        lengths = [len(ids) for ids in sequences]
+        total, width = sum(lengths), max(lengths)
+        input_ids = torch.tensor([[t for ids in sequences for t in ids]], dtype=torch.long)
+        segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)
+        position = torch.arange(total) - starts[segment]
+        allowed = (segment[:, None] == segment[None, :]) & (position[None, :] <= position[:, None])
+        ends = starts + torch.tensor(lengths) - 1
+        device = self.device
         cache = _roomy_cache()
         output = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            input_ids=input_ids.to(device),
+            attention_mask=self._packed_mask(allowed[None, None].to(device)),
+            position_ids=position[None].to(device),
             cache=cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=ends.to(device),
         )
         self._count_step(len(requests))
-        tokens = self._choose(output.logits[:, -1, :], requests)
-        return self._advance(_Batch(requests, cache, mask, tokens), tokens)
+        tokens = self._choose(output.logits[0], requests)
+        # Row r's cache: its own positions, right-aligned in ``width`` columns; the columns
+        # before it (padding) point at any position and are masked out.
+        columns = torch.arange(width)
+        padding = width - torch.tensor(lengths)
+        source = (starts[:, None] + columns[None, :] - padding[:, None]).clamp(min=0)
+        mask = (columns[None, :] >= padding[:, None]).long().to(device)
+        index = source.flatten().to(device)
+        layers = [
+            (_unpack(layer.keys, index, len(requests)), _unpack(layer.values, index, len(requests)))
+            for layer in _layers(cache)
+        ]
+        batch = _Batch(requests, _roomy_cache(layers), mask, tokens)
+        return self._advance(batch, tokens)
+
+    def _packed_mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """``allowed`` (``[1, 1, T, T]``, True where a query may see a key) as the attention
+        implementation takes a 4-D mask: boolean for SDPA, additive for the others."""
+        if getattr(self.model.config, "_attn_implementation", None) == "sdpa":
+            return allowed
+        dtype = self.model.dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
 
     def _step(self, batch: _Batch) -> _Batch | None:
         """One decoding step for every row still wanted; the batch that goes on."""
@@ -497,6 +535,29 @@ def _select(batch: _Batch, keep: list[int], tokens: torch.Tensor) -> _Batch | No
             layer.keys = layer.keys[:, :, start:]
             layer.values = layer.values[:, :, start:]
     return batch
+
+
+def _packs(requests: list[GenerationRequest], *, budget: int) -> list[list[GenerationRequest]]:
+    """The requests in arrival order, cut into packs of at most ``budget`` tokens (a longer
+    request is a pack of its own)."""
+    packs: list[list[GenerationRequest]] = []
+    tokens = 0
+    for request in requests:
+        size = len(request.prompt_ids) + len(request.generated)
+        if not packs or tokens + size > budget:
+            packs.append([])
+            tokens = 0
+        packs[-1].append(request)
+        tokens += size
+    return packs
+
+
+def _unpack(packed: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
+    """A packed cache tensor (``[1, heads, T, dim]``) as ``rows`` left-padded rows
+    (``[rows, heads, width, dim]``), taking the positions ``index`` (``rows * width``)."""
+    heads, dim = packed.shape[1], packed.shape[3]
+    picked = packed[0].index_select(1, index)  # [heads, rows * width, dim]
+    return picked.view(heads, rows, -1, dim).transpose(0, 1)
 
 
 def _join(batch: _Batch | None, joining: _Batch | None) -> _Batch | None:

@@ -109,6 +109,61 @@ async def test_batched_greedy_equals_unbatched_with_eager_attention(tiny_model_d
         await service.aclose()
 
 
+@pytest.fixture
+def forwards(local: LocalModel) -> Iterator[list[tuple[int, int]]]:
+    """The ``input_ids`` shape of every forward pass of the tiny model."""
+    shapes: list[tuple[int, int]] = []
+
+    def hook(_module: Any, args: tuple[Any, ...]) -> None:
+        shapes.append(tuple(args[0].shape))
+
+    handle = local.model.model.embed_tokens.register_forward_pre_hook(hook)
+    yield shapes
+    handle.remove()
+
+
+async def test_requests_admitted_together_are_prefilled_packed_without_padding(
+    local: LocalModel, serve: Any, forwards: list[tuple[int, int]]
+) -> None:
+    # Left-padding a group to its longest prompt computes padding: with histories of very
+    # different lengths, most of the work. Packed, one forward holds every prompt's tokens
+    # once, each attending only to itself.
+    service = serve(max_batch=16, max_wait=0.2)
+    prompts = [local.fit_prompt(user(q), max_new_tokens=40).token_ids for q in QUESTIONS]
+    assert len({len(ids) for ids in prompts}) > 2  # really different lengths
+    expected = [local.generate_ids_sync(ids, max_new_tokens=40) for ids in prompts]
+    forwards.clear()
+
+    scheduler = service._engine.scheduler
+    requests = [scheduler.submit(prompt_ids=ids, max_new_tokens=40) for ids in prompts]
+
+    assert [await request.done for request in requests] == expected
+    assert forwards[0] == (1, sum(len(ids) for ids in prompts))
+    assert all(rows == len(prompts) for rows, _ in forwards[1:2])  # then decoded together
+
+
+async def test_a_packed_prefill_holds_at_most_its_token_budget(
+    local: LocalModel, serve: Any, forwards: list[tuple[int, int]], monkeypatch: Any
+) -> None:
+    from model import batching
+
+    monkeypatch.setattr(batching, "PREFILL_TOKENS", 24)
+    service = serve(max_batch=16, max_wait=0.2)
+    prompts = [local.fit_prompt(user(q), max_new_tokens=40).token_ids for q in QUESTIONS]
+    expected = [local.generate_ids_sync(ids, max_new_tokens=40) for ids in prompts]
+    forwards.clear()
+
+    scheduler = service._engine.scheduler
+    requests = [scheduler.submit(prompt_ids=ids, max_new_tokens=40) for ids in prompts]
+
+    assert [await request.done for request in requests] == expected
+    prefills = [tokens for rows, tokens in forwards if rows == 1 and tokens > 1]
+    assert sum(prefills) == sum(len(ids) for ids in prompts)
+    assert len(prefills) > 1
+    longest = max(len(ids) for ids in prompts)
+    assert all(tokens <= max(24, longest) for tokens in prefills)
+
+
 async def test_each_caller_gets_its_own_reply_and_stream(serve: Any) -> None:
     service = serve(max_batch=8, max_wait=0.02)
 
