@@ -41,7 +41,7 @@ from bot.contracts import (
     ReplyStream,
     StreamingReplyGenerator,
 )
-from bot.conversation import IncomingMessage, Role, to_chat_messages, utcnow
+from bot.conversation import IncomingMessage, Role, Turn, to_chat_messages, utcnow
 from bot.storage import (
     AnsweredBy,
     AnswerState,
@@ -71,7 +71,7 @@ from bot.storage.claims import (
     set_reply_placeholder,
 )
 from bot.storage.delivery import queue_partial_reply
-from bot.storage.history import earlier_turn_waiting
+from bot.storage.history import history_in_turn
 from bot.storage.tables import MessageRecord
 
 logger = logging.getLogger(__name__)
@@ -261,14 +261,7 @@ class ReplyPipeline:
         started = time.perf_counter()
         received = started if received is None else received
         try:
-            had_to_wait = await self._wait_for_turn(stored)
-            waited = time.perf_counter()
-            turns = await self.store.run(
-                conversation_history,
-                conversation_id=stored.conversation_id,
-                up_to_message_id=stored.id,
-                limit=self.options.history_turns,
-            )
+            turns, looked = await self._history_in_turn(stored)
             chat = to_chat_messages(turns, system_prompt=self.options.system_prompt)
             asked = time.perf_counter()
             generated = await self._generate(chat, message, progress, stored.id)
@@ -287,14 +280,8 @@ class ReplyPipeline:
                 delivery=delivery,
             )
             # The split the serving benchmark reads: our own work against the model's (waiting
-            # for the conversation's earlier turns is neither; checking for them is ours).
-            turn_check = 0.0 if had_to_wait else waited - started
-            pipeline = (
-                (started - received)
-                + turn_check
-                + (asked - waited)
-                + (time.perf_counter() - answered)
-            )
+            # for the conversation's earlier turns is neither; the last look for them is ours).
+            pipeline = (started - received) + (asked - looked) + (time.perf_counter() - answered)
             logger.info(
                 "answered message %d: pipeline %.1f ms, model %.1f ms",
                 stored.id,
@@ -317,10 +304,12 @@ class ReplyPipeline:
         assert answer.id is not None
         return generated, answer.id, exchange.id
 
-    async def _wait_for_turn(self, stored: MessageRecord) -> bool:
-        """Wait (at most ``turn_wait`` seconds) until the earlier messages of the conversation
-        are answered, so the prompt holds their answers; ``True`` when it had to wait. The
-        database decides, so a message handled by another replica waits too; within this
+    async def _history_in_turn(self, stored: MessageRecord) -> tuple[list[Turn], float]:
+        """The conversation's history up to ``stored``, read once the earlier messages of the
+        conversation are answered (waiting at most ``turn_wait`` seconds), so the prompt holds
+        their answers; and the ``time.perf_counter()`` of the look that found it its turn.
+
+        The database decides, so a message handled by another replica waits too; within this
         process a finished message wakes the waiting ones at once, across processes they look
         again every poll interval."""
         assert stored.id is not None
@@ -331,14 +320,17 @@ class ReplyPipeline:
         if condition is None:
             condition = asyncio.Condition()
             self._turns[stored.conversation_id] = condition
-        waited = False
-        while await self.store.run(
-            earlier_turn_waiting,
-            conversation_id=stored.conversation_id,
-            message_id=stored.id,
-            since=since,
-        ):
-            waited = True
+        while True:
+            looked = time.perf_counter()
+            turns = await self.store.run(
+                history_in_turn,
+                conversation_id=stored.conversation_id,
+                message_id=stored.id,
+                since=since,
+                limit=self.options.history_turns,
+            )
+            if turns is not None:
+                return turns, looked
             remaining = deadline - loop.time()
             if remaining <= 0:
                 logger.warning(
@@ -346,13 +338,19 @@ class ReplyPipeline:
                     stored.id,
                     self.options.turn_wait,
                 )
-                return True
+                looked = time.perf_counter()
+                turns = await self.store.run(
+                    conversation_history,
+                    conversation_id=stored.conversation_id,
+                    up_to_message_id=stored.id,
+                    limit=self.options.history_turns,
+                )
+                return turns, looked
             async with condition:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
                         condition.wait(), min(remaining, self.options.turn_poll_interval)
                     )
-        return waited
 
     async def _turn_done(self, conversation_id: int) -> None:
         condition = self._turns.get(conversation_id)

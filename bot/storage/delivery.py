@@ -33,13 +33,15 @@ def set_delivery(
     state: DeliveryState,
     platform_message_id: str | None = None,
 ) -> None:
-    record = session.get(MessageRecord, answer_message_id)
-    if record is None:
-        return
-    record.delivery_state = state.value
+    values: dict[str, str] = {"delivery_state": state.value}
     if platform_message_id is not None:
-        record.platform_message_id = platform_message_id
-    session.add(record)
+        values["platform_message_id"] = platform_message_id
+    session.execute(
+        sql_update(MessageRecord)
+        .execution_options(synchronize_session=False)
+        .where(col(MessageRecord.id) == answer_message_id)
+        .values(**values)
+    )
     session.commit()
 
 

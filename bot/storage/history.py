@@ -70,6 +70,21 @@ def earlier_turn_waiting(
     return waiting is not None
 
 
+def history_in_turn(
+    *, session: Session, conversation_id: int, message_id: int, since: datetime, limit: int
+) -> list[Turn] | None:
+    """:func:`conversation_history` up to ``message_id`` once it is the message's turn (see
+    :func:`earlier_turn_waiting`); ``None`` while an earlier message still waits. One
+    transaction for the usual case, a message nobody is ahead of."""
+    if earlier_turn_waiting(
+        session=session, conversation_id=conversation_id, message_id=message_id, since=since
+    ):
+        return None
+    return conversation_history(
+        session=session, conversation_id=conversation_id, up_to_message_id=message_id, limit=limit
+    )
+
+
 def bot_is_in_conversation(*, session: Session, message: IncomingMessage) -> bool:
     """Whether the bot has answered in ``message``'s conversation (a thread it is part of)."""
     conversation = session.exec(

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
+from sqlalchemy import bindparam, exists
 from sqlalchemy import delete as sql_delete
-from sqlalchemy import exists
 from sqlalchemy import update as sql_update
 from sqlmodel import Session, col, select
 
@@ -32,15 +31,10 @@ def training_allowed(
 
     ``parent_channel``: that channel ("" when none); None looks it up in the conversations
     recorded in ``channel`` (:attr:`ConversationRecord.parent_channel`)."""
-    parents: Any
-    if parent_channel is None:
-        parents = select(ConversationRecord.parent_channel).where(
-            ConversationRecord.platform == platform,
-            ConversationRecord.channel == channel,
-            ConversationRecord.parent_channel != "",
-        )
-    else:
-        parents = [parent_channel] if parent_channel else []
+    if parent_channel is None:  # every answer asks this: one statement, built once
+        params = {"platform": platform, "channel": channel}
+        return session.exec(_OPTED_OUT_HERE_OR_ABOVE, params=params).first() is None
+    parents = [parent_channel] if parent_channel else []
     opted_out = session.exec(
         select(ChannelSettingRecord.id).where(
             ChannelSettingRecord.platform == platform,
@@ -50,6 +44,20 @@ def training_allowed(
         )
     ).first()
     return opted_out is None
+
+
+_OPTED_OUT_HERE_OR_ABOVE = select(ChannelSettingRecord.id).where(
+    col(ChannelSettingRecord.platform) == bindparam("platform"),
+    col(ChannelSettingRecord.training_opt_out).is_(True),
+    (col(ChannelSettingRecord.channel) == bindparam("channel"))
+    | col(ChannelSettingRecord.channel).in_(
+        select(ConversationRecord.parent_channel).where(
+            col(ConversationRecord.platform) == bindparam("platform"),
+            col(ConversationRecord.channel) == bindparam("channel"),
+            col(ConversationRecord.parent_channel) != "",
+        )
+    ),
+)
 
 
 def set_training_opt_out(

@@ -5,9 +5,17 @@ A user message is stored claimed by the instance answering it (see :mod:`bot.sto
 
 from __future__ import annotations
 
-from sqlalchemy import and_
+import functools
+from typing import Any
+
+from sqlalchemy import and_, bindparam
+from sqlalchemy import insert as sql_insert
+from sqlalchemy import update as sql_update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, select
+from sqlalchemy.orm import make_transient_to_detached
+from sqlmodel import Session, SQLModel, col, select
 
 from bot.conversation import IncomingMessage, Role, storable_text, utcnow
 from bot.storage.claims import WAITING_STATES, renew_lease
@@ -25,15 +33,76 @@ from bot.storage.tables import (
 )
 
 
+def _row_values(record: SQLModel) -> dict[str, Any]:
+    table: Any = type(record).__table__  # type: ignore[attr-defined]
+    return {
+        column.name: getattr(record, column.name) for column in table.columns if column.name != "id"
+    }
+
+
+@functools.cache
+def _insert_statement(table: Any, dialect: str, *, unless_duplicate: bool) -> Any:
+    """One INSERT per table (and dialect), built once: the values go in as parameters."""
+    if not unless_duplicate:
+        return sql_insert(table)
+    insert: Any = {"sqlite": sqlite_insert, "postgresql": postgresql_insert}[dialect]
+    return insert(table).on_conflict_do_nothing().returning(table.c.id)
+
+
+def insert_row(*, session: Session, record: SQLModel) -> int:
+    """Insert ``record`` (its table's columns) as a plain INSERT and return its new id; the
+    record stays out of the session. The hot path's writes go this way: the ORM's unit of work
+    (flush, identity map, savepoints) and building each statement anew cost more than the
+    statements themselves."""
+    table: Any = type(record).__table__  # type: ignore[attr-defined]
+    statement = _insert_statement(table, "", unless_duplicate=False)
+    result: Any = session.execute(statement, _row_values(record))
+    key = result.inserted_primary_key
+    assert key is not None
+    return _stored_as(record, int(key[0]))
+
+
+def _stored_as(record: SQLModel, new_id: int) -> int:
+    """Give ``record`` its id and make it a detached row, as if loaded: added to a session
+    later, a change to it is an UPDATE of that row, not a second INSERT."""
+    record.id = new_id
+    make_transient_to_detached(record)
+    return new_id
+
+
+def insert_unless_duplicate(*, session: Session, record: SQLModel) -> int | None:
+    """Insert ``record`` unless a unique constraint already holds its key (``INSERT ... ON
+    CONFLICT DO NOTHING``, on SQLite and PostgreSQL alike); its new id, or ``None``."""
+    table: Any = type(record).__table__  # type: ignore[attr-defined]
+    dialect = session.get_bind().dialect.name
+    if dialect not in ("sqlite", "postgresql"):  # another database: a savepoint instead
+        try:
+            with session.begin_nested():
+                return insert_row(session=session, record=record)
+        except IntegrityError:
+            return None
+    statement = _insert_statement(table, dialect, unless_duplicate=True)
+    new_id = session.execute(statement, _row_values(record)).scalar()
+    return None if new_id is None else _stored_as(record, int(new_id))
+
+
+_CONVERSATION = select(ConversationRecord).where(
+    col(ConversationRecord.platform) == bindparam("platform"),
+    col(ConversationRecord.workspace) == bindparam("workspace"),
+    col(ConversationRecord.channel) == bindparam("channel"),
+    col(ConversationRecord.thread) == bindparam("thread"),
+)
+
+
 def get_or_create_conversation(*, session: Session, message: IncomingMessage) -> ConversationRecord:
     """The conversation ``message`` belongs to, created when new (safe against races)."""
-    query = select(ConversationRecord).where(
-        ConversationRecord.platform == message.platform,
-        ConversationRecord.workspace == message.workspace,
-        ConversationRecord.channel == message.channel,
-        ConversationRecord.thread == message.thread,
-    )
-    found = session.exec(query).first()
+    key = {
+        "platform": message.platform,
+        "workspace": message.workspace,
+        "channel": message.channel,
+        "thread": message.thread,
+    }
+    found = session.exec(_CONVERSATION, params=key).first()
     if found is not None:
         return found
     record = ConversationRecord(
@@ -44,12 +113,9 @@ def get_or_create_conversation(*, session: Session, message: IncomingMessage) ->
         parent_channel=message.parent_channel,
         created_at=utcnow(),
     )
-    try:
-        with session.begin_nested():
-            session.add(record)
-    except IntegrityError:
+    if insert_unless_duplicate(session=session, record=record) is None:
         # Another instance created it between our select and insert.
-        return session.exec(query).one()
+        return session.exec(_CONVERSATION, params=key).one()
     return record
 
 
@@ -129,14 +195,8 @@ def _insert_incoming(
             session.rollback()
             return None
         return record
-    try:
-        with session.begin_nested():
-            session.add(record)
-    except IntegrityError:
-        # The savepoint is rolled back; what came before it (nothing, or the conversation)
-        # stays valid, and returned records are not expired.
-        return None
-    return record
+    # A duplicate leaves what came before it (nothing, or the conversation) in place.
+    return None if insert_unless_duplicate(session=session, record=record) is None else record
 
 
 def _already_stored(*, session: Session, message: IncomingMessage) -> bool:
@@ -186,7 +246,11 @@ def record_answer(
     over after a grace period if the caller dies), or with ``delivery=FAILED`` to hand it
     straight to the retry queue (recovery). Other answers are already on the platform.
     """
-    question = session.get(MessageRecord, user_message_id)
+    question = session.execute(
+        select(MessageRecord.conversation_id, MessageRecord.platform, MessageRecord.channel).where(
+            col(MessageRecord.id) == user_message_id
+        )
+    ).first()
     if question is None:
         raise StorageError(f"message {user_message_id} no longer exists")
     now = utcnow()
@@ -210,8 +274,7 @@ def record_answer(
         sent_at=now,
         stored_at=now,
     )
-    session.add(answer)
-    session.flush()
+    insert_row(session=session, record=answer)
     exchange = ExchangeRecord(
         conversation_id=question.conversation_id,
         user_message_id=user_message_id,
@@ -223,9 +286,13 @@ def record_answer(
             session=session, platform=question.platform, channel=question.channel
         ),
     )
-    session.add(exchange)
-    question.answer_state = AnswerState.ANSWERED.value
-    session.add(question)
+    insert_row(session=session, record=exchange)
+    session.execute(
+        sql_update(MessageRecord)
+        .execution_options(synchronize_session=False)
+        .where(col(MessageRecord.id) == user_message_id)
+        .values(answer_state=AnswerState.ANSWERED.value)
+    )
     session.commit()
     return answer, exchange
 
