@@ -296,6 +296,7 @@ def build_pipeline(settings: Settings, *, generator: ReplyGenerator | None = Non
         unanswered_max_age=settings.unanswered_max_age_seconds,
         instance_lease=settings.instance_lease_seconds,
         delivery_grace=settings.delivery_grace_seconds,
+        progress_edits_per_second=settings.progress_edits_per_second,
     )
     return ReplyPipeline(
         store=Store(database),

@@ -73,6 +73,8 @@ class Settings(BaseSettings):
     instance_lease_seconds: float = Field(default=60.0, gt=0)
     # A reply recorded but not sent this long after goes to the retry queue.
     delivery_grace_seconds: float = Field(default=60.0, ge=0)
+    # Streamed edits a second for all replies of one workspace together (0: no limit).
+    progress_edits_per_second: float = Field(default=1.0, ge=0)
     delivery_retry_seconds: float = Field(default=30.0, gt=0)  # between retry-queue passes
     # SIGTERM / SIGINT: how long replies in flight may take to finish before the bot exits.
     shutdown_drain_seconds: float = Field(default=20.0, ge=0)

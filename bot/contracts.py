@@ -142,6 +142,9 @@ class PipelineOptions:
     bot_id: str = "chatbot"
     bot_name: str = "chatbot"
     progress_interval: float = 1.0  # seconds between streamed edits (platform rate limits)
+    # Streamed edits a second, all replies of one workspace together (0: no limit); see
+    # bot.pacing.
+    progress_edits_per_second: float = 1.0
     # Crash recovery: unanswered messages younger than this are answered after a crash;
     # older ones are marked gave_up.
     unanswered_max_age: float = 600.0

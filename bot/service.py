@@ -42,6 +42,7 @@ from bot.contracts import (
     StreamingReplyGenerator,
 )
 from bot.conversation import IncomingMessage, Role, Turn, to_chat_messages, utcnow
+from bot.pacing import EditBudgets
 from bot.storage import (
     AnsweredBy,
     AnswerState,
@@ -104,6 +105,7 @@ class ReplyPipeline:
         self.options = options
         self.instance = instance or instance_id()
         self._lease_renewed_at: float | None = None
+        self._edits = EditBudgets(rate=options.progress_edits_per_second)
         # One condition per conversation with messages waiting for their turn: woken when a
         # message of it is done, so a waiting one goes on at once within this process.
         self._turns: weakref.WeakValueDictionary[int, asyncio.Condition] = (
@@ -383,7 +385,11 @@ class ReplyPipeline:
         async for piece in stream:
             text += piece
             now = time.monotonic()
-            if now - last_update >= self.options.progress_interval and text.strip() != shown:
+            if (
+                now - last_update >= self.options.progress_interval
+                and text.strip() != shown
+                and self._edits.take(platform=message.platform, workspace=message.workspace)
+            ):
                 shown = text.strip()
                 last_update = now
                 await shown_in.show(shown)

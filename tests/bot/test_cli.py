@@ -186,6 +186,22 @@ def test_export_settings_reach_the_exporter(tmp_path, monkeypatch) -> None:
         load_settings(data_dir=tmp_path)
 
 
+def test_the_edit_budget_setting_reaches_the_pipeline(tmp_path, monkeypatch) -> None:
+    from bot.cli import build_pipeline
+    from bot.config import ConfigurationError, load_settings
+    from tests.fakes.models import SlowStreamer
+
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'bot.db'}")
+    monkeypatch.setenv("PROGRESS_EDITS_PER_SECOND", "0.5")
+    pipeline = build_pipeline(
+        load_settings(data_dir=tmp_path), generator=SlowStreamer(words=1, pause=0)
+    )
+    assert pipeline.options.progress_edits_per_second == 0.5
+    monkeypatch.setenv("PROGRESS_EDITS_PER_SECOND", "-1")
+    with pytest.raises(ConfigurationError, match="PROGRESS_EDITS_PER_SECOND"):
+        load_settings(data_dir=tmp_path)
+
+
 def test_generation_settings_reach_the_model(tmp_path, tiny_model_dir, monkeypatch) -> None:
     from bot.cli import load_generator
     from bot.config import load_settings

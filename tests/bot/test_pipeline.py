@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
@@ -13,6 +14,7 @@ from sqlmodel import col, select
 
 from bot.contracts import GeneratedReply
 from bot.conversation import IncomingMessage, Role, utcnow
+from bot.pacing import PROGRESS_EDIT_BURST
 from bot.service import (
     APOLOGY,
     STORAGE_APOLOGY,
@@ -35,7 +37,7 @@ from bot.storage import (
 from bot.storage.claims import set_reply_placeholder
 from model.corpus import SEED_EXCHANGES
 from tests.conftest import make_message
-from tests.fakes.models import BrokenModel, RecordingModel
+from tests.fakes.models import BrokenModel, RecordingModel, SlowStreamer
 
 RESET_QUESTION, RESET_ANSWER = SEED_EXCHANGES[0]
 
@@ -242,6 +244,46 @@ async def test_progress_shows_a_placeholder_then_the_growing_reply(
     assert len(shown) > 2  # then the reply as it grew
     assert all(RESET_ANSWER.startswith(partial) for partial in shown)
     assert shown == sorted(shown, key=len)
+
+
+async def test_replies_streaming_at_once_share_one_budget_of_edits(database: Database) -> None:
+    # Each reply may be edited once per progress_interval, but 32 replies at once editing
+    # every second is 1,920 edits a minute: Slack allows chat.update some 50 a minute per
+    # workspace. The edits of all replies of a workspace share one budget.
+    edits: list[float] = []
+
+    async def progress(*, text: str, in_reply_to: IncomingMessage) -> None:
+        if text:  # the placeholder itself is no edit
+            edits.append(time.monotonic())
+
+    sender = RecordingSender()
+    pipeline = pipeline_for(
+        database,
+        SlowStreamer(words=12, pause=0.05),
+        progress_interval=0.0,
+        progress_edits_per_second=4.0,
+    )
+    started = time.monotonic()
+    results = await asyncio.gather(
+        *(
+            pipeline.handle(
+                make_message(f"question {n}", channel=f"C{n}", thread=f"T{n}"),
+                send=sender,
+                progress=progress,
+            )
+            for n in range(8)
+        )
+    )
+    elapsed = time.monotonic() - started
+
+    assert all(r.outcome == Outcome.ANSWERED for r in results)
+    assert len(sender.texts) == 8  # every final text still goes out whole
+    assert 1 <= len(edits) <= PROGRESS_EDIT_BURST + 4.0 * elapsed + 1  # not 8 replies x 12
+    # One reply alone keeps its edits: the budget only bites when replies share it.
+    await asyncio.sleep(PROGRESS_EDIT_BURST / 4.0)  # the budget fills up again
+    edits.clear()
+    await pipeline.handle(make_message("alone", channel="C99"), send=sender, progress=progress)
+    assert len(edits) >= 3
 
 
 async def test_a_failing_progress_sink_does_not_cost_the_reply(
