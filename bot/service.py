@@ -49,6 +49,7 @@ from bot.storage import (
     DeliveryState,
     StorageError,
     Store,
+    StoreTime,
     UndeliveredReply,
     bot_is_in_conversation,
     conversation_history,
@@ -124,6 +125,17 @@ class ReplyPipeline:
         With ``progress``, the reply is streamed to it while it is generated (when the model
         can stream); ``send`` always gets the final text.
         """
+        with Store.timed() as store_time:
+            return await self._handle(message, send=send, progress=progress, store_time=store_time)
+
+    async def _handle(
+        self,
+        message: IncomingMessage,
+        *,
+        send: ReplySender,
+        progress: ProgressSink | None,
+        store_time: StoreTime,
+    ) -> PipelineResult:
         received = time.perf_counter()
         limit = self.options.max_message_chars
         if len(message.text) > limit:
@@ -159,6 +171,7 @@ class ReplyPipeline:
                 delivery=DeliveryState.PENDING,
                 busy_state=AnswerState.REFUSED,
                 received=received,
+                store_time=store_time,
             )
         except ModelBusy:
             # Told to try again: not answered later behind the user's back (state refused).
@@ -254,16 +267,19 @@ class ReplyPipeline:
         delivery: DeliveryState,
         busy_state: AnswerState = AnswerState.UNANSWERED,
         received: float | None = None,
+        store_time: StoreTime | None = None,
     ) -> tuple[GeneratedReply, int, int | None]:
         """Generate and store the reply to ``stored`` (claimed by this instance), in its
         conversation's turn; returns the reply, the stored answer's id and the exchange id.
         A busy model leaves the message in ``busy_state``. ``received`` is the
-        ``time.perf_counter()`` the message arrived at, for the timing log line."""
+        ``time.perf_counter()`` the message arrived at and ``store_time`` the run time of its
+        store calls so far, for the timing log line."""
         assert stored.id is not None
         started = time.perf_counter()
         received = started if received is None else received
         try:
             turns, looked = await self._history_in_turn(stored)
+            fetched = time.perf_counter()
             chat = to_chat_messages(turns, system_prompt=self.options.system_prompt)
             asked = time.perf_counter()
             generated = await self._generate(chat, message, progress, stored.id)
@@ -283,11 +299,15 @@ class ReplyPipeline:
             )
             # The split the serving benchmark reads: our own work against the model's (waiting
             # for the conversation's earlier turns is neither; the last look for them is ours).
+            # ``work`` leaves out the waiting for the store's thread and the event loop too:
+            # the store calls' own run time and the formatting.
             pipeline = (started - received) + (asked - looked) + (time.perf_counter() - answered)
+            work = pipeline if store_time is None else store_time.seconds + (asked - fetched)
             logger.info(
-                "answered message %d: pipeline %.1f ms, model %.1f ms",
+                "answered message %d: pipeline %.1f ms (work %.1f ms), model %.1f ms",
                 stored.id,
                 pipeline * 1000,
+                work * 1000,
                 (answered - asked) * 1000,
             )
         except asyncio.CancelledError:

@@ -17,7 +17,13 @@ worker threads so the event loop never waits on the database. By concern:
 """
 
 from bot.storage.commands import claim_command
-from bot.storage.database import Database, StorageError, Store, create_database_engine
+from bot.storage.database import (
+    Database,
+    StorageError,
+    Store,
+    StoreTime,
+    create_database_engine,
+)
 from bot.storage.delivery import (
     RETRY_CLAIM_SECONDS,
     UndeliveredReply,
@@ -81,6 +87,7 @@ __all__ = [
     "RatingRecord",
     "StorageError",
     "Store",
+    "StoreTime",
     "UndeliveredReply",
     "bot_is_in_conversation",
     "claim_command",

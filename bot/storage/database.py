@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -98,6 +101,17 @@ class Database:
         self.engine.dispose()
 
 
+class StoreTime:
+    """The seconds the store calls of one piece of work (a message) spent running, not
+    waiting for their thread: see :meth:`Store.timing`."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+
+_store_time: ContextVar[StoreTime | None] = ContextVar("store_time", default=None)
+
+
 class Store:
     """Runs the storage functions in worker threads, one session per call.
 
@@ -120,12 +134,35 @@ class Store:
         Raises:
             StorageError: the database failed (unreachable, locked, schema missing).
         """
+        tally = _store_time.get()
         if self._executor is None:
-            return await asyncio.to_thread(self._call, function, kwargs)
+            return await asyncio.to_thread(self._call, function, kwargs, tally)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._call, function, kwargs)
+        return await loop.run_in_executor(self._executor, self._call, function, kwargs, tally)
 
-    def _call(self, function: Callable[..., T], kwargs: dict[str, Any]) -> T:
+    @staticmethod
+    @contextlib.contextmanager
+    def timed() -> Iterator[StoreTime]:
+        """Within the block, the run time of this task's store calls adds up in the
+        :class:`StoreTime` it gives (the time waiting for the store's thread does not)."""
+        tally = StoreTime()
+        token = _store_time.set(tally)
+        try:
+            yield tally
+        finally:
+            _store_time.reset(token)
+
+    def _call(
+        self, function: Callable[..., T], kwargs: dict[str, Any], tally: StoreTime | None = None
+    ) -> T:
+        started = time.perf_counter()
+        try:
+            return self._run_in_session(function, kwargs)
+        finally:
+            if tally is not None:
+                tally.seconds += time.perf_counter() - started
+
+    def _run_in_session(self, function: Callable[..., T], kwargs: dict[str, Any]) -> T:
         try:
             with self.database.session() as session:
                 return function(session=session, **kwargs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
@@ -284,6 +285,34 @@ async def test_replies_streaming_at_once_share_one_budget_of_edits(database: Dat
     edits.clear()
     await pipeline.handle(make_message("alone", channel="C99"), send=sender, progress=progress)
     assert len(edits) >= 3
+
+
+async def test_the_timing_line_tells_the_pipelines_work_from_its_waiting(
+    database: Database, tiny_model, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The line the end-to-end benchmark reads. Waiting for SQLite's one store thread is part
+    # of the pipeline's time but not of its work (the store calls' own run time).
+    if not database.url.startswith("sqlite"):
+        pytest.skip("PostgreSQL's store calls run side by side: none waits for another")
+    pipeline = pipeline_for(database, tiny_model)
+
+    def hold(*, session: Any) -> None:
+        time.sleep(0.3)
+
+    with caplog.at_level(logging.INFO, logger="bot.service"):
+        held = asyncio.create_task(pipeline.store.run(hold))
+        await asyncio.sleep(0.02)  # the store's thread is busy with it
+        result = await pipeline.handle(make_message(RESET_QUESTION), send=RecordingSender())
+        await held
+
+    assert result.outcome == Outcome.ANSWERED
+    (line,) = [r.getMessage() for r in caplog.records if "answered message" in r.getMessage()]
+    found = re.search(r"pipeline ([\d.]+) ms \(work ([\d.]+) ms\), model ([\d.]+) ms", line)
+    assert found is not None, line
+    pipeline_ms, work_ms, model_ms = (float(g) for g in found.groups())
+    assert pipeline_ms >= 250  # it waited behind the held call
+    assert 0 < work_ms < 100 and work_ms < pipeline_ms
+    assert model_ms > 0
 
 
 async def test_a_failing_progress_sink_does_not_cost_the_reply(

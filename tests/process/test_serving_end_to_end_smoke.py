@@ -51,5 +51,10 @@ def test_end_to_end_benchmark_measures_both_platforms(tiny_model_dir: Path, tmp_
     for row in rows:
         assert row["seconds"] > 0
         assert len(row["pipeline_ms"]) == len(row["model_ms"]) == row["messages"], row
+        assert len(row["work_ms"]) == row["messages"], row
+        # Work is the pipeline's time without the waiting (the placeholder's record, made
+        # while the model generates, is work the pipeline's time does not hold: 1 ms slack).
+        pairs = zip(row["work_ms"], row["pipeline_ms"], strict=True)
+        assert all(0 < work <= wall + 1.0 for work, wall in pairs), row
         assert all(ms > 0 for ms in row["model_ms"]), row
     assert rows[0]["ratio"] is None and rows[1]["ratio"] > 0 and rows[3]["ratio"] > 0
