@@ -551,7 +551,10 @@ async def bench_model(name: str, path: Path, *, plan: Plan) -> ModelFigures:
 
     try:
         await row("a", lambda: isolated(plain_generate, first))
-        await at_once(request_calls(service, first[:1], max_new_tokens=plan.max_new_tokens))
+        # Each path is warmed up once on its own shape, as (a) is on one question in its
+        # process: the service on one batch of the same requests (the first batch of a size
+        # allocates its caches' buffers).
+        await at_once(request_calls(service, first, max_new_tokens=plan.max_new_tokens))
         alone = request_calls(
             service, first[:1] * plan.single_repeats, max_new_tokens=plan.max_new_tokens
         )

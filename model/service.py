@@ -19,6 +19,7 @@ in the background, sends new requests to it and lets the old model finish what i
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
@@ -105,6 +106,7 @@ class ModelService:
         self._engine = self._start(local)
         self._retiring: set[asyncio.Future[None]] = set()
         self._swapping = False
+        settle_heap()
 
     @classmethod
     def load(
@@ -277,10 +279,19 @@ class ModelService:
         finally:
             self._swapping = False
         logger.info("model %s now serves new requests (was %s)", local.version, old.version)
-        retiring = asyncio.ensure_future(asyncio.to_thread(old.scheduler.close))
+        retiring = asyncio.ensure_future(self._retire(old))
         self._retiring.add(retiring)
         retiring.add_done_callback(self._retiring.discard)
         return local.version
+
+    @staticmethod
+    async def _retire(engine: _Engine) -> None:
+        """Let the old model finish its requests, then go: its memory is freed, and the new
+        model's objects are settled out of the collector's reach in its place."""
+        await asyncio.to_thread(engine.scheduler.close)
+        del engine
+        gc.unfreeze()  # the old model's objects too, so that their cycles can be collected
+        settle_heap()
 
     async def aclose(self) -> None:
         """Finish the requests in flight and stop (awaitable form of :meth:`close`)."""
@@ -291,6 +302,16 @@ class ModelService:
     def close(self) -> None:
         """Take no more requests, finish those in flight, stop the worker (blocking)."""
         self._engine.scheduler.close()
+
+
+def settle_heap() -> None:
+    """Collect, then move every object alive now (the model, its tokenizer, the libraries) to
+    the permanent generation, which full collections do not walk (``gc.freeze``, as vLLM does
+    after start-up). A full collection walking them stalled everything by some 0.3 s: a batch of
+    32 replies of the default model took 0.35-0.42 s instead of 0.08-0.09 s whenever one ran.
+    Reference counting still frees these objects; only their cycles wait for ``unfreeze``."""
+    gc.collect()
+    gc.freeze()
 
 
 async def in_passing_thread(work: Callable[[], T]) -> T:
