@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import json
 import shutil
 import time
@@ -142,6 +143,28 @@ async def test_requests_admitted_together_are_prefilled_packed_without_padding(
     assert [await request.done for request in requests] == expected
     assert forwards[0] == (1, sum(len(ids) for ids in prompts))
     assert all(rows == len(prompts) for rows, _ in forwards[1:2])  # then decoded together
+
+
+async def test_rows_of_ended_requests_leave_the_cache_together(
+    local: LocalModel, serve: Any, forwards: list[tuple[int, int]]
+) -> None:
+    # Compacting the cache copies every layer's keys and values: done once per group of ended
+    # rows (a quarter of the batch), not each time one row ends. The replies stay the same.
+    service = serve(max_batch=16, max_wait=0.2)
+    prompts = [local.fit_prompt(user(q), max_new_tokens=40).token_ids for q in QUESTIONS]
+    expected = [local.generate_ids_sync(ids, max_new_tokens=40) for ids in prompts]
+    ends = {len(ids) for ids in expected}  # the steps at which requests end
+    assert len(ends) > 3
+    forwards.clear()
+
+    scheduler = service._engine.scheduler
+    requests = [scheduler.submit(prompt_ids=ids, max_new_tokens=40) for ids in prompts]
+
+    assert [await request.done for request in requests] == expected
+    decoded_rows = [rows for rows, tokens in forwards if tokens == 1]
+    assert decoded_rows == sorted(decoded_rows, reverse=True)
+    shrinks = sum(1 for a, b in itertools.pairwise(decoded_rows) if b < a)
+    assert 0 < shrinks < len(ends) - 1
 
 
 async def test_a_packed_prefill_holds_at_most_its_token_budget(
