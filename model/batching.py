@@ -36,7 +36,6 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
@@ -46,6 +45,7 @@ from transformers.generation.logits_process import (
 from transformers.generation.stopping_criteria import StopStringCriteria
 
 from bot.contracts import ModelBusy
+from model.kv_cache import cache_layers, left_pad, roomy_cache, unpack_rows
 
 logger = logging.getLogger(__name__)
 
@@ -372,7 +372,7 @@ class BatchScheduler:
         allowed = (segment[:, None] == segment[None, :]) & (position[None, :] <= position[:, None])
         ends = starts + torch.tensor(lengths) - 1
         device = self.device
-        cache = _roomy_cache()
+        cache = roomy_cache()
         output = self.model(
             input_ids=input_ids.to(device),
             attention_mask=self._packed_mask(allowed[None, None].to(device)),
@@ -391,10 +391,13 @@ class BatchScheduler:
         mask = (columns[None, :] >= padding[:, None]).long().to(device)
         index = source.flatten().to(device)
         layers = [
-            (_unpack(layer.keys, index, len(requests)), _unpack(layer.values, index, len(requests)))
-            for layer in _layers(cache)
+            (
+                unpack_rows(layer.keys, index, len(requests)),
+                unpack_rows(layer.values, index, len(requests)),
+            )
+            for layer in cache_layers(cache)
         ]
-        batch = _Batch(requests, _roomy_cache(layers), mask, tokens)
+        batch = _Batch(requests, roomy_cache(layers), mask, tokens)
         return self._advance(batch, tokens)
 
     def _packed_mask(self, allowed: torch.Tensor) -> torch.Tensor:
@@ -553,7 +556,7 @@ def _select(batch: _Batch, keep: list[int], tokens: torch.Tensor) -> _Batch | No
     start = int(used[0]) if len(used) else 0
     if start > 0:
         batch.mask = batch.mask[:, start:]
-        for layer in _layers(batch.cache):
+        for layer in cache_layers(batch.cache):
             layer.keys = layer.keys[:, :, start:]
             layer.values = layer.values[:, :, start:]
     return batch
@@ -574,95 +577,20 @@ def _packs(requests: list[GenerationRequest], *, budget: int) -> list[list[Gener
     return packs
 
 
-def _unpack(packed: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
-    """A packed cache tensor (``[1, heads, T, dim]``) as ``rows`` left-padded rows
-    (``[rows, heads, width, dim]``), taking the positions ``index`` (``rows * width``)."""
-    heads, dim = packed.shape[1], packed.shape[3]
-    picked = packed[0].index_select(1, index)  # [heads, rows * width, dim]
-    return picked.view(heads, rows, -1, dim).transpose(0, 1)
-
-
 def _join(batch: _Batch | None, joining: _Batch | None) -> _Batch | None:
     """One batch of both: the shorter one's cache and mask left-padded to the longer one's."""
     if batch is None or joining is None:
         return batch or joining
     width = max(batch.mask.shape[1], joining.mask.shape[1])
     layers: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for mine, theirs in zip(_layers(batch.cache), _layers(joining.cache), strict=True):
-        keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
-        values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
+    for mine, theirs in zip(cache_layers(batch.cache), cache_layers(joining.cache), strict=True):
+        keys = torch.cat([left_pad(mine.keys, width), left_pad(theirs.keys, width)])
+        values = torch.cat([left_pad(mine.values, width), left_pad(theirs.values, width)])
         layers.append((keys, values))
-    mask = torch.cat([_left_pad(batch.mask, width), _left_pad(joining.mask, width)])
+    mask = torch.cat([left_pad(batch.mask, width), left_pad(joining.mask, width)])
     return _Batch(
         rows=batch.rows + joining.rows,
-        cache=_roomy_cache(layers),
+        cache=roomy_cache(layers),
         mask=mask,
         last=torch.cat([batch.last, joining.last]),
     )
-
-
-class _RoomyLayer(DynamicLayer):
-    """A cache layer whose keys and values are views into buffers with room to grow.
-
-    ``DynamicLayer`` appends each decoding step with ``torch.cat``, copying the whole cache of
-    every row every step; here a step writes its one position in place, and the buffers are
-    copied only when they fill up or the rows change (then with room for as much again).
-    """
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        length = self.get_seq_length()
-        needed = length + key_states.shape[-2]
-        keys: Any = self.keys
-        values: Any = self.values
-        buffers: tuple[torch.Tensor, torch.Tensor] | None = getattr(self, "_buffers", None)
-        if (
-            buffers is None
-            or buffers[0].shape[-2] < needed
-            or buffers[0].shape[0] != key_states.shape[0]
-            # keys replaced from outside (rows selected, padding cut): start a new buffer
-            or (length and keys.data_ptr() != buffers[0].data_ptr())
-        ):
-            room = max(2 * needed, needed + 64)
-            shape = (*key_states.shape[:-2], room, key_states.shape[-1])
-            buffers = (key_states.new_empty(shape), value_states.new_empty(shape))
-            if length:
-                buffers[0][..., :length, :] = keys
-                buffers[1][..., :length, :] = values
-            self._buffers = buffers
-        buffers[0][..., length:needed, :] = key_states
-        buffers[1][..., length:needed, :] = value_states
-        self.keys = buffers[0][..., :needed, :]
-        self.values = buffers[1][..., :needed, :]
-        return self.keys, self.values
-
-
-def _roomy_cache(layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> DynamicCache:
-    """A ``DynamicCache`` of :class:`_RoomyLayer`s, holding ``layers``' keys and values."""
-    cache = DynamicCache()
-    cache.layer_class_to_replicate = _RoomyLayer
-    for keys, values in layers or []:
-        layer = _RoomyLayer()
-        layer.update(keys, values)
-        cache.layers.append(layer)
-    return cache
-
-
-def _layers(cache: DynamicCache) -> list[Any]:
-    """The cache's layers: full-attention ``DynamicLayer``s, each with ``keys`` and ``values``
-    of shape ``[rows, heads, T, head_dim]``."""
-    return list(cache.layers)
-
-
-def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """``tensor`` with zeros in front along its sequence axis (2 for KV, 1 for a mask)."""
-    axis = 2 if tensor.dim() == 4 else 1
-    missing = width - tensor.shape[axis]
-    if missing <= 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[axis] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=axis)

@@ -464,10 +464,10 @@ def test_the_roomy_cache_layer_holds_what_a_plain_layer_holds() -> None:
     import torch
     from transformers.cache_utils import DynamicLayer
 
-    from model.batching import _RoomyLayer
+    from model.kv_cache import RoomyLayer
 
     torch.manual_seed(0)
-    roomy: Any = _RoomyLayer()
+    roomy: Any = RoomyLayer()
     plain: Any = DynamicLayer()
     copies = 0
     for step in range(40):
