@@ -363,14 +363,14 @@ class BatchScheduler:
         of its own sequence only, and its position id counts from its sequence's start. The
         cache is then laid out as one left-padded row per request."""
         sequences = [request.ids for request in requests]
-        lengths = [len(ids) for ids in sequences]
-        total, width = sum(lengths), max(lengths)
+        length = torch.tensor([len(ids) for ids in sequences])
+        total, width = int(length.sum()), int(length.max())
         input_ids = torch.tensor([[t for ids in sequences for t in ids]], dtype=torch.long)
-        segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-        starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)
+        segment = torch.repeat_interleave(torch.arange(len(sequences)), length)
+        starts = length.cumsum(0) - length
         position = torch.arange(total) - starts[segment]
         allowed = (segment[:, None] == segment[None, :]) & (position[None, :] <= position[:, None])
-        ends = starts + torch.tensor(lengths) - 1
+        ends = starts + length - 1
         device = self.device
         cache = roomy_cache()
         output = self.model(
@@ -386,7 +386,7 @@ class BatchScheduler:
         # Row r's cache: its own positions, right-aligned in ``width`` columns; the columns
         # before it (padding) point at any position and are masked out.
         columns = torch.arange(width)
-        padding = width - torch.tensor(lengths)
+        padding = width - length
         source = (starts[:, None] + columns[None, :] - padding[:, None]).clamp(min=0)
         mask = (columns[None, :] >= padding[:, None]).long().to(device)
         index = source.flatten().to(device)
@@ -403,7 +403,7 @@ class BatchScheduler:
     def _packed_mask(self, allowed: torch.Tensor) -> torch.Tensor:
         """``allowed`` (``[1, 1, T, T]``, True where a query may see a key) as the attention
         implementation takes a 4-D mask: boolean for SDPA, additive for the others."""
-        if getattr(self.model.config, "_attn_implementation", None) == "sdpa":
+        if self._uses_sdpa:
             return allowed
         dtype = self.model.dtype
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
@@ -442,9 +442,15 @@ class BatchScheduler:
         the default model (4.5 -> 4.0 ms for 32 rows), the same tokens. Other attention
         implementations get the 2-D mask to build their own.
         """
-        if getattr(self.model.config, "_attn_implementation", None) == "sdpa":
+        if self._uses_sdpa:
             return mask[:, None, None, :].bool()
         return mask
+
+    @property
+    def _uses_sdpa(self) -> bool:
+        """Whether the model attends through SDPA, which takes a boolean 4-D mask as is (read
+        each time: the attention implementation can be changed on a loaded model)."""
+        return getattr(self.model.config, "_attn_implementation", None) == "sdpa"
 
     def _count_step(self, rows: int) -> None:
         with self._condition:
