@@ -103,7 +103,7 @@ class Database:
 
 class StoreTime:
     """The seconds the store calls of one piece of work (a message) spent running, not
-    waiting for their thread: see :meth:`Store.timing`."""
+    waiting for their thread: see :meth:`Store.timed`."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
@@ -153,7 +153,7 @@ class Store:
             _store_time.reset(token)
 
     def _call(
-        self, function: Callable[..., T], kwargs: dict[str, Any], tally: StoreTime | None = None
+        self, function: Callable[..., T], kwargs: dict[str, Any], tally: StoreTime | None
     ) -> T:
         started = time.perf_counter()
         try:

@@ -41,10 +41,14 @@ def _row_values(record: SQLModel) -> dict[str, Any]:
 
 
 @functools.cache
-def _insert_statement(table: Any, dialect: str, *, unless_duplicate: bool) -> Any:
-    """One INSERT per table (and dialect), built once: the values go in as parameters."""
-    if not unless_duplicate:
-        return sql_insert(table)
+def _plain_insert(table: Any) -> Any:
+    """One INSERT per table, built once: the values go in as parameters."""
+    return sql_insert(table)
+
+
+@functools.cache
+def _insert_unless_duplicate(table: Any, dialect: str) -> Any:
+    """One ``INSERT ... ON CONFLICT DO NOTHING RETURNING id`` per table and dialect."""
     insert: Any = {"sqlite": sqlite_insert, "postgresql": postgresql_insert}[dialect]
     return insert(table).on_conflict_do_nothing().returning(table.c.id)
 
@@ -55,8 +59,7 @@ def insert_row(*, session: Session, record: SQLModel) -> int:
     (flush, identity map, savepoints) and building each statement anew cost more than the
     statements themselves."""
     table: Any = type(record).__table__  # type: ignore[attr-defined]
-    statement = _insert_statement(table, "", unless_duplicate=False)
-    result: Any = session.execute(statement, _row_values(record))
+    result: Any = session.execute(_plain_insert(table), _row_values(record))
     key = result.inserted_primary_key
     assert key is not None
     return _stored_as(record, int(key[0]))
@@ -81,7 +84,7 @@ def insert_unless_duplicate(*, session: Session, record: SQLModel) -> int | None
                 return insert_row(session=session, record=record)
         except IntegrityError:
             return None
-    statement = _insert_statement(table, dialect, unless_duplicate=True)
+    statement = _insert_unless_duplicate(table, dialect)
     new_id = session.execute(statement, _row_values(record)).scalar()
     return None if new_id is None else _stored_as(record, int(new_id))
 
