@@ -62,7 +62,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from multiprocessing import get_context
@@ -766,12 +766,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 async def run(args: argparse.Namespace, workdir: Path) -> tuple[list[ModelFigures], float]:
+    from model.service import on_passing_thread
+
     torch.manual_seed(args.seed)
     # In a thread that then ends: a live thread that ran large matrix products leaves the
     # service's worker thread about 2x slower for good (measured: (b) on the default model
     # 0.26-0.36 s instead of 0.10-0.16 s); a finished thread leaves nothing behind.
-    with ThreadPoolExecutor(max_workers=1) as once:
-        roof = once.submit(measure_roof, repeats=3 if args.quick else 8).result()
+    roof = on_passing_thread(partial(measure_roof, repeats=3 if args.quick else 8))
     log(f"fp32 matmul roof: {roof / 1e9:.1f} GFLOP/s on {torch.get_num_threads()} threads")
     plan = Plan(
         rows=args.row_keys,

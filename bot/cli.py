@@ -21,7 +21,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -178,7 +178,7 @@ def load_generator(settings: Settings) -> ReplyGenerator:
         # Said before torch is imported: that alone takes seconds.
         raise CommandError(f"MODEL_PATH {path} is not a folder (a model folder or hub id)")
     from model.loading import ModelLoadError, ensure_default_model
-    from model.service import BatchSettings, LocalModel, ModelService
+    from model.service import BatchSettings, LocalModel, ModelService, on_passing_thread
 
     # Settings validated the values already, so this raises nothing.
     generation = _generation_settings(settings)
@@ -188,10 +188,9 @@ def load_generator(settings: Settings) -> ReplyGenerator:
         if settings.uses_default_model:
             # Trained on a thread that then ends: a live thread that ran torch work slows the
             # batch worker about 2x for good (see model.service.in_passing_thread).
-            with ThreadPoolExecutor(max_workers=1) as once:
-                once.submit(
-                    ensure_default_model, settings.default_model_dir, progress=_progress
-                ).result()
+            on_passing_thread(
+                partial(ensure_default_model, settings.default_model_dir, progress=_progress)
+            )
         return ModelService.load(
             settings.resolved_model_path,
             device=settings.model_device,

@@ -23,6 +23,7 @@ import gc
 import logging
 import threading
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -312,6 +313,12 @@ def settle_heap() -> None:
     Reference counting still frees these objects; only their cycles wait for ``unfreeze``."""
     gc.collect()
     gc.freeze()
+
+
+def on_passing_thread(work: Callable[[], T]) -> T:
+    """Blocking code's :func:`in_passing_thread`: ``work()`` on a thread that ends with it."""
+    with ThreadPoolExecutor(max_workers=1) as once:  # its one thread ends on leaving
+        return once.submit(work).result()
 
 
 async def in_passing_thread(work: Callable[[], T]) -> T:

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -334,3 +335,39 @@ def test_unknown_device_or_dtype_is_a_load_error(
 ) -> None:
     with pytest.raises(ModelLoadError, match="unknown"):
         LocalModel.load(tiny_model_dir, device=device, dtype=dtype)
+
+
+def test_passing_thread_work_runs_on_a_thread_that_ends() -> None:
+    # Torch work on a live thread slows the batch worker for good; these helpers leave none.
+    from model.service import on_passing_thread
+
+    ran_on: list[threading.Thread] = []
+
+    def work() -> int:
+        ran_on.append(threading.current_thread())
+        return 7
+
+    assert on_passing_thread(work) == 7
+    (thread,) = ran_on
+    assert thread is not threading.current_thread() and not thread.is_alive()
+
+    def fail() -> None:
+        raise ValueError("broken folder")
+
+    with pytest.raises(ValueError, match="broken folder"):
+        on_passing_thread(fail)
+
+
+async def test_awaited_passing_thread_work_runs_on_a_thread_that_ends() -> None:
+    from model.service import in_passing_thread
+
+    ran_on: list[threading.Thread] = []
+
+    def work() -> str:
+        ran_on.append(threading.current_thread())
+        return "loaded"
+
+    assert await in_passing_thread(work) == "loaded"
+    (thread,) = ran_on
+    thread.join(5)
+    assert thread is not threading.current_thread() and not thread.is_alive()
