@@ -1,0 +1,169 @@
+"""Fine-tuning (model/train.py): the loss mask at the token level, the replay mix, a real
+training run on the tiny model, and the training process's JSON protocol."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from model.local_model import LocalModel
+from model.train import (
+    IGNORE_INDEX,
+    Example,
+    Progress,
+    Recipe,
+    TrainingJob,
+    encode_exchange,
+    fine_tune,
+    training_examples,
+)
+
+TAUGHT = [
+    ("What colour is the office door?", "The office door is green."),
+    ("Who waters the plants?", "Sam waters the plants on Fridays."),
+    ("Where is the spare key?", "The spare key is under the blue mat."),
+]
+
+
+def exchange(question: str, answer: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+@pytest.fixture(scope="module")
+def local(tiny_model_dir: Path) -> LocalModel:
+    return LocalModel.load(tiny_model_dir, device="cpu")
+
+
+def test_the_loss_falls_on_the_answer_and_its_eos_only(local: LocalModel) -> None:
+    question, answer = TAUGHT[0]
+    example = encode_exchange(local, exchange(question, answer))
+    assert example is not None
+    served = local.fit_prompt([{"role": "user", "content": question}], max_new_tokens=32)
+    prompt_length = len(served.token_ids)
+    # The prompt is exactly what serving feeds the model, and none of it is learned.
+    assert example.input_ids[:prompt_length] == served.token_ids
+    assert example.labels[:prompt_length] == [IGNORE_INDEX] * prompt_length
+    # Everything after it is learned: the answer's tokens, then eos, so the model learns to stop.
+    learned = example.labels[prompt_length:]
+    assert learned == example.input_ids[prompt_length:]
+    assert IGNORE_INDEX not in learned
+    assert learned[-1] == local.tokenizer.eos_token_id
+    assert local.tokenizer.decode(learned, skip_special_tokens=True).strip() == answer
+
+
+def test_examples_follow_the_served_history_setting(local: LocalModel) -> None:
+    conversation = [
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Hi there!"},
+        {"role": "user", "content": TAUGHT[1][0]},
+        {"role": "assistant", "content": TAUGHT[1][1]},
+    ]
+    example = encode_exchange(local, conversation)
+    assert example is not None
+    served = local.fit_prompt(conversation[:-1], max_new_tokens=32)
+    assert example.input_ids[: len(served.token_ids)] == served.token_ids
+    # The tiny model declares no history pairs? Then the earlier turn is not in the example.
+    if local.history_pairs == 0:
+        assert "Hello" not in local.tokenizer.decode(example.input_ids)
+
+
+def test_unusable_exchanges_are_skipped(local: LocalModel) -> None:
+    assert encode_exchange(local, [{"role": "user", "content": "hi"}]) is None  # no answer
+    assert encode_exchange(local, exchange("hi", "   ")) is None  # empty answer
+    assert encode_exchange(local, [{"role": "assistant", "content": "x"}] * 2) is None
+    huge = "word " * (local.context_window * 2)
+    assert encode_exchange(local, exchange(huge, "ok")) is None  # cut question: not learned
+
+
+def fake(n: int) -> Example:
+    return Example(input_ids=[n], labels=[n])
+
+
+def test_each_pass_shows_every_new_example_and_fresh_replay() -> None:
+    new = [fake(i) for i in range(4)]
+    replay = [fake(100 + i) for i in range(10)]
+    order = training_examples(new, replay, Recipe(epochs=5, replay_ratio=2.0, seed=3))
+    counts = Counter(example.input_ids[0] for example in order)
+    assert all(counts[i] == 5 for i in range(4))  # every new example, once a pass
+    assert sum(counts[100 + i] for i in range(10)) == 5 * 4 * 2  # the ratio, each pass
+    # Drawn without repeats until the pool is used up: 40 draws of 10 are 4 of each.
+    assert {counts[100 + i] for i in range(10)} == {4}
+    assert len(training_examples(new, [], Recipe(epochs=3))) == 12  # no replay pool
+
+
+def test_the_method_follows_the_size() -> None:
+    recipe = Recipe(lora_from_parameters=1000)
+    assert recipe.chosen_method(999) == "full"
+    assert recipe.chosen_method(1000) == "lora"
+    assert Recipe(method="full", lora_from_parameters=1).chosen_method(10**9) == "full"
+    with pytest.raises(ValueError, match="epochs"):
+        Recipe(epochs=0)
+
+
+def test_a_fine_tuned_model_answers_what_it_was_taught(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from model.bootstrap import TINY_EXCHANGES
+
+    before = LocalModel.load(tiny_model_dir, device="cpu")
+    ask = [{"role": "user", "content": TAUGHT[0][0]}]
+    assert before.generate_sync(messages=ask, max_new_tokens=24) != TAUGHT[0][1]
+    progress: list[Progress] = []
+    report = fine_tune(
+        base=tiny_model_dir,
+        output=tmp_path / "candidate",
+        new=[exchange(*pair) for pair in TAUGHT],
+        replay=[exchange(*pair) for pair in TINY_EXCHANGES],
+        recipe=Recipe(epochs=100, replay_ratio=1.0, learning_rate=5e-3, batch_size=8),
+        progress=progress.append,
+    )
+    assert report.method == "full"
+    assert report.new_examples == 3
+    assert report.examples == 100 * 3 * 2
+    assert progress and progress[-1].step <= report.steps
+    assert report.losses[-1][1] < report.losses[0][1]  # it learned something
+    after = LocalModel.load(tmp_path / "candidate", device="cpu")  # a plain model folder
+    answers = [
+        after.generate_sync(messages=[{"role": "user", "content": q}], max_new_tokens=24)
+        for q, _ in TAUGHT
+    ]
+    assert answers == [a for _, a in TAUGHT]
+    assert (tmp_path / "candidate" / "chat_template.jinja").is_file()
+
+
+def test_the_training_process_reports_in_json_lines(tiny_model_dir: Path, tmp_path: Path) -> None:
+    job = tmp_path / "job.json"
+    TrainingJob(
+        base=str(tiny_model_dir),
+        output=str(tmp_path / "out"),
+        new=[exchange(*TAUGHT[0])],
+        replay=[],
+        recipe={"epochs": 2, "batch_size": 1},
+    ).write(job)
+    done = subprocess.run(
+        [sys.executable, "-m", "model.train", str(job)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    events = [json.loads(line) for line in done.stdout.splitlines()]  # nothing but JSON
+    assert events[-1]["event"] == "done"
+    assert events[-1]["report"]["steps"] == 2
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_a_training_that_cannot_run_says_why(tmp_path: Path) -> None:
+    job = tmp_path / "job.json"
+    TrainingJob(
+        base=str(tmp_path / "missing"), output=str(tmp_path / "out"), new=[], replay=[]
+    ).write(job)
+    done = subprocess.run(
+        [sys.executable, "-m", "model.train", str(job)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1
+    last = json.loads(done.stdout.splitlines()[-1])
+    assert last["event"] == "failed"
+    assert "missing" in last["error"]
