@@ -267,8 +267,7 @@ def seed_postgres(url: str, n: int) -> None:
 
 
 def run_export(url: str, directory: Path) -> dict[str, Any]:
-    from bot.export import Exporter, ExportOptions
-    from bot.redaction import Pseudonymizer
+    from bot.learning import Exporter, ExportOptions, Pseudonymizer
     from model.prompt import format_prompt
 
     exporter = Exporter(
@@ -320,7 +319,7 @@ def measured(kind: str, url: str, directory: Path) -> dict[str, float]:
 
 
 def measure_main(kind: str, url: str, directory: Path) -> None:
-    from bot.export import peak_memory_mb
+    from bot.learning import peak_memory_mb
 
     figures = run_export(url, directory) if kind == "export" else run_baseline(url, directory)
     # VmHWM, not ru_maxrss: the latter survives exec and would report the peak of the large

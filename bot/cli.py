@@ -31,7 +31,7 @@ from bot.storage import Database, StorageError, Store
 if TYPE_CHECKING:
     from adapters.base import Adapter
     from bot.commands import Commands
-    from bot.export import Exporter
+    from bot.learning import Exporter
     from bot.service import ReplyGenerator, ReplyPipeline
     from model.generation import GenerationSettings
 
@@ -115,9 +115,7 @@ def _model_init(settings: Settings, *, force: bool) -> int:
 
 def build_exporter(settings: Settings, database: Database, **overrides: Any) -> Exporter:
     """The exporter, formatting training text with the model service's prompt formatter."""
-    from bot.export import Exporter, ExportOptions
-    from bot.learning import load_pseudonym_key
-    from bot.redaction import Pseudonymizer
+    from bot.learning import Exporter, ExportOptions, Pseudonymizer, load_pseudonym_key
     from model.prompt import format_prompt
 
     options = ExportOptions(
@@ -142,7 +140,7 @@ def build_exporter(settings: Settings, database: Database, **overrides: Any) -> 
 def _export(settings: Settings, *, include_unrated: bool) -> int:
     from tqdm import tqdm
 
-    from bot.export import ExportError
+    from bot.learning import ExportError
 
     database = Database(settings.resolved_database_url)
     database.upgrade()
@@ -307,8 +305,7 @@ def build_pipeline(settings: Settings, *, generator: ReplyGenerator | None = Non
 def build_commands(settings: Settings, pipeline: ReplyPipeline) -> Commands:
     """The chat commands, reporting on the pipeline's store and model."""
     from bot.commands import Commands
-    from bot.learning import LearningActions, load_pseudonym_key
-    from bot.redaction import Pseudonymizer
+    from bot.learning import LearningActions, Pseudonymizer, load_pseudonym_key
 
     key = load_pseudonym_key(configured=settings.pseudonym_key, data_dir=settings.data_dir)
     learning = LearningActions(
@@ -355,7 +352,7 @@ def platform_adapters(
 
 async def _serve(settings: Settings, *, chat_only: bool, json_lines: bool) -> int:
     from adapters.console import ConsoleChat
-    from bot.scheduler import ExportScheduler, parse_schedule
+    from bot.learning import ExportScheduler, parse_schedule
 
     trigger = parse_schedule(settings.export_schedule)
     pipeline = build_pipeline(settings)

@@ -79,7 +79,7 @@ class Settings(BaseSettings):
     # SIGTERM / SIGINT: how long replies in flight may take to finish before the bot exits.
     shutdown_drain_seconds: float = Field(default=20.0, ge=0)
 
-    # Learning data (bot/export.py).
+    # Learning data (bot/learning/).
     export_dir: Path | None = Field(
         default=None, description="Where export shards go; empty means DATA_DIR/exports."
     )

@@ -14,9 +14,7 @@ from sqlmodel import select
 
 from adapters.console import ConsoleChat
 from bot.commands import Commands
-from bot.export import Exporter, ExportOptions
-from bot.learning import LearningActions
-from bot.redaction import Pseudonymizer
+from bot.learning import Exporter, ExportOptions, LearningActions, Pseudonymizer
 from bot.service import PipelineOptions, ReplyGenerator, ReplyPipeline
 from bot.storage import Database, MessageRecord, Store
 from model.corpus import SEED_EXCHANGES

@@ -24,9 +24,7 @@ from bot.commands import ADMIN_ONLY, Command, CommandAction, Commands
 from bot.config import Settings
 from bot.contracts import GeneratedReply
 from bot.conversation import IncomingMessage, Role
-from bot.export import Exporter, ExportOptions
-from bot.learning import LearningActions
-from bot.redaction import Pseudonymizer
+from bot.learning import Exporter, ExportOptions, LearningActions, Pseudonymizer
 from bot.replies import split_reply
 from bot.service import (
     APOLOGY,

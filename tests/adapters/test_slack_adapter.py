@@ -26,9 +26,7 @@ from adapters.slack_replies import PLACEHOLDER, ThreadReply
 from bot.commands import Commands
 from bot.config import ConfigurationError, Settings
 from bot.contracts import GeneratedReply
-from bot.export import Exporter, ExportOptions
-from bot.learning import LearningActions
-from bot.redaction import Pseudonymizer
+from bot.learning import Exporter, ExportOptions, LearningActions, Pseudonymizer
 from bot.replies import split_reply
 from bot.service import APOLOGY, PartialDelivery, PipelineOptions, ReplyGenerator, ReplyPipeline
 from bot.storage import (

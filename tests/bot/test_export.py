@@ -21,17 +21,17 @@ from sqlalchemy import text
 from sqlmodel import select
 
 from bot.conversation import Role
-from bot.export import (
+from bot.learning import (
     FORMATS,
     Exporter,
     ExportError,
     ExportOptions,
+    Pseudonymizer,
     data_files,
     part_name,
     shard_files,
     shard_folders,
 )
-from bot.redaction import Pseudonymizer
 from bot.storage import (
     AnsweredBy,
     ChannelSettingRecord,
@@ -831,7 +831,7 @@ def test_an_export_goes_on_alone_when_workers_cannot_start(
 
     monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", refuse)
     expected = varied_exchanges(database, 20)
-    with caplog.at_level(logging.WARNING, logger="bot.export"):
+    with caplog.at_level(logging.WARNING, logger="bot.learning.exporter"):
         result = exporter_for(
             database, tmp_path / "out", create_directory=True, workers=3, parallel_from=1
         ).run()
@@ -865,8 +865,7 @@ def test_a_failing_worker_stops_the_export_and_changes_nothing(
 KILL_SCRIPT = """
 import os, sys, time
 from pathlib import Path
-from bot.export import Exporter, ExportOptions
-from bot.redaction import Pseudonymizer
+from bot.learning import Exporter, ExportOptions, Pseudonymizer
 from bot.storage import Database
 from model.prompt import format_prompt
 
@@ -932,8 +931,7 @@ def test_a_kill_at_any_step_neither_duplicates_nor_skips(
 PARALLEL_KILL_SCRIPT = """
 import sys, time
 from pathlib import Path
-from bot.export import Exporter, ExportOptions
-from bot.redaction import Pseudonymizer
+from bot.learning import Exporter, ExportOptions, Pseudonymizer
 from bot.storage import Database
 from tests.fakes.formatters import slow
 

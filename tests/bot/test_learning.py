@@ -13,10 +13,18 @@ import pytest
 from sqlmodel import col, select
 
 from bot.commands import CommandRequest, Commands
-from bot.export import Exporter, ExportOptions, shard_files, shard_folders
-from bot.learning import LearningActions, load_pseudonym_key
-from bot.redaction import Pseudonymizer
-from bot.scheduler import ExportScheduler, ScheduleError, parse_schedule
+from bot.learning import (
+    Exporter,
+    ExportOptions,
+    ExportScheduler,
+    LearningActions,
+    Pseudonymizer,
+    ScheduleError,
+    load_pseudonym_key,
+    parse_schedule,
+    shard_files,
+    shard_folders,
+)
 from bot.storage import (
     AnsweredBy,
     Database,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from bot import redaction
-from bot.redaction import Pseudonymizer, redact
+from bot.learning import redaction
+from bot.learning.redaction import Pseudonymizer, redact
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -306,7 +306,7 @@ def test_the_libraries_are_imported_on_first_use() -> None:
     """Export workers import this module at start; detect-secrets (with requests) and
     phonenumbers would add half a second to each, for lines that mostly never need them."""
     script = (
-        "import sys; import bot.redaction as r; "
+        "import sys; import bot.learning.redaction as r; "
         "assert r.redact('Hello, how are you?') == 'Hello, how are you?'; "
         "print(sorted(m for m in ('detect_secrets', 'phonenumbers', 'requests') "
         "if m in sys.modules))"

@@ -60,7 +60,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from bot.conversation import alternating_messages, utcnow
-from bot.redaction import DEFAULT_PHONE_REGIONS, redact
+from bot.learning.redaction import DEFAULT_PHONE_REGIONS, redact
 from bot.storage import Database, ExportShardRecord, LeaseRecord
 from bot.storage.claims import holder_is_gone_here, instance_id
 
@@ -82,7 +82,7 @@ MAX_WORKERS = 4
 
 #: Formats a list of ``{"role", "content"}`` messages as training text (``model.prompt``).
 Formatter = Callable[[Sequence[Mapping[str, str]]], str]
-#: Keyed pseudonym of a user id on a platform (:class:`bot.redaction.Pseudonymizer`).
+#: Keyed pseudonym of a user id on a platform (:class:`bot.learning.redaction.Pseudonymizer`).
 Pseudonymize = Callable[[str, str], str]
 
 
@@ -762,7 +762,7 @@ def _question_lookup(connection: Connection) -> Callable[[int], str | None]:
 
 @functools.cache
 def _redactor(phone_regions: tuple[str, ...]) -> Callable[[str], str]:
-    """:func:`bot.redaction.redact` with these phone regions, remembered for short texts:
+    """:func:`bot.learning.redaction.redact` with these phone regions, remembered for short texts:
     answers repeat (a bot's answers, human agents' canned replies), and redaction is most of
     the per-line work. Long texts are not kept, so the cache stays within a few megabytes. One
     per set of regions (one per export, in practice), so the cache's key is the text alone."""

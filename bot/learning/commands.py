@@ -12,8 +12,8 @@ import secrets
 from pathlib import Path
 
 from bot.commands import Command, CommandAction, CommandRequest
-from bot.export import Exporter, ExportError
-from bot.redaction import Pseudonymizer
+from bot.learning.exporter import Exporter, ExportError
+from bot.learning.redaction import Pseudonymizer
 from bot.storage import Store, forget_user, record_correction, set_training_opt_out
 
 logger = logging.getLogger(__name__)

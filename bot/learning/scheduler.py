@@ -19,7 +19,7 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from bot.config import ConfigurationError
-from bot.export import Exporter, ExportError, ExportResult
+from bot.learning.exporter import Exporter, ExportError, ExportResult
 
 logger = logging.getLogger(__name__)
 
