@@ -2,16 +2,29 @@
 admins control about it.
 
 - :mod:`bot.learning.exporter`: the export of good exchanges as fine-tuning shards
-  (:class:`Exporter`, its options, result and errors; its docstring tells the whole story);
+  (:class:`Exporter`, its options, result and errors; its docstring tells the whole story),
+  orchestrating
+  :mod:`~bot.learning.selection` (which exchanges: the pick into a scratch table,
+  near-duplicate supersession, the export marks),
+  :mod:`~bot.learning.writing` (one part of a shard: the message stream, the lines of every
+  format, redacted, with their context),
+  :mod:`~bot.learning.shards` (a shard on disk: file names, the manifest, fsyncs, publishing and
+  recovery of temporary folders),
+  :mod:`~bot.learning.workers` (the worker processes of a large export),
+  :mod:`~bot.learning.lease` (the database lease that makes instances take turns) and
+  :mod:`~bot.learning.errors` (:class:`ExportError` and how failures are worded);
 - :mod:`bot.learning.redaction`: personal data out of every exported line, user ids as keyed
   pseudonyms;
 - :mod:`bot.learning.commands`: the ``export``, ``forget-me``, ``correct`` and ``training`` chat
   commands (:class:`LearningActions`), and the pseudonym key;
 - :mod:`bot.learning.scheduler`: the scheduled export (``EXPORT_SCHEDULE``, APScheduler).
 
+Reading shards back for training goes here too, as ``bot.learning.training_data``, beside
+:mod:`~bot.learning.shards`, whose names it needs.
+
 The names below are imported from their modules on first use, so importing one module of the
 package imports nothing else of it: every export worker process imports
-:mod:`bot.learning.exporter` by its path, and neither it nor ``bot.cli`` at startup should pay
+:mod:`bot.learning.workers` by its path, and neither it nor ``bot.cli`` at startup should pay
 for the chat commands or APScheduler.
 """
 
@@ -22,51 +35,52 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from bot.learning.commands import LearningActions, load_pseudonym_key
+    from bot.learning.errors import ExportError
     from bot.learning.exporter import (
-        FORMATS,
-        SCHEMA_VERSION,
         Exporter,
-        ExportError,
         ExportOptions,
         ExportResult,
-        Formatter,
         ProgressCallback,
-        Pseudonymize,
         StepCallback,
-        data_files,
-        part_name,
-        peak_memory_mb,
-        shard_files,
-        shard_folders,
     )
     from bot.learning.redaction import DEFAULT_PHONE_REGIONS, Pseudonymizer, redact
     from bot.learning.scheduler import ExportScheduler, ScheduleError, parse_schedule
+    from bot.learning.shards import (
+        FORMATS,
+        SCHEMA_VERSION,
+        data_files,
+        part_name,
+        shard_files,
+        shard_folders,
+    )
+    from bot.learning.workers import peak_memory_mb
+    from bot.learning.writing import Formatter, Pseudonymize
 
 #: Each public name, and the module of this package it comes from.
 _MODULES = {
     "LearningActions": "commands",
     "load_pseudonym_key": "commands",
-    "data_files": "exporter",
-    "Exporter": "exporter",
-    "ExportError": "exporter",
+    "ExportError": "errors",
     "ExportOptions": "exporter",
+    "Exporter": "exporter",
     "ExportResult": "exporter",
-    "FORMATS": "exporter",
-    "Formatter": "exporter",
-    "part_name": "exporter",
-    "peak_memory_mb": "exporter",
     "ProgressCallback": "exporter",
-    "Pseudonymize": "exporter",
-    "SCHEMA_VERSION": "exporter",
-    "shard_files": "exporter",
-    "shard_folders": "exporter",
     "StepCallback": "exporter",
     "DEFAULT_PHONE_REGIONS": "redaction",
     "Pseudonymizer": "redaction",
     "redact": "redaction",
     "ExportScheduler": "scheduler",
-    "parse_schedule": "scheduler",
     "ScheduleError": "scheduler",
+    "parse_schedule": "scheduler",
+    "FORMATS": "shards",
+    "SCHEMA_VERSION": "shards",
+    "data_files": "shards",
+    "part_name": "shards",
+    "shard_files": "shards",
+    "shard_folders": "shards",
+    "peak_memory_mb": "workers",
+    "Formatter": "writing",
+    "Pseudonymize": "writing",
 }
 
 __all__ = [

@@ -12,7 +12,8 @@ import secrets
 from pathlib import Path
 
 from bot.commands import Command, CommandAction, CommandRequest
-from bot.learning.exporter import Exporter, ExportError
+from bot.learning.errors import ExportError
+from bot.learning.exporter import Exporter
 from bot.learning.redaction import Pseudonymizer
 from bot.storage import Store, forget_user, record_correction, set_training_opt_out
 

@@ -19,7 +19,8 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from bot.config import ConfigurationError
-from bot.learning.exporter import Exporter, ExportError, ExportResult
+from bot.learning.errors import ExportError
+from bot.learning.exporter import Exporter, ExportResult
 
 logger = logging.getLogger(__name__)
 

@@ -705,10 +705,10 @@ def test_only_one_instance_exports_at_a_time(database: Database, tmp_path: Path,
 def test_a_held_lease_makes_other_instances_skip(database: Database, tmp_path: Path) -> None:
     bot_exchange(database, "Q?", "A.", rating=1)
     holder = exporter_for(database, tmp_path)
-    assert holder._acquire_lease()
+    assert holder.lease.acquire()
     skipped = exporter_for(database, tmp_path).run()
     assert skipped.skipped_reason == "another instance is exporting"
-    holder._release_lease()
+    holder.lease.release()
     assert exporter_for(database, tmp_path).run().exchanges == 1
 
 
@@ -831,7 +831,7 @@ def test_an_export_goes_on_alone_when_workers_cannot_start(
 
     monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", refuse)
     expected = varied_exchanges(database, 20)
-    with caplog.at_level(logging.WARNING, logger="bot.learning.exporter"):
+    with caplog.at_level(logging.WARNING, logger="bot.learning.workers"):
         result = exporter_for(
             database, tmp_path / "out", create_directory=True, workers=3, parallel_from=1
         ).run()

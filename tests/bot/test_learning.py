@@ -374,3 +374,29 @@ async def test_forget_me_is_available_to_everyone(database: Database, tmp_path: 
         record_incoming(session=session, message=make_message("hello", author_id="U9"))
     reply = await commands_for(database, tmp_path).run(request("forget-me", user="U9"))
     assert reply.startswith("Done. I deleted 1 messages")
+
+
+def test_the_package_imports_its_modules_on_first_use() -> None:
+    """An export worker process imports ``bot.learning.workers`` (so the package's
+    ``__init__``) and nothing of the package beyond what writing a part needs: no orchestration,
+    chat commands or APScheduler. Every public name still comes from the package."""
+    script = (
+        "import sys, bot.learning, bot.learning.workers; "
+        "print(sorted(m for m in sys.modules if m.startswith(('bot.learning', 'bot.commands', "
+        "'apscheduler')))); "
+        "print(all(getattr(bot.learning, name) is not None for name in bot.learning.__all__))"
+    )
+    imported, resolved = subprocess.run(
+        [sys.executable, "-c", script], check=True, capture_output=True, text=True, cwd=REPO
+    ).stdout.splitlines()
+    assert imported == str(
+        [
+            "bot.learning",
+            "bot.learning.errors",
+            "bot.learning.redaction",
+            "bot.learning.shards",
+            "bot.learning.workers",
+            "bot.learning.writing",
+        ]
+    )
+    assert resolved == "True"
