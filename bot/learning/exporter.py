@@ -52,7 +52,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from bot.conversation import utcnow
 from bot.learning.errors import ExportError, describe_database_error, describe_os_error, reason
-from bot.learning.lease import ExportLease
+from bot.learning.lease import Lease
 from bot.learning.redaction import DEFAULT_PHONE_REGIONS
 from bot.learning.selection import (
     Picked,
@@ -136,7 +136,7 @@ class Exporter:
         self.formatter = formatter
         self.pseudonymize = pseudonymize
         self.holder = instance_id()
-        self.lease = ExportLease(database, holder=self.holder, seconds=options.lease_seconds)
+        self.lease = Lease(database, holder=self.holder, seconds=options.lease_seconds)
 
     # ------------------------------------------------------------------ public
 
