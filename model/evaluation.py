@@ -89,6 +89,13 @@ class Comparison:
             for side, scores in (("before", self.before), ("after", self.after))
         }
 
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Comparison:
+        return cls(
+            before={name: SetScore(**score) for name, score in data["before"].items()},
+            after={name: SetScore(**score) for name, score in data["after"].items()},
+        )
+
 
 @dataclass(frozen=True, kw_only=True)
 class Gate:

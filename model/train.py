@@ -34,6 +34,7 @@ and the result are printed as JSON lines on stdout (see :func:`main`).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ctypes
 import json
 import math
@@ -43,7 +44,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -75,6 +76,10 @@ class Recipe:
     seed: int = 0
     #: Prepended to every example when the bot serves with one (SYSTEM_PROMPT).
     system_prompt: str = ""
+    #: Differential privacy (DP-SGD, Opacus): the ε to reach; None trains without.
+    dp_epsilon: float | None = None
+    dp_delta: float = 1e-5
+    dp_max_grad_norm: float = 1.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -130,14 +135,20 @@ def encode_exchange(local: Any, messages: Messages, *, system_prompt: str = "") 
 
 
 def training_examples(
-    new: Sequence[Example], replay: Sequence[Example], recipe: Recipe
+    new: Sequence[Example],
+    replay: Sequence[Example],
+    recipe: Recipe,
+    *,
+    per_pass: int | None = None,
 ) -> list[Example]:
     """The examples of a whole run, in order: each pass shows every new example once and a fresh
     draw of ``replay_ratio`` replay examples per new one (cycling through the replay pool before
     repeating any), shuffled together."""
     rng = random.Random(recipe.seed)
     pool = list(replay)
-    per_pass = round(len(new) * recipe.replay_ratio) if pool else 0
+    if per_pass is None:
+        per_pass = len(new)
+    per_pass = round(per_pass * recipe.replay_ratio) if pool else 0
     drawn: list[Example] = []
     order: list[Example] = []
     for _ in range(recipe.epochs):
@@ -190,7 +201,7 @@ class _Collator:
     def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
         import torch
 
-        width = max(len(f["input_ids"]) for f in features)
+        width = max((len(f["input_ids"]) for f in features), default=0)
         ids = torch.full((len(features), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(features), width), dtype=torch.long)
@@ -231,7 +242,6 @@ def fine_tune(
         ValueError: none of ``new`` can be encoded (nothing to learn).
     """
     import torch
-    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
     from model.local_model import LocalModel
 
@@ -259,35 +269,87 @@ def fine_tune(
                 target_modules="all-linear",
             ),
         )
-    steps = math.ceil(len(examples) / recipe.batch_size)
     tokens = sum(len(example.input_ids) for example in examples)
     losses: list[tuple[int, float]] = []
     started = time.monotonic()
 
+    def logged(step: int, steps: int, loss: float) -> None:
+        losses.append((step, loss))
+        if progress is not None:
+            seconds = time.monotonic() - started
+            done = tokens * step / max(steps, 1)
+            progress(
+                Progress(
+                    step=step,
+                    steps=steps,
+                    loss=loss,
+                    tokens_per_second=done / seconds if seconds > 0 else 0.0,
+                    seconds=seconds,
+                )
+            )
+
+    pad_id = _pad_id(local.tokenizer)
+    dp: dict[str, float] | None = None
+    if recipe.dp_epsilon is None:
+        steps = _train_with_trainer(model, examples, recipe, pad_id, output, logged)
+    else:
+        # Under DP every exchange is one record: shown once a pass, not laid out repeated.
+        examples = new_examples + training_examples(
+            [], replay_examples, replace(recipe, epochs=1), per_pass=len(new_examples)
+        )
+        tokens = sum(len(example.input_ids) for example in examples) * recipe.epochs
+        steps, dp = train_privately(model, examples, recipe, pad_id, logged)
+    seconds = time.monotonic() - started
+    if method == "lora":
+        model = model.merge_and_unload()
+    model.eval()
+    _save(model, local.tokenizer, output)
+    shown_new = len(new_examples) * recipe.epochs
+    return TrainingReport(
+        method=method,
+        steps=steps,
+        examples=len(examples) if dp is None else len(examples) * recipe.epochs,
+        new_examples=len(new_examples),
+        replay_examples=(len(examples) if dp is None else len(examples) * recipe.epochs)
+        - shown_new,
+        tokens=tokens,
+        seconds=seconds,
+        tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
+        final_loss=losses[-1][1] if losses else float("nan"),
+        losses=losses,
+        dp=dp,
+    )
+
+
+Logged = Callable[[int, int, float], None]  # (step, steps, loss)
+
+
+def _train_with_trainer(
+    model: Any,
+    examples: Sequence[Example],
+    recipe: Recipe,
+    pad_id: int,
+    output: Path,
+    logged: Logged,
+) -> int:
+    """transformers' Trainer over ``examples`` (one epoch: the passes are laid out already);
+    the number of optimizer steps."""
+    import torch
+    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+    steps = math.ceil(len(examples) / recipe.batch_size)
+
     class Reporter(TrainerCallback):
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
-            if not logs or "loss" not in logs:
-                return
-            losses.append((state.global_step, float(logs["loss"])))
-            if progress is not None:
-                seconds = time.monotonic() - started
-                done = tokens * state.global_step / max(steps, 1)
-                progress(
-                    Progress(
-                        step=state.global_step,
-                        steps=steps,
-                        loss=float(logs["loss"]),
-                        tokens_per_second=done / seconds if seconds > 0 else 0.0,
-                        seconds=seconds,
-                    )
-                )
+            if logs and "loss" in logs:
+                logged(state.global_step, steps, float(logs["loss"]))
 
     arguments = TrainingArguments(
         output_dir=str(output.parent / f".trainer-{output.name}"),
         use_cpu=not torch.cuda.is_available(),
         bf16=False,
         report_to="none",
-        num_train_epochs=1,  # the passes are laid out in ``examples`` already
+        num_train_epochs=1,
         per_device_train_batch_size=recipe.batch_size,
         learning_rate=recipe.learning_rate,
         lr_scheduler_type="cosine",
@@ -304,28 +366,83 @@ def fine_tune(
         model=model,
         args=arguments,
         train_dataset=_ListDataset(examples),
-        data_collator=_Collator(_pad_id(local.tokenizer)),
+        data_collator=_Collator(pad_id),
         callbacks=[Reporter()],
     )
     trainer.remove_callback(PrinterCallback)  # stdout carries the JSON lines for the parent
-    result = trainer.train()
-    seconds = time.monotonic() - started
-    if method == "lora":
-        model = model.merge_and_unload()
-    model.eval()
-    _save(model, local.tokenizer, output)
-    return TrainingReport(
-        method=method,
-        steps=int(result.global_step),
-        examples=len(examples),
-        new_examples=len(new_examples),
-        replay_examples=len(examples) - len(new_examples) * recipe.epochs,
-        tokens=tokens,
-        seconds=seconds,
-        tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
-        final_loss=losses[-1][1] if losses else float(result.training_loss),
-        losses=losses,
+    return int(trainer.train().global_step)
+
+
+def train_privately(
+    model: Any,
+    examples: Sequence[Example],
+    recipe: Recipe,
+    pad_id: int,
+    logged: Logged,
+    *,
+    inspect: Callable[[Any], None] | None = None,
+) -> tuple[int, dict[str, float]]:
+    """DP-SGD with Opacus: ``recipe.epochs`` passes of Poisson-sampled batches, per-sample
+    gradients clipped to ``dp_max_grad_norm`` and noised to reach ``dp_epsilon`` at
+    ``dp_delta``. The steps and the privacy spent (from Opacus's accountant).
+
+    A loop of its own rather than the Trainer: Opacus must own the optimizer (it clips and
+    noises) and the data loader (Poisson sampling is part of the guarantee), and the Trainer
+    builds and wraps both through accelerate. The forward, the loss and AdamW are the
+    Trainer's. ``inspect`` sees the DP optimizer after each step, before its gradients are
+    cleared (tests check the clipping and the noise there).
+    """
+    import torch
+    from opacus import PrivacyEngine
+
+    assert recipe.dp_epsilon is not None
+    collate = _Collator(pad_id)
+    loader: Any = torch.utils.data.DataLoader(
+        _ListDataset(examples),  # type: ignore[arg-type]
+        batch_size=recipe.batch_size,
+        collate_fn=collate,
     )
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=recipe.learning_rate)
+    engine = PrivacyEngine(accountant="rdp")
+    private_model, optimizer, loader = engine.make_private_with_epsilon(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        target_epsilon=recipe.dp_epsilon,
+        target_delta=recipe.dp_delta,
+        epochs=recipe.epochs,
+        max_grad_norm=recipe.dp_max_grad_norm,
+    )
+    steps = len(loader) * recipe.epochs
+    step = 0
+    every = max(1, min(20, steps // 20))
+    for _ in range(recipe.epochs):
+        for batch in loader:
+            if batch["input_ids"].numel() == 0:
+                # Poisson sampling drew nobody: the step still happens (noise alone), as the
+                # accountant counts it.
+                for parameter in trained:
+                    parameter.grad_sample = parameter.new_zeros((0, *parameter.shape))
+                optimizer.step()
+                optimizer.zero_grad()
+                continue
+            loss = private_model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if inspect is not None:
+                inspect(optimizer)
+            optimizer.zero_grad()
+            if step % every == 0:
+                logged(step, steps, float(loss.detach()))
+    return step, {
+        "epsilon": float(engine.get_epsilon(recipe.dp_delta)),
+        "target_epsilon": recipe.dp_epsilon,
+        "delta": recipe.dp_delta,
+        "noise_multiplier": float(optimizer.noise_multiplier),
+        "max_grad_norm": recipe.dp_max_grad_norm,
+    }
 
 
 def _encoded(local: Any, conversations: Iterable[Messages], recipe: Recipe) -> list[Example]:
@@ -362,6 +479,10 @@ class TrainingJob:
     new: list[list[dict[str, str]]]
     replay: list[list[dict[str, str]]]
     recipe: dict[str, Any] = field(default_factory=dict)
+    #: After training, the serving model's folder and the evaluation sets, by name: each a
+    #: list of ``[conversation before the answer, expected answer]`` (see model.evaluation).
+    serving: str | None = None
+    evaluation: dict[str, list[tuple[list[dict[str, str]], str]]] = field(default_factory=dict)
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self)), encoding="utf-8")
@@ -411,8 +532,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # reported to the parent, which tells the admin
         emit("failed", error=f"{type(error).__name__}: {error}")
         return 1
+    if job.serving is not None and job.evaluation:
+        try:
+            comparison = asyncio.run(compare(Path(job.serving), Path(job.output), job.evaluation))
+        except Exception as error:
+            emit("failed", error=f"evaluation failed: {type(error).__name__}: {error}")
+            return 1
+        emit("evaluated", comparison=comparison)
     emit("done", report=asdict(report))
     return 0
+
+
+async def compare(
+    serving: Path, candidate: Path, sets: Mapping[str, Sequence[tuple[Messages, str]]]
+) -> dict[str, Any]:
+    """Both models on every set, each through its own batched model service."""
+    from model.evaluation import Comparison, evaluate
+    from model.service import ModelService
+
+    scores = {}
+    for side, folder in (("before", serving), ("after", candidate)):
+        service = ModelService.load(folder, device="cpu")
+        try:
+            scores[side] = await evaluate(service, sets, local=service.local)
+        finally:
+            await service.aclose()
+    return Comparison(before=scores["before"], after=scores["after"]).as_json()
 
 
 if __name__ == "__main__":

@@ -167,3 +167,61 @@ def test_a_training_that_cannot_run_says_why(tmp_path: Path) -> None:
     last = json.loads(done.stdout.splitlines()[-1])
     assert last["event"] == "failed"
     assert "missing" in last["error"]
+
+
+def test_private_training_clips_noises_and_stays_within_its_epsilon(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    from model.bootstrap import TINY_EXCHANGES
+    from model.train import train_privately
+
+    local = LocalModel.load(tiny_model_dir, device="cpu")
+    examples = [encode_exchange(local, exchange(q, a)) for q, a in TINY_EXCHANGES] * 4
+    recipe = Recipe(epochs=3, batch_size=8, dp_epsilon=4.0, dp_delta=1e-4, dp_max_grad_norm=0.01)
+    seen: list[dict[str, float]] = []
+
+    def inspect(optimizer: object) -> None:
+        parameters = [p for p in local.model.parameters() if p.requires_grad]
+        # Per-sample gradients were computed for every trained weight...
+        assert all(getattr(p, "grad_sample", None) is not None for p in parameters)
+        batch = parameters[0].grad_sample.shape[0]
+        per_sample = torch.stack(
+            [p.grad_sample.reshape(batch, -1).norm(dim=1) for p in parameters]
+        ).norm(dim=0)
+        # ...each sample's gradient was clipped to the bound before summing...
+        clipped = torch.stack([p.summed_grad.norm() for p in parameters]).norm()
+        assert float(clipped) <= 0.01 * batch + 1e-6
+        # ...and the gradient stepped on is not the clipped sum alone: noise was added.
+        averaged = [p.summed_grad / optimizer.expected_batch_size for p in parameters]  # type: ignore[attr-defined]
+        noise = sum(float((p.grad - a).norm()) for p, a in zip(parameters, averaged, strict=True))
+        seen.append({"unclipped": float(per_sample.max()), "noise": noise})
+
+    local.model.train()
+    logged: list[tuple[int, int, float]] = []
+    steps, dp = train_privately(
+        local.model,
+        [e for e in examples if e is not None],
+        recipe,
+        local.tokenizer.pad_token_id,
+        lambda *entry: logged.append(entry),
+        inspect=inspect,
+    )
+    assert steps == len(seen) > 0
+    assert all(entry["noise"] > 0 for entry in seen)
+    assert any(entry["unclipped"] > 0.01 for entry in seen)  # the bound really bit
+    assert 0 < dp["epsilon"] <= 4.0 + 1e-6
+    assert dp["noise_multiplier"] > 0 and dp["delta"] == 1e-4
+
+
+def test_a_private_fine_tune_records_its_privacy(tiny_model_dir: Path, tmp_path: Path) -> None:
+    report = fine_tune(
+        base=tiny_model_dir,
+        output=tmp_path / "private",
+        new=[exchange(*pair) for pair in TAUGHT],
+        replay=[],
+        recipe=Recipe(epochs=2, batch_size=2, dp_epsilon=8.0),
+    )
+    assert report.dp is not None and 0 < report.dp["epsilon"] <= 8.0 + 1e-6
+    assert LocalModel.load(tmp_path / "private", device="cpu").version
