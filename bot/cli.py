@@ -9,6 +9,9 @@ Usage::
     chatbot chat [--json]       # the local chat (reads piped stdin line by line too)
     chatbot db upgrade          # apply database migrations
     chatbot model init [--force]  # build the default model into DATA_DIR/model
+    chatbot model list | use N | rollback  # the model versions; switch the serving one
+    chatbot export [--include-unrated]     # export new training data now
+    chatbot train [--dry-run]              # export, fine-tune, evaluate, promote or keep
 """
 
 from __future__ import annotations
@@ -55,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     model_commands = model.add_subparsers(dest="model_command", metavar="ACTION", required=True)
     init = model_commands.add_parser("init", help="build the default model")
     init.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    model_commands.add_parser("list", help="the model versions, the serving one marked")
+    use = model_commands.add_parser("use", help="serve version N (0: the base model)")
+    use.add_argument("number", type=int)
+    model_commands.add_parser("rollback", help="serve the version served before")
+    train = commands.add_parser(
+        "train", help="export, fine-tune on every shard, evaluate, promote or keep"
+    )
+    train.add_argument(
+        "--dry-run", action="store_true", help="report the data it would use; train nothing"
+    )
     export = commands.add_parser("export", help="export new good exchanges as training data")
     export.add_argument(
         "--include-unrated", action="store_true", help="also export unrated bot replies"
@@ -86,7 +99,19 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         print(f"database at {_describe_db(database)} is up to date")
         return 0
     if command == "model":
-        return _model_init(settings, force=args.force)
+        if args.model_command == "init":
+            return _model_init(settings, force=args.force)
+        from bot.retraining import model_command
+
+        return model_command(
+            settings, action=args.model_command, number=getattr(args, "number", None)
+        )
+    if command == "train":
+        from bot.retraining import train_command
+
+        if settings.model_backend != "local":
+            raise CommandError("chatbot train needs the local model backend (MODEL_BACKEND=local)")
+        return train_command(settings, dry_run=args.dry_run)
     if command == "export":
         return _export(settings, include_unrated=args.include_unrated)
     json_lines = bool(getattr(args, "json", False))
@@ -189,8 +214,10 @@ def load_generator(settings: Settings) -> ReplyGenerator:
             on_passing_thread(
                 partial(ensure_default_model, settings.default_model_dir, progress=_progress)
             )
+        from bot.retraining import serving_path
+
         return ModelService.load(
-            settings.resolved_model_path,
+            serving_path(settings),
             device=settings.model_device,
             dtype=settings.model_dtype,
             generation=generation,
@@ -306,6 +333,8 @@ def build_commands(settings: Settings, pipeline: ReplyPipeline) -> Commands:
     """The chat commands, reporting on the pipeline's store and model."""
     from bot.commands import Commands
     from bot.learning import LearningActions, Pseudonymizer, load_pseudonym_key
+    from bot.learning.model_commands import ModelActions
+    from bot.retraining import build_model_control
 
     key = load_pseudonym_key(configured=settings.pseudonym_key, data_dir=settings.data_dir)
     learning = LearningActions(
@@ -313,10 +342,13 @@ def build_commands(settings: Settings, pipeline: ReplyPipeline) -> Commands:
         exporter=build_exporter(settings, pipeline.store.database),
         pseudonymize=Pseudonymizer(key),
     )
+    control, _registry = build_model_control(
+        settings, database=pipeline.store.database, generator=pipeline.generator
+    )
     return Commands(
         store=pipeline.store,
         model_version=lambda: pipeline.generator.version,
-        actions=learning.actions(),
+        actions={**learning.actions(), **ModelActions(control).actions()},
     )
 
 
@@ -361,6 +393,9 @@ async def _serve(settings: Settings, *, chat_only: bool, json_lines: bool) -> in
     except CommandError:
         pipeline.store.database.dispose()
         raise
+    from bot.retraining import watch_models
+
+    watcher = asyncio.ensure_future(watch_models(settings, pipeline.generator))
     scheduler = None
     if trigger is not None:
         scheduler = ExportScheduler(
@@ -380,6 +415,9 @@ async def _serve(settings: Settings, *, chat_only: bool, json_lines: bool) -> in
         logger.warning("serving %s", ", ".join(adapter.name for adapter in adapters))
         return await _serve_adapters(settings, pipeline=pipeline, adapters=adapters)
     finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
         if scheduler is not None:
             scheduler.shutdown()
         await _close_generator(pipeline.generator)

@@ -28,6 +28,7 @@ class Command(StrEnum):
     EXPORT = "export"
     STATUS = "status"
     ROLLBACK = "rollback"
+    MODEL = "model"
     FORGET_ME = "forget-me"
     HELP = "help"
     CORRECT = "correct"
@@ -45,6 +46,7 @@ ADMIN_ONLY = frozenset(
         Command.EXPORT,
         Command.STATUS,
         Command.ROLLBACK,
+        Command.MODEL,
         Command.CORRECT,
         Command.TRAINING,
     }
@@ -57,6 +59,7 @@ DESCRIPTIONS = {
     Command.EXPORT: "export new training data now (admins)",
     Command.RETRAIN: "train a new model on the exported data (admins)",
     Command.ROLLBACK: "go back to the previous model (admins)",
+    Command.MODEL: "`model list`: the model versions; `model use N`: serve version N (admins)",
     Command.CORRECT: "`correct <better answer>` as a reply to a bot message, or in its thread "
     "(admins)",
     Command.TRAINING: "`training off` / `training on`: use this channel for training (admins)",

@@ -92,6 +92,25 @@ class Settings(BaseSettings):
     phone_regions: IdList = Field(default_factory=lambda: ["US", "GB"])
     pseudonym_key: str = ""  # secret for user pseudonyms; empty: DATA_DIR/pseudonym.key
 
+    # Retraining (model/train.py, model/retrain.py, model/registry.py).
+    models_dir: Path | None = Field(
+        default=None, description="Model versions and the current pointer; empty: DATA_DIR/models."
+    )
+    model_watch_seconds: float = Field(default=5.0, gt=0)  # how often replicas read the pointer
+    retrain_epochs: int = Field(default=20, ge=1)  # times each exchange is shown
+    retrain_replay_ratio: float = Field(default=5.0, ge=0)  # starter exchanges per new one shown
+    retrain_learning_rate: float = Field(default=1e-3, gt=0)
+    retrain_batch_size: int = Field(default=16, ge=1)
+    retrain_method: Literal["auto", "full", "lora"] = "auto"  # auto: LoRA from 100M parameters
+    retrain_lora_from_parameters: int = Field(default=100_000_000, ge=0)
+    retrain_threads: int = Field(default=1, ge=0)  # trainer's torch threads; 0: all cores but one
+    retrain_holdout_from: int = Field(default=200, ge=1)  # exchanges before a split is held out
+    retrain_holdout_percent: int = Field(default=10, ge=0, le=50)
+    retrain_learned_share: float = Field(default=0.9, ge=0, le=1)  # of the new exchanges
+    retrain_margin: float = Field(default=0.02, ge=0, le=1)  # allowed loss on held-out/regression
+    retrain_dp_epsilon: float | None = Field(default=None, gt=0)  # DP-SGD target ε; empty: off
+    retrain_dp_delta: float = Field(default=1e-5, gt=0, lt=1)
+
     # Slack (adapters/slack_adapter.py). Socket Mode when SLACK_APP_TOKEN is set, else HTTP mode.
     slack_bot_token: str = ""
     slack_app_token: str = ""
@@ -126,6 +145,11 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("retrain_dp_epsilon", "export_dir", "models_dir", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("phone_regions")
     @classmethod
@@ -171,6 +195,10 @@ class Settings(BaseSettings):
     @property
     def resolved_export_dir(self) -> Path:
         return self.export_dir or self.data_dir / "exports"
+
+    @property
+    def resolved_models_dir(self) -> Path:
+        return self.models_dir or self.data_dir / "models"
 
     @property
     def default_model_dir(self) -> Path:

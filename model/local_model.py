@@ -72,6 +72,7 @@ class LocalModel:
         context_window: int | None = None,
         history_pairs: int | None = None,
         generation: GenerationSettings | None = None,
+        source: str = "",
     ) -> None:
         """Wrap an already loaded model and tokenizer (use :meth:`load` normally).
 
@@ -84,6 +85,8 @@ class LocalModel:
         self.model = model
         self.tokenizer = tokenizer
         self.version = version
+        #: The folder (or hub id) it was loaded from; "" when built in memory.
+        self.source = source
         self.device = device
         self.generation = generation or GenerationSettings()
         self.context_window = context_window or self._context_window_of(model, tokenizer)
@@ -177,7 +180,14 @@ class LocalModel:
             version = folder_version(reference)
         else:
             version = hub_version(reference, commit=commit, config=model.config)
-        return cls(model, tokenizer, version=version, device=device, generation=generation)
+        return cls(
+            model,
+            tokenizer,
+            version=version,
+            device=device,
+            generation=generation,
+            source=str(reference),
+        )
 
     @staticmethod
     def resolve_device(device: str) -> str:
