@@ -6,8 +6,9 @@ conversation and each reply is printed on its own; with ``json_lines`` each exch
 as one JSON line ``{"user": ..., "agent": ...}`` (a command as ``{"command": ..., "reply": ...}``).
 
 The local chat is its owner's admin console: ``/status``, ``/export``, ``/forget-me``, ``/help``,
-``/retrain`` and ``/rollback`` run the bot's commands (:class:`bot.commands.Commands`) as an
-admin; any other ``/word`` is an unknown command, never a message to the bot.
+``/retrain``, ``/rollback`` and ``/model list|use N`` run the bot's commands
+(:class:`bot.commands.Commands`) as an admin, a retrain's progress on stderr; any other
+``/word`` is an unknown command, never a message to the bot.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ CONSOLE_COMMANDS = frozenset(
         Command.HELP,
         Command.RETRAIN,
         Command.ROLLBACK,
+        Command.MODEL,
     }
 )
 _CHANNEL = "terminal"
@@ -108,9 +110,14 @@ class ConsoleChat:
                 user_id=self.user_id,
                 user_name=self.user_id,
                 user_is_admin=True,
+                progress=self._show_progress,
             )
         )
         self._show_command(line, f"{HELP}\n{reply}" if known == Command.HELP else reply)
+
+    async def _show_progress(self, text: str) -> None:
+        """A long command's progress (a retrain), on stderr: stdout holds the answers."""
+        print(text, file=sys.stderr, flush=True)
 
     def _show_command(self, line: str, reply: str) -> None:
         if self.json_lines:

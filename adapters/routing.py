@@ -25,6 +25,7 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from functools import partial
 from typing import Any, Protocol, runtime_checkable
 
 from adapters.base import MessageHandler
@@ -157,6 +158,7 @@ class Router:
                 user_manages_channel=event.author_manages_channel,
                 replied_to=event.replied_to,
                 message_id=message.message_id,
+                progress=partial(_show_progress, reply, message),
             )
             text = await self.run_command(
                 request, delivery_key=f"message:{message.channel}:{message.message_id}"
@@ -402,3 +404,8 @@ async def deliver_queued_replies(
             "%s: posted %d queued repl%s", platform, delivered, "y" if delivered == 1 else "ies"
         )
     return delivered
+
+
+async def _show_progress(reply: Replier, message: IncomingMessage, text: str) -> None:
+    """A long command's progress, posted in the conversation and then edited."""
+    await reply.progress(text=text, in_reply_to=message)

@@ -13,7 +13,7 @@ then the command answers that it is not available yet.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -82,6 +82,9 @@ class CommandRequest:
     replied_to: str | None = None  # platform id of the message this command replies to
     message_id: str | None = None  # platform id of the command message itself
     user_manages_channel: bool = False  # may run CHANNEL_ADMIN commands (server moderators)
+    #: Shows a long command's progress where it was asked, edited into one message (a
+    #: ``!retrain`` in a thread); ``None`` where the platform form has no such place.
+    progress: Callable[[str], Awaitable[None]] | None = None
 
 
 class CommandAction(Protocol):

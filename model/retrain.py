@@ -166,8 +166,7 @@ class Retrainer:
             return RetrainOutcome(text=f"Dry run, nothing trained. {described}")
         if not data.train:
             return RetrainOutcome(text=f"Nothing to train on. {described}")
-        if say is not None:
-            await say(f"Training started. {described}")
+        await _tell(say, f"Training started. {described}")
         await asyncio.to_thread(self.registry.clean_up)
         serving = self.registry.current()
         number, folder = await asyncio.to_thread(self.registry.new_folder)
@@ -289,9 +288,10 @@ class Retrainer:
             if kind == "progress" and say is not None:
                 if time.monotonic() - last_report >= self.settings.progress_every:
                     last_report = time.monotonic()
-                    await say(
+                    await _tell(
+                        say,
                         f"Training: step {event['step']}/{event['steps']}, "
-                        f"loss {event['loss']:.3f}, {event['tokens_per_second']:.0f} tokens/s"
+                        f"loss {event['loss']:.3f}, {event['tokens_per_second']:.0f} tokens/s",
                     )
             elif kind == "evaluated":
                 result["comparison"] = event["comparison"]
@@ -307,6 +307,16 @@ class Retrainer:
         return result
 
 
+async def _tell(say: Say | None, text: str) -> None:
+    """Report to whoever asked; a platform that is away does not stop the training."""
+    if say is None:
+        return
+    try:
+        await say(text)
+    except Exception as error:
+        logger.warning("could not report the training's progress: %s", error)
+
+
 class ModelControl:
     """The model side of the ``retrain``, ``rollback`` and ``model`` commands (see
     :class:`bot.learning.model_commands.ModelControl`): the registry, and this replica's swap."""
@@ -316,10 +326,16 @@ class ModelControl:
         self.registry = registry
         self.swap = swap
 
-    async def retrain_for(self, *, requested_by: str) -> str:
+    async def retrain_for(self, *, requested_by: str, progress: Say | None = None) -> str:
         if self.retrainer is None:
             return "Retraining needs the local model backend (MODEL_BACKEND=local)."
-        return (await self.retrainer.retrain(requested_by=requested_by)).text
+        outcome = await self.retrainer.retrain(requested_by=requested_by, say=progress)
+        if progress is not None and not outcome.busy:
+            try:
+                await progress(f"Training finished. {outcome.text.splitlines()[0]}")
+            except Exception as error:  # the platform is away; the admin still gets the answer
+                logger.warning("could not show the training's end: %s", error)
+        return outcome.text
 
     async def rollback_for(self, *, requested_by: str) -> str:
         from model.registry import RegistryError

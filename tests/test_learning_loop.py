@@ -140,6 +140,11 @@ async def test_people_ask_agents_answer_an_admin_retrains_and_the_bot_has_learne
             await slack.settled()
             (answer,) = [call["text"] for call in api.ephemerals() if call["user"] == ADMIN]
             assert answer.startswith("Promoted as version 1"), answer
+            # Everyone in the thread saw it start, and end, in one message edited in place.
+            (shown,) = [r for r in api.posted() if r.get("thread_ts") == ts(300)]
+            assert shown["posted_text"].startswith("Training started")
+            assert "20 exchanges to train on" in shown["posted_text"]
+            assert shown["text"].startswith("Training finished. Promoted as version 1")
             assert registry.current().number == 1
             assert service.version == registry.current().metadata["model_version"]
             # The bot has learned: at least 18 of the 20, on the model that now serves.

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from bot.commands import Command, CommandAction, CommandRequest
@@ -13,7 +14,9 @@ from bot.commands import Command, CommandAction, CommandRequest
 class ModelControl(Protocol):
     """What the model side offers the commands; each returns the text for the admin."""
 
-    async def retrain_for(self, *, requested_by: str) -> str: ...
+    async def retrain_for(
+        self, *, requested_by: str, progress: Callable[[str], Awaitable[None]] | None = None
+    ) -> str: ...
 
     async def rollback_for(self, *, requested_by: str) -> str: ...
 
@@ -41,7 +44,7 @@ class ModelActions:
         }
 
     async def retrain(self, request: CommandRequest) -> str:
-        return await self.control.retrain_for(requested_by=who(request))
+        return await self.control.retrain_for(requested_by=who(request), progress=request.progress)
 
     async def rollback(self, request: CommandRequest) -> str:
         return await self.control.rollback_for(requested_by=who(request))
