@@ -151,7 +151,13 @@ def train_command(settings: Settings, *, dry_run: bool) -> int:
     finally:
         database.dispose()
     print(outcome.text)
-    return 0 if outcome.promoted or dry_run or not outcome.busy else 1
+    if outcome.version is not None:
+        from model.train import LOSS_CURVE
+
+        curve = build_registry(settings).version(outcome.version).path / LOSS_CURVE
+        if curve.is_file():
+            print(f"Loss curve: {curve}")
+    return 1 if outcome.busy or outcome.failed else 0
 
 
 def _with_progress_every(settings: Any, seconds: float) -> Any:

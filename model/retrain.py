@@ -32,7 +32,7 @@ from typing import Any
 from model.evaluation import Comparison, Gate
 from model.loading import folder_version
 from model.registry import Registry, write_atomically
-from model.train import Recipe, TrainingJob
+from model.train import LOSS_CURVE, Recipe, TrainingJob
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class RetrainOutcome:
     promoted: bool = False
     version: int | None = None
     busy: bool = False
+    failed: bool = False
 
 
 #: Reports progress to whoever asked: ``say`` posts a new message, ``update`` replaces the last.
@@ -139,7 +140,9 @@ class Retrainer:
             return await self._retrain(requested_by=requested_by, say=say, dry_run=dry_run)
         except Exception as error:
             logger.exception("the retrain failed")
-            return RetrainOutcome(text=f"The retrain failed: {error}. The current model serves.")
+            return RetrainOutcome(
+                text=f"The retrain failed: {error}. The current model serves.", failed=True
+            )
         finally:
             renewing.cancel()
             if not dry_run:
@@ -196,6 +199,7 @@ class Retrainer:
             "seconds": round(time.monotonic() - clock, 1),
             "promoted": promote,
             "decision": why,
+            "loss_curve": LOSS_CURVE if (folder / LOSS_CURVE).is_file() else None,
         }
         version = await asyncio.to_thread(self.registry.add, number, folder, metadata)
         model_version = await asyncio.to_thread(folder_version, version.path)

@@ -494,6 +494,31 @@ class TrainingJob:
 
 _PR_SET_PDEATHSIG = 1
 
+#: The loss curve's file name, in the trained model's folder.
+LOSS_CURVE = "loss.png"
+
+
+def plot_losses(losses: Sequence[tuple[int, float]], path: Path) -> Path:
+    """The training loss by step, as a PNG (matplotlib, Agg: no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(6, 3.5), dpi=100)
+    try:
+        steps, values = zip(*losses, strict=True)
+        axes.plot(steps, values, color="#1f77b4", linewidth=1.5)
+        axes.set_xlabel("step")
+        axes.set_ylabel("training loss")
+        axes.set_title("Retrain: loss on the answers")
+        axes.grid(alpha=0.3)
+        figure.tight_layout()
+        figure.savefig(path, format="png")
+    finally:
+        pyplot.close(figure)
+    return path
+
 
 def die_with_parent() -> None:
     """Have the kernel kill this process when its parent dies (Linux), so a killed bot leaves
@@ -532,6 +557,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # reported to the parent, which tells the admin
         emit("failed", error=f"{type(error).__name__}: {error}")
         return 1
+    if report.losses:
+        plot_losses(report.losses, Path(job.output) / LOSS_CURVE)
     if job.serving is not None and job.evaluation:
         try:
             comparison = asyncio.run(compare(Path(job.serving), Path(job.output), job.evaluation))

@@ -69,6 +69,8 @@ def test_train_then_list_use_and_roll_back(bot_home: tuple[Path, dict[str, str]]
     assert version.metadata["exchanges"] == {"train": 2, "held_out": 0}
     assert set(version.metadata["metrics"]) == {"before", "after"}
     assert (version.path / "config.json").is_file()
+    assert f"Loss curve: {version.path / 'loss.png'}" in trained.stdout
+    assert (version.path / "loss.png").read_bytes().startswith(b"\x89PNG")
 
     listed = chatbot("model", "list", cwd=home, **env)
     assert listed.returncode == 0
@@ -96,3 +98,15 @@ def test_train_refuses_a_remote_model(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "local model backend" in result.stderr
+
+
+def test_a_training_that_fails_is_one_clear_answer(bot_home: tuple[Path, dict[str, str]]) -> None:
+    home, env = bot_home
+    (Path(env["MODEL_PATH"]) / "model.safetensors").write_bytes(b"not weights")
+    result = chatbot("train", cwd=home, **env)
+    assert result.returncode == 1
+    assert result.stdout.startswith("The retrain failed:")
+    assert "The current model serves." in result.stdout
+    registry = Registry(home / "data" / "models", base=env["MODEL_PATH"])
+    assert [version.number for version in registry.versions()] == [0]
+    assert not list((home / "data" / "models" / "versions").iterdir())  # nothing half-written

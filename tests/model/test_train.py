@@ -153,6 +153,7 @@ def test_the_training_process_reports_in_json_lines(tiny_model_dir: Path, tmp_pa
     assert events[-1]["event"] == "done"
     assert events[-1]["report"]["steps"] == 2
     assert (tmp_path / "out" / "config.json").is_file()
+    assert (tmp_path / "out" / "loss.png").read_bytes().startswith(b"\x89PNG")  # the curve
 
 
 def test_a_training_that_cannot_run_says_why(tmp_path: Path) -> None:
