@@ -334,21 +334,34 @@ def build_commands(settings: Settings, pipeline: ReplyPipeline) -> Commands:
     from bot.commands import Commands
     from bot.learning import LearningActions, Pseudonymizer, load_pseudonym_key
     from bot.learning.model_commands import ModelActions
+    from bot.learning.training_data import forgotten_users
     from bot.retraining import build_model_control
 
+    database = pipeline.store.database
     key = load_pseudonym_key(configured=settings.pseudonym_key, data_dir=settings.data_dir)
+    control, _registry = build_model_control(
+        settings, database=database, generator=pipeline.generator
+    )
+
+    async def retrain_after_forget() -> str:
+        return await control.retrain_for(requested_by="forget-me")
+
+    async def model_status() -> str:
+        forgotten = await asyncio.to_thread(forgotten_users, database)
+        return await asyncio.to_thread(control.describe_status, forgotten)
+
     learning = LearningActions(
         store=pipeline.store,
-        exporter=build_exporter(settings, pipeline.store.database),
+        exporter=build_exporter(settings, database),
         pseudonymize=Pseudonymizer(key),
-    )
-    control, _registry = build_model_control(
-        settings, database=pipeline.store.database, generator=pipeline.generator
+        serving_learned_from=control.learned_from,
+        after_forget=retrain_after_forget if settings.retrain_on_forget else None,
     )
     return Commands(
         store=pipeline.store,
         model_version=lambda: pipeline.generator.version,
         actions={**learning.actions(), **ModelActions(control).actions()},
+        model_status=model_status,
     )
 
 

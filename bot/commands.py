@@ -113,10 +113,13 @@ class Commands:
         store: Store,
         model_version: Callable[[], str],
         actions: Mapping[Command, CommandAction] | None = None,
+        model_status: Callable[[], Awaitable[str]] | None = None,
     ) -> None:
+        """``model_status``: more lines for ``status`` (the serving version's metrics...)."""
         self.store = store
         self.model_version = model_version
         self.actions = dict(actions or {})
+        self.model_status = model_status
 
     async def run(self, request: CommandRequest) -> str:
         """Run ``request`` and return the reply text (never raises for a user's mistake)."""
@@ -153,10 +156,13 @@ class Commands:
     async def status(self) -> str:
         numbers = await self.store.run(counts)
         last_export = await self.store.run(last_export_summary) or "never"
-        return (
+        text = (
             f"Model: {self.model_version()}\n"
             f"Conversations: {numbers.conversations}, messages: {numbers.messages}, "
             f"exchanges: {numbers.exchanges}, unanswered: {numbers.unanswered}, "
             f"gave up: {numbers.gave_up}\n"
             f"Last export: {last_export}"
         )
+        if self.model_status is not None:
+            text += "\n" + await self.model_status()
+        return text

@@ -23,7 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -311,6 +311,14 @@ class Retrainer:
         return result
 
 
+def _parse_time(value: Any) -> datetime | None:
+    try:
+        parsed = datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
 async def _tell(say: Say | None, text: str) -> None:
     """Report to whoever asked; a platform that is away does not stop the training."""
     if say is None:
@@ -369,6 +377,35 @@ class ModelControl:
         except Exception as error:
             return f"{text[:-1]} on the other replicas, but it did not load here: {error}"
         return text
+
+    def learned_from(self, pseudonym: str) -> bool:
+        """Whether the serving version was trained on this user's data (its lineage)."""
+        return pseudonym in self.registry.current().metadata.get("pseudonyms", ())
+
+    def describe_status(self, forgotten: Mapping[str, datetime]) -> str:
+        """The serving version and its metrics, and how many versions hold the data of users
+        forgotten after they were trained (``forgotten``: pseudonym -> when they asked)."""
+        current = self.registry.current()
+        lines = [f"Serving: {current.label}"]
+        after = current.metadata.get("metrics", {}).get("after", {})
+        if after:
+            scores = ", ".join(
+                f"{name.replace('_', '-')} {score['normalised']}/{score['total']}"
+                for name, score in after.items()
+                if score.get("total")
+            )
+            lines.append(f"Its evaluation: {scores}")
+        holding = 0
+        for version in self.registry.versions():
+            created = _parse_time(version.metadata.get("created_at"))
+            learned = set(version.metadata.get("pseudonyms", ()))
+            if any(
+                pseudonym in learned and (created is None or asked > created)
+                for pseudonym, asked in forgotten.items()
+            ):
+                holding += 1
+        lines.append(f"Versions holding forgotten users' data: {holding}")
+        return "\n".join(lines)
 
     def describe_versions(self) -> str:
         current = self.registry.pointer()[0]

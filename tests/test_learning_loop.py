@@ -13,10 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from bot.commands import Commands
 from bot.config import Settings
-from bot.learning import LearningActions, Pseudonymizer
-from bot.learning.model_commands import ModelActions
 from bot.learning.training_data import read_training_data
 from bot.storage import Database
 from model.registry import Registry
@@ -90,8 +87,8 @@ async def answers_to(slack: SlackHarness, questions: list[str], *, start: int) -
 async def test_people_ask_agents_answer_an_admin_retrains_and_the_bot_has_learned(
     default_model_dir: Path, tmp_path: Path, api: FakeSlackWebApi
 ) -> None:
-    from bot.cli import build_exporter
-    from bot.retraining import build_model_control
+    from bot.cli import build_commands
+    from bot.retraining import build_registry
 
     base = tmp_path / "base"
     shutil.copytree(default_model_dir, base)
@@ -105,16 +102,8 @@ async def test_people_ask_agents_answer_an_admin_retrains_and_the_bot_has_learne
     database.upgrade()
     service = ModelService.load(base, device="cpu")
     pipeline = build_pipeline(database, service)
-    exporter = build_exporter(settings, database)
-    control, registry = build_model_control(settings, database=database, generator=service)
-    learning = LearningActions(
-        store=pipeline.store, exporter=exporter, pseudonymize=Pseudonymizer(b"loop-key")
-    )
-    commands = Commands(
-        store=pipeline.store,
-        model_version=lambda: service.version,
-        actions={**learning.actions(), **ModelActions(control).actions()},
-    )
+    commands = build_commands(settings, pipeline)  # as the bot wires them
+    registry = build_registry(settings)
     async with aiohttp.ClientSession() as http:
         adapter = await start_adapter(api, pipeline, commands=commands)
         slack = SlackHarness(adapter=adapter, api=api, pipeline=pipeline, http=http)
@@ -139,6 +128,7 @@ async def test_people_ask_agents_answer_an_admin_retrains_and_the_bot_has_learne
             await slack.event(mention("!retrain", ts=ts(300), user=ADMIN))
             await slack.settled()
             (answer,) = [call["text"] for call in api.ephemerals() if call["user"] == ADMIN]
+
             assert answer.startswith("Promoted as version 1"), answer
             # Everyone in the thread saw it start, and end, in one message edited in place.
             (shown,) = [r for r in api.posted() if r.get("thread_ts") == ts(300)]
@@ -149,6 +139,21 @@ async def test_people_ask_agents_answer_an_admin_retrains_and_the_bot_has_learne
             assert service.version == registry.current().metadata["model_version"]
             # The bot has learned: at least 18 of the 20, on the model that now serves.
             after = await answers_to(slack, [q for q, _ in TAUGHT], start=400)
+            # Lineage: the serving version knows whose data it learned from.
+            await slack.event(mention("!status", ts=ts(310), user=ADMIN))
+            await slack.settled()
+            await slack.event(mention("!forget-me", ts=ts(311), user="U0"))  # taught it
+            await slack.event(mention("!forget-me", ts=ts(312), user="U99"))  # never asked
+            await slack.settled()
+            await slack.event(mention("!status", ts=ts(313), user=ADMIN))
+            await slack.settled()
+            said = {call.get("thread_ts"): call["text"] for call in api.ephemerals()}
+            assert "Serving: version 1" in said[ts(310)]
+            assert "Its evaluation: new " in said[ts(310)]
+            assert "Versions holding forgotten users' data: 0" in said[ts(310)]
+            assert "learned from your messages; the next retrain will not" in said[ts(311)]
+            assert "did not learn from your messages" in said[ts(312)]
+            assert "Versions holding forgotten users' data: 1" in said[ts(313)]
             learned = sum(
                 reply == answer for reply, answer in zip(after, taught_answers, strict=True)
             )

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 import secrets
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from bot.commands import Command, CommandAction, CommandRequest
@@ -39,11 +40,25 @@ def load_pseudonym_key(*, configured: str, data_dir: Path) -> bytes:
 class LearningActions:
     """Actions for the ``export``, ``forget-me``, ``correct`` and ``training`` commands."""
 
-    def __init__(self, *, store: Store, exporter: Exporter, pseudonymize: Pseudonymizer) -> None:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        exporter: Exporter,
+        pseudonymize: Pseudonymizer,
+        serving_learned_from: Callable[[str], bool] | None = None,
+        after_forget: Callable[[], Awaitable[object]] | None = None,
+    ) -> None:
+        """``serving_learned_from(pseudonym)``: whether the serving model was trained on that
+        user's data (the registry's lineage); ``after_forget``: run once a user is forgotten
+        (a retrain, when RETRAIN_ON_FORGET is set)."""
         self.store = store
         self.exporter = exporter
         self.pseudonymize = pseudonymize
+        self.serving_learned_from = serving_learned_from
+        self.after_forget = after_forget
         self._export_lock = asyncio.Lock()
+        self._retraining: asyncio.Future[object] | None = None
 
     def actions(self) -> dict[Command, CommandAction]:
         return {
@@ -63,11 +78,12 @@ class LearningActions:
         return result.describe()
 
     async def forget_me(self, request: CommandRequest) -> str:
+        pseudonym = self.pseudonymize(request.platform, request.user_id)
         forgotten = await self.store.run(
             forget_user,
             platform=request.platform,
             user_id=request.user_id,
-            user_pseudonym=self.pseudonymize(request.platform, request.user_id),
+            user_pseudonym=pseudonym,
         )
         logger.warning(
             "forget-me: deleted %d messages and %d exchanges of a %s user",
@@ -75,11 +91,23 @@ class LearningActions:
             forgotten.exchanges,
             request.platform,
         )
-        return (
+        answer = (
             f"Done. I deleted {forgotten.messages} messages, {forgotten.exchanges} exchanges and "
             f"{forgotten.ratings} ratings of yours. None of it will be used for training, and "
             "training data exported earlier drops your lines at the next retrain."
         )
+        if self.serving_learned_from is not None:
+            if await asyncio.to_thread(self.serving_learned_from, pseudonym):
+                answer += (
+                    " The model answering now learned from your messages; the next retrain "
+                    "will not."
+                )
+                if self.after_forget is not None:
+                    self._retraining = asyncio.ensure_future(self.after_forget())
+                    answer += " A retrain without them has started."
+            else:
+                answer += " The model answering now did not learn from your messages."
+        return answer
 
     async def correct(self, request: CommandRequest) -> str:
         better = request.arguments.strip()

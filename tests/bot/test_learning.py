@@ -400,3 +400,36 @@ def test_the_package_imports_its_modules_on_first_use() -> None:
         ]
     )
     assert resolved == "True"
+
+
+async def test_forget_me_says_whether_the_serving_model_learned_from_them(
+    database: Database, tmp_path: Path
+) -> None:
+    store = Store(database)
+    exporter = Exporter(
+        database=database,
+        options=ExportOptions(directory=tmp_path, create_directory=True),
+        formatter=format_prompt,
+        pseudonymize=Pseudonymizer(KEY),
+    )
+    learned = {Pseudonymizer(KEY)("console", "U1")}
+    retrains: list[str] = []
+
+    async def retrain() -> str:
+        retrains.append("started")
+        return "Promoted as version 2"
+
+    learning = LearningActions(
+        store=store,
+        exporter=exporter,
+        pseudonymize=Pseudonymizer(KEY),
+        serving_learned_from=lambda pseudonym: pseudonym in learned,
+        after_forget=retrain,
+    )
+    taught = await learning.forget_me(request("forget-me", user="U1"))
+    assert "learned from your messages; the next retrain will not" in taught
+    assert "A retrain without them has started." in taught
+    stranger = await learning.forget_me(request("forget-me", user="U2"))
+    assert "did not learn from your messages" in stranger
+    await asyncio.sleep(0)
+    assert retrains == ["started"]  # once: only the user it learned from triggers one
