@@ -411,8 +411,19 @@ async def _serve(settings: Settings, *, chat_only: bool, json_lines: bool) -> in
     watcher = asyncio.ensure_future(watch_models(settings, pipeline.generator))
     scheduler = None
     if trigger is not None:
+        after_export = None
+        if settings.retrain_after_exported:
+            from bot.retraining import build_model_control, retrain_when_due
+
+            database = pipeline.store.database
+            control, _ = build_model_control(
+                settings, database=database, generator=pipeline.generator
+            )
+            after_export = retrain_when_due(settings, database=database, control=control)
         scheduler = ExportScheduler(
-            exporter=build_exporter(settings, pipeline.store.database), trigger=trigger
+            exporter=build_exporter(settings, pipeline.store.database),
+            trigger=trigger,
+            after_export=after_export,
         )
         scheduler.start()
     try:

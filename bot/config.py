@@ -111,6 +111,7 @@ class Settings(BaseSettings):
     retrain_dp_epsilon: float | None = Field(default=None, gt=0)  # DP-SGD target ε; empty: off
     retrain_dp_delta: float = Field(default=1e-5, gt=0, lt=1)
     retrain_on_forget: bool = False  # a forget-me retrains when the serving model learned them
+    retrain_after_exported: int = Field(default=0, ge=0)  # scheduled retrain after N; 0: never
 
     # Slack (adapters/slack_adapter.py). Socket Mode when SLACK_APP_TOKEN is set, else HTTP mode.
     slack_bot_token: str = ""

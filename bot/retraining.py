@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -108,6 +110,36 @@ def build_model_control(
         else None
     )
     return ModelControl(retrainer=retrainer, registry=registry, swap=swap), registry
+
+
+def retrain_when_due(
+    settings: Settings, *, database: Database, control: Any
+) -> Callable[[Any], Awaitable[str | None]]:
+    """After a scheduled export: retrain once ``RETRAIN_AFTER_EXPORTED`` exchanges have been
+    exported since the newest version was trained (kept or promoted); ``None`` when not due."""
+    from bot.learning.training_data import exported_since
+
+    async def maybe_retrain(_result: Any) -> str | None:
+        versions = await asyncio.to_thread(build_registry(settings).versions)
+        newest = max(versions, key=lambda version: version.number)
+        since = _when(newest.metadata.get("created_at"))
+        fresh = await asyncio.to_thread(exported_since, database, since)
+        if fresh < settings.retrain_after_exported:
+            return None
+        logger.info("%d exchanges exported since the last training: retraining", fresh)
+        text: str = await control.retrain_for(requested_by="scheduler")
+        logger.warning("scheduled retrain: %s", text.splitlines()[0])
+        return text
+
+    return maybe_retrain
+
+
+def _when(value: Any) -> datetime | None:
+    try:
+        parsed = datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def serving_folder(generator: Any) -> Path | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import UTC
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -55,9 +56,17 @@ def parse_schedule(spec: str) -> BaseTrigger | None:
 class ExportScheduler:
     """Runs the export on a trigger, off the event loop."""
 
-    def __init__(self, *, exporter: Exporter, trigger: BaseTrigger) -> None:
+    def __init__(
+        self,
+        *,
+        exporter: Exporter,
+        trigger: BaseTrigger,
+        after_export: Callable[[ExportResult], Awaitable[object]] | None = None,
+    ) -> None:
+        """``after_export`` runs after each export that worked (the retrain trigger)."""
         self.exporter = exporter
         self.trigger = trigger
+        self.after_export = after_export
         self.scheduler = AsyncIOScheduler(timezone=UTC)
         self.results: list[ExportResult] = []
 
@@ -82,6 +91,11 @@ class ExportScheduler:
             return
         self.results.append(result)
         logger.info("scheduled export: %s", result.describe())
+        if self.after_export is not None:
+            try:
+                await self.after_export(result)
+            except Exception:
+                logger.exception("the step after the scheduled export failed")
 
     def shutdown(self) -> None:
         if self.scheduler.running:

@@ -225,3 +225,17 @@ def forgotten_users(database: Any) -> dict[str, datetime]:
     return {
         pseudonym: when if when.tzinfo else when.replace(tzinfo=UTC) for pseudonym, when in rows
     }
+
+
+def exported_since(database: Any, since: datetime | None) -> int:
+    """Exchanges exported in shards committed after ``since`` (all of them for ``None``)."""
+    from sqlalchemy import func, select
+
+    from bot.storage import ExportShardRecord
+
+    table = ExportShardRecord.__table__  # type: ignore[attr-defined]
+    query = select(func.coalesce(func.sum(table.c.exchange_count), 0))
+    if since is not None:
+        query = query.where(table.c.created_at > since)
+    with database.engine.connect() as connection:
+        return int(connection.execute(query).scalar_one())
