@@ -58,3 +58,37 @@ def test_serving_benchmark_runs_and_reports_each_row(tiny_model_dir: Path, tmp_p
     random = next(m for m in report["models"] if m["name"] == "random200m")
     plain = next(row for row in random["rows"] if row["row"] == "a")
     assert plain["tokens"] == 8 * 32 and plain["note"] == ""  # exactly 32 new tokens each
+
+
+@pytest.mark.timeout(300)
+def test_retrain_benchmark_runs_and_reports_each_row(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A small real run of benchmarks/retrain.py on the tiny model: the bot's training process
+    with its evaluation, the plain loop on the same batches, DP, and the latency probes."""
+    figures = tmp_path / "figures.json"
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "retrain.py"),
+            "--default-model",
+            str(tiny_model_dir),
+            "--exchanges",
+            "8",
+            "--quick",
+            "--json",
+            str(figures),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "| retrain (Trainer + evaluation) |" in run.stdout
+    assert "| plain PyTorch loop, same batches |" in run.stdout
+    assert "| retrain with DP (Opacus) |" in run.stdout
+    assert "Reply latency p50: idle" in run.stdout
+    report = json.loads(figures.read_text())
+    assert report["retrain"]["tokens"] == report["plain"]["tokens"]  # the same examples
+    assert report["retrain"]["steps"] == report["plain"]["steps"]  # in the same batches
+    assert 0 < report["dp"]["epsilon"] <= 8.0 + 1e-6
+    assert report["latency"]["busy_n"] >= 1 and report["latency"]["idle_p50"] > 0
