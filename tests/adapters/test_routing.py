@@ -83,12 +83,14 @@ class RecordingHandler:
 class RecordingReplier:
     sent: list[str] = field(default_factory=list)
     private: list[str] = field(default_factory=list)
+    shown: list[tuple[str, str]] = field(default_factory=list)  # progress: (text, message id)
 
     async def send(self, *, text: str, in_reply_to: IncomingMessage) -> str | None:
         self.sent.append(text)
         return "reply-1"
 
     async def progress(self, *, text: str, in_reply_to: IncomingMessage) -> str | None:
+        self.shown.append((text, in_reply_to.message_id))
         return "placeholder-1"
 
     async def send_private(self, *, text: str) -> None:
@@ -227,6 +229,25 @@ async def test_a_command_request_carries_the_thread_the_reply_and_the_admin_fact
     assert (request.thread, request.replied_to) == ("T9", "bot-reply-7")
     assert request.message_id == command.message.message_id
     assert request.user_is_admin and not request.user_manages_channel
+
+
+async def test_a_long_commands_progress_is_shown_in_its_conversation(
+    sqlite_database: Database,
+) -> None:
+    """The same for every platform: progress goes through the platform's placeholder (posted
+    once, then edited: Slack chat.update, a Discord message edit) in the command's thread."""
+    router, requests = router_on(sqlite_database, RecordingHandler())
+    command = event(
+        "!correct A better answer.", thread="T9", is_addressed=True, author_is_admin=True
+    )
+    replier = RecordingReplier()
+    await router.route(command, reply=replier)
+    (request,) = requests
+    assert request.progress is not None
+    await request.progress("step 1/10")
+    await request.progress("step 10/10")
+    message_id = command.message.message_id
+    assert replier.shown == [("step 1/10", message_id), ("step 10/10", message_id)]
 
 
 async def test_enrich_runs_only_for_events_that_are_not_ignored_and_its_facts_count(
