@@ -19,6 +19,7 @@ import getpass
 import json
 import sys
 import uuid
+from pathlib import Path
 from typing import TextIO
 
 from adapters.base import MessageHandler
@@ -111,9 +112,13 @@ class ConsoleChat:
                 user_name=self.user_id,
                 user_is_admin=True,
                 progress=self._show_progress,
+                attach=self._show_file,
             )
         )
         self._show_command(line, f"{HELP}\n{reply}" if known == Command.HELP else reply)
+
+    async def _show_file(self, path: Path, text: str) -> None:
+        print(f"{text}: {path}", file=sys.stderr, flush=True)
 
     async def _show_progress(self, text: str) -> None:
         """A long command's progress (a retrain), on stderr: stdout holds the answers."""

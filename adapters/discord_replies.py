@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -89,6 +90,15 @@ class DiscordReply:
             # The asker does not take DMs from server members: say so, not what was asked.
             logger.warning("could not DM Discord user %s: %s", self.message.author.id, error)
             await self._post(DM_REFUSED, ping=True)
+
+    async def attach(self, *, path: Path, text: str) -> None:
+        """The file as an attachment of a reply to the command, ``text`` as its content."""
+        await self.message.channel.send(
+            text,
+            file=discord.File(path, filename=path.name),
+            reference=self.message.to_reference(fail_if_not_exists=False),
+            allowed_mentions=allowed_mentions(ping=False),
+        )
 
     async def _post(self, text: str, *, ping: bool) -> discord.Message:
         return await self.message.channel.send(

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from functools import partial
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from adapters.base import MessageHandler
@@ -77,6 +78,10 @@ class Replier(Protocol):
 
     async def send_private(self, *, text: str) -> None:
         """Answer a command so that only the asker sees it (ephemeral, or a DM)."""
+        ...
+
+    async def attach(self, *, path: Path, text: str) -> None:
+        """Post a file (a retrain's loss curve) with a line of text in the conversation."""
         ...
 
 
@@ -159,6 +164,7 @@ class Router:
                 replied_to=event.replied_to,
                 message_id=message.message_id,
                 progress=partial(_show_progress, reply, message),
+                attach=partial(_attach, reply),
             )
             text = await self.run_command(
                 request, delivery_key=f"message:{message.channel}:{message.message_id}"
@@ -409,3 +415,7 @@ async def deliver_queued_replies(
 async def _show_progress(reply: Replier, message: IncomingMessage, text: str) -> None:
     """A long command's progress, posted in the conversation and then edited."""
     await reply.progress(text=text, in_reply_to=message)
+
+
+async def _attach(reply: Replier, path: Path, text: str) -> None:
+    await reply.attach(path=path, text=text)

@@ -4,6 +4,7 @@ command answers, and posting queued replies (editing their placeholder when ther
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.web.async_client import AsyncWebClient
@@ -83,6 +84,17 @@ class ThreadReply:
             await self.client.chat_postEphemeral(
                 channel=self.channel, user=self.asker, thread_ts=self.thread_ts, text=escape(chunk)
             )
+
+    async def attach(self, *, path: Path, text: str) -> None:
+        """Upload the file into the thread (``files_upload_v2``), ``text`` as its comment."""
+        await self.client.files_upload_v2(
+            channel=self.channel,
+            thread_ts=self.thread_ts,
+            file=str(path),
+            filename=path.name,
+            title=path.name,
+            initial_comment=escape(text),
+        )
 
 
 def _chunks(text: str) -> list[str]:

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import Protocol
 
 from bot.storage import Store, counts, last_export_summary
@@ -85,6 +86,8 @@ class CommandRequest:
     #: Shows a long command's progress where it was asked, edited into one message (a
     #: ``!retrain`` in a thread); ``None`` where the platform form has no such place.
     progress: Callable[[str], Awaitable[None]] | None = None
+    #: Posts a file (the loss curve) with a line of text where the command was asked.
+    attach: Callable[[Path, str], Awaitable[None]] | None = None
 
 
 class CommandAction(Protocol):

@@ -338,15 +338,25 @@ class ModelControl:
         self.registry = registry
         self.swap = swap
 
-    async def retrain_for(self, *, requested_by: str, progress: Say | None = None) -> str:
+    async def retrain_for(
+        self,
+        *,
+        requested_by: str,
+        progress: Say | None = None,
+        attach: Callable[[Path, str], Awaitable[None]] | None = None,
+    ) -> str:
         if self.retrainer is None:
             return "Retraining needs the local model backend (MODEL_BACKEND=local)."
         outcome = await self.retrainer.retrain(requested_by=requested_by, say=progress)
         if progress is not None and not outcome.busy:
-            try:
-                await progress(f"Training finished. {outcome.text.splitlines()[0]}")
-            except Exception as error:  # the platform is away; the admin still gets the answer
-                logger.warning("could not show the training's end: %s", error)
+            await _tell(progress, f"Training finished. {outcome.text.splitlines()[0]}")
+        if attach is not None and outcome.version is not None:
+            curve = self.registry.version(outcome.version).path / LOSS_CURVE
+            if curve.is_file():
+                try:
+                    await attach(curve, f"Loss curve of version {outcome.version}")
+                except Exception as error:  # the answer still goes out
+                    logger.warning("could not post the loss curve: %s", error)
         return outcome.text
 
     async def rollback_for(self, *, requested_by: str) -> str:

@@ -135,6 +135,13 @@ async def test_people_ask_agents_answer_an_admin_retrains_and_the_bot_has_learne
             assert shown["posted_text"].startswith("Training started")
             assert "20 exchanges to train on" in shown["posted_text"]
             assert shown["text"].startswith("Training finished. Promoted as version 1")
+            # The loss curve, uploaded into the same thread (files_upload_v2).
+            (curve,) = api.shared_files
+            assert (curve["thread_ts"], curve["initial_comment"]) == (
+                ts(300),
+                "Loss curve of version 1",
+            )
+            assert api.uploads[curve["files"][0]].startswith(b"\x89PNG")
             assert registry.current().number == 1
             assert service.version == registry.current().metadata["model_version"]
             # The bot has learned: at least 18 of the 20, on the model that now serves.

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Protocol
 
 from bot.commands import Command, CommandAction, CommandRequest
@@ -15,7 +16,11 @@ class ModelControl(Protocol):
     """What the model side offers the commands; each returns the text for the admin."""
 
     async def retrain_for(
-        self, *, requested_by: str, progress: Callable[[str], Awaitable[None]] | None = None
+        self,
+        *,
+        requested_by: str,
+        progress: Callable[[str], Awaitable[None]] | None = None,
+        attach: Callable[[Path, str], Awaitable[None]] | None = None,
     ) -> str: ...
 
     async def rollback_for(self, *, requested_by: str) -> str: ...
@@ -44,7 +49,9 @@ class ModelActions:
         }
 
     async def retrain(self, request: CommandRequest) -> str:
-        return await self.control.retrain_for(requested_by=who(request), progress=request.progress)
+        return await self.control.retrain_for(
+            requested_by=who(request), progress=request.progress, attach=request.attach
+        )
 
     async def rollback(self, request: CommandRequest) -> str:
         return await self.control.rollback_for(requested_by=who(request))

@@ -1339,3 +1339,37 @@ async def test_a_long_failed_reply_is_split_and_delivered_after_a_restart(
 @pytest.fixture(autouse=True)
 def _adapter_logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
+
+
+async def test_a_retrains_progress_and_loss_curve_are_shown_in_the_channel(
+    discord: FakeDiscord, database: Database, model: RecordingModel, tmp_path: Path
+) -> None:
+    """The model side is the real ModelControl over a real registry; only the training itself
+    is a stand-in (it reports twice and has trained version 1, with its curve)."""
+    from bot.learning.model_commands import ModelActions
+    from model.registry import Registry
+    from model.retrain import ModelControl, RetrainOutcome
+    from model.train import LOSS_CURVE, plot_losses
+
+    registry = Registry(tmp_path / "models", base=str(tmp_path))
+    number, folder = registry.new_folder()
+    plot_losses([(1, 2.0), (2, 1.0), (3, 0.5)], folder / LOSS_CURVE)
+    registry.add(number, folder, {"promoted": True})
+
+    class Training:
+        async def retrain(self, *, requested_by: str, say: Any) -> RetrainOutcome:
+            await say("Training started. 3 exchanges to train on")
+            await say("Training: step 3/3, loss 0.500, 900 tokens/s")
+            return RetrainOutcome(text="Promoted as version 1: fine.", promoted=True, version=1)
+
+    control = ModelControl(retrainer=Training(), registry=registry, swap=None)  # type: ignore[arg-type]
+    async with running_bot(discord, database, model, actions=ModelActions(control).actions()):
+        asked = await say(discord, "!retrain", author=ADMIN, mentions_bot=True)
+        progress, curve = await reply_to(discord, asked, count=2)
+        (answer,) = await direct_messages(discord, ADMIN)
+
+    assert progress["content"] == "Training finished. Promoted as version 1: fine."  # edited
+    assert curve["content"] == "Loss curve of version 1"
+    (attachment,) = curve["attachments"]
+    assert attachment["filename"] == LOSS_CURVE and attachment["size"] > 1000
+    assert answer == "Promoted as version 1: fine."

@@ -96,6 +96,9 @@ class RecordingReplier:
     async def send_private(self, *, text: str) -> None:
         self.private.append(text)
 
+    async def attach(self, *, path: Path, text: str) -> None:
+        self.private.append(f"{text}: {path.name}")
+
 
 @pytest.fixture
 def sqlite_database(tmp_path: Path) -> Iterator[Database]:

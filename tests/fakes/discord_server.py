@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
+import aiohttp
 from aiohttp import WSMsgType, web
 
 from tests.fakes.holds import Hold
@@ -566,7 +567,9 @@ class FakeDiscord:
     async def _rest(self, request: web.Request) -> web.StreamResponse:
         path = "/" + request.match_info["path"]
         body: Any = None
-        if request.can_read_body:
+        if request.can_read_body and request.content_type == "multipart/form-data":
+            body = await _multipart(request)  # a message with attachments
+        elif request.can_read_body:
             raw = await request.read()
             try:
                 body = json.loads(raw) if raw else None
@@ -747,7 +750,16 @@ class FakeDiscord:
             "mention_everyone": False,
             "mentions": [],
             "mention_roles": [],
-            "attachments": [],
+            "attachments": [
+                {
+                    "id": snowflake(),
+                    "filename": name,
+                    "size": len(data),
+                    "url": f"https://cdn.example/{name}",
+                    "proxy_url": f"https://cdn.example/{name}",
+                }
+                for name, data in body.get("_files", {}).items()
+            ],
             "embeds": [],
             "pinned": False,
             "type": 19 if body.get("message_reference") else 0,
@@ -864,3 +876,20 @@ class FakeDiscord:
 
 def _not_found(message: str, code: int) -> web.Response:
     return json_response({"message": message, "code": code}, status=404)
+
+
+async def _multipart(request: web.Request) -> Json:
+    """A multipart message create (discord.py sends files so): its ``payload_json`` with the
+    files' contents under ``_files`` (file name -> bytes)."""
+    body: Json = {}
+    files: dict[str, bytes] = {}
+    reader = await request.multipart()
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, aiohttp.BodyPartReader):
+            continue
+        if part.name == "payload_json":
+            body.update(json.loads(await part.text()))
+        elif part.filename:
+            files[part.filename] = bytes(await part.read())
+    body["_files"] = files
+    return body

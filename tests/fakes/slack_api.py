@@ -80,6 +80,10 @@ class FakeSlackWebApi:
         self._ts = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self.port = 0
+        #: Uploaded file contents by file id (files_upload_v2's second step).
+        self.uploads: dict[str, bytes] = {}
+        #: Each completed upload: its file ids, channel, thread and comment.
+        self.shared_files: list[dict[str, Any]] = []
 
     @property
     def url(self) -> str:
@@ -94,6 +98,7 @@ class FakeSlackWebApi:
         app.router.add_post("/api/{method}", self._api)
         app.router.add_get("/api/{method}", self._api)  # users.info and a few others are GETs
         app.router.add_post("/respond/{token}", self._respond)
+        app.router.add_post("/upload/{file_id}", self._upload)
         self._runner, self.port = await serve_on_loopback(app)
 
     async def close(self) -> None:
@@ -226,6 +231,10 @@ class FakeSlackWebApi:
         self.calls.append(ApiCall(method, params, 200))
         return web.json_response(self._answer(method, params))
 
+    async def _upload(self, request: web.Request) -> web.Response:
+        self.uploads[request.match_info["file_id"]] = await request.read()
+        return web.Response(text="OK - uploaded")
+
     async def _respond(self, request: web.Request) -> web.Response:
         self.calls.append(ApiCall("response_url", await _params(request), 200))
         return web.Response(text="ok")
@@ -282,18 +291,39 @@ class FakeSlackWebApi:
                 "has_more": has_more,
                 "response_metadata": {"next_cursor": str(start + limit) if has_more else ""},
             }
+        if method == "files.getUploadURLExternal":
+            file_id = f"F{next(self._ts):06d}"
+            upload_url = f"http://127.0.0.1:{self.port}/upload/{file_id}"
+            return {"ok": True, "upload_url": upload_url, "file_id": file_id}
+        if method == "files.completeUploadExternal":
+            files = params.get("files")
+            listed = json.loads(files) if isinstance(files, str) else list(files or [])
+            if any(entry.get("id") not in self.uploads for entry in listed):
+                return {"ok": False, "error": "file_not_uploaded"}
+            self.shared_files.append(
+                {
+                    "files": [entry["id"] for entry in listed],
+                    "channel": params.get("channel_id"),
+                    "thread_ts": params.get("thread_ts"),
+                    "initial_comment": params.get("initial_comment"),
+                }
+            )
+            return {"ok": True, "files": [{"id": entry["id"]} for entry in listed]}
         if method == "apps.connections.open":
             return {"ok": True, "url": self.socket_url}
         return {"ok": False, "error": "unknown_method"}
 
 
 async def _params(request: web.Request) -> dict[str, Any]:
+    """The call's arguments: the query string (slack_sdk sends some methods' arguments there,
+    files.completeUploadExternal's for one, as Slack accepts) and the body."""
+    query = dict(request.query)
     if request.method == "GET":
-        return dict(request.query)
+        return query
     if request.content_type == "application/json":
         body = await request.json()
-        return dict(body) if isinstance(body, dict) else {"body": body}
-    return dict(await request.post())
+        return {**query, **(dict(body) if isinstance(body, dict) else {"body": body})}
+    return {**query, **dict(await request.post())}
 
 
 # --------------------------------------------------------------------------- Socket Mode
