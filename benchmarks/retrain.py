@@ -189,6 +189,7 @@ async def latencies(service: Any, questions: Sequence[str], *, until: Any) -> li
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from model.corpus import load_starter_corpus
+    from model.retrain import serving_beside_training
     from model.service import ModelService
     from model.train import Recipe, TrainingJob
 
@@ -229,7 +230,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     training = asyncio.ensure_future(
         asyncio.to_thread(run_trainer, job("candidate"), threads=args.threads, workdir=workdir)
     )
-    busy = await latencies(service, questions, until=training.done)
+    with serving_beside_training(service, args.threads):  # as the bot's retrain does
+        busy = await latencies(service, questions, until=training.done)
     trained = await training
     report = trained["done"]["report"]
     figures["retrain"] = {

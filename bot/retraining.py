@@ -39,7 +39,9 @@ def serving_path(settings: Settings) -> str:
     return settings.resolved_model_path if current.number == 0 else str(current.path)
 
 
-def build_retrainer(settings: Settings, *, database: Database, swap: Any) -> Retrainer:
+def build_retrainer(
+    settings: Settings, *, database: Database, swap: Any, serving: Any = None
+) -> Retrainer:
     from bot.cli import build_exporter
     from bot.learning.lease import Lease
     from bot.learning.training_data import forgotten_users, read_training_data
@@ -86,6 +88,7 @@ def build_retrainer(settings: Settings, *, database: Database, swap: Any) -> Ret
         ),
         swap=swap,
         replay=load_starter_corpus(),
+        serving=serving,
         settings=RetrainSettings(
             recipe=recipe,
             gate=Gate(learned=settings.retrain_learned_share, margin=settings.retrain_margin),
@@ -105,7 +108,7 @@ def build_model_control(
     swap = getattr(generator, "swap", None)
     registry = build_registry(settings)
     retrainer = (
-        build_retrainer(settings, database=database, swap=swap)
+        build_retrainer(settings, database=database, swap=swap, serving=generator)
         if settings.model_backend == "local"
         else None
     )

@@ -115,6 +115,7 @@ class SchedulerStats:
     finished: int  # requests ended since start (answered, failed, cancelled or timed out)
     steps: int  # forward passes run
     largest_batch: int  # the most rows one step decoded
+    threads: int = 0  # torch threads the worker decoded its last step on
 
 
 @dataclass(eq=False)
@@ -202,6 +203,8 @@ class BatchScheduler:
         self._steps = 0
         self._largest = 0
         self._closing = False
+        self._threads: int | None = None  # torch threads the worker should use (None: as is)
+        self._running_threads = 0
         self._condition = threading.Condition()
         self._thread = threading.Thread(target=self._run, name=f"model-batch-{name}", daemon=True)
         self._thread.start()
@@ -262,6 +265,13 @@ class BatchScheduler:
             self._condition.notify()
         return request
 
+    def use_threads(self, threads: int | None) -> None:
+        """Have the worker decode on ``threads`` torch threads from its next step (``None``:
+        the count it started with). torch's thread count is per thread, so the worker sets it
+        itself."""
+        with self._condition:
+            self._threads = threads
+
     def stats(self) -> SchedulerStats:
         with self._condition:
             return SchedulerStats(
@@ -270,6 +280,7 @@ class BatchScheduler:
                 finished=self._finished,
                 steps=self._steps,
                 largest_batch=self._largest,
+                threads=self._running_threads,
             )
 
     def close(self, *, timeout: float | None = None) -> None:
@@ -283,10 +294,15 @@ class BatchScheduler:
 
     def _run(self) -> None:
         batch: _Batch | None = None
+        started_with = torch.get_num_threads()
         while True:
             admitted = self._wait_for_work(running=batch is not None)
             if admitted is None:
                 return
+            wanted = self._threads or started_with
+            if torch.get_num_threads() != wanted:
+                torch.set_num_threads(wanted)
+            self._running_threads = wanted
             try:
                 with torch.inference_mode():
                     if admitted:

@@ -104,6 +104,7 @@ class ModelService:
             "generation": local.generation,
         }
         self._serial = 0
+        self._threads: int | None = None
         self._engine = self._start(local)
         self._retiring: set[asyncio.Future[None]] = set()
         self._swapping = False
@@ -146,6 +147,7 @@ class ModelService:
             name=str(self._serial),
         )
         scheduler.use_stop_strings(tokenizer)
+        scheduler.use_threads(getattr(self, "_threads", None))
         return _Engine(local, scheduler)
 
     @property
@@ -160,6 +162,12 @@ class ModelService:
 
     def stats(self) -> SchedulerStats:
         return self._engine.scheduler.stats()
+
+    def use_threads(self, threads: int | None) -> None:
+        """Decode on ``threads`` torch threads (``None``: as at start), this model and the
+        next ones swapped in; a retrain lends the others to its trainer."""
+        self._threads = threads
+        self._engine.scheduler.use_threads(threads)
 
     # --- answering --------------------------------------------------------------------------
 

@@ -371,3 +371,24 @@ async def test_awaited_passing_thread_work_runs_on_a_thread_that_ends() -> None:
     (thread,) = ran_on
     thread.join(5)
     assert thread is not threading.current_thread() and not thread.is_alive()
+
+
+async def test_the_service_lends_cores_to_a_trainer_and_takes_them_back(tiny_model_dir) -> None:
+    """torch's thread count is per thread: the batch worker itself switches, between steps."""
+    import torch
+
+    from model.retrain import serving_beside_training
+
+    service = ModelService.load(tiny_model_dir, device="cpu")
+    ask = [{"role": "user", "content": "Hello"}]
+    try:
+        await service.generate(messages=ask, max_new_tokens=4)
+        at_start = service.stats().threads
+        assert at_start == torch.get_num_threads()
+        with serving_beside_training(service, trainer_threads=max(1, (os.cpu_count() or 2) - 1)):
+            await service.generate(messages=ask, max_new_tokens=4)
+            assert service.stats().threads == 1
+        await service.generate(messages=ask, max_new_tokens=4)
+        assert service.stats().threads == at_start
+    finally:
+        await service.aclose()
