@@ -177,13 +177,26 @@ def train_command(settings: Settings, *, dry_run: bool) -> int:
     async def say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="step", desc="training", file=sys.stderr)
+
+    def step(event: Any) -> None:
+        bar.total = int(event["steps"])
+        bar.n = int(event["step"])
+        bar.set_postfix(
+            loss=f"{event['loss']:.3f}", tokens_per_s=f"{event['tokens_per_second']:.0f}"
+        )
+
     try:
         retrainer = build_retrainer(settings, database=database, swap=None)
-        retrainer.settings = _with_progress_every(retrainer.settings, 2.0)
+        retrainer.settings = _with_progress_every(retrainer.settings, 10.0)
+        retrainer.on_step = step
         outcome = asyncio.run(
             retrainer.retrain(requested_by="command line", say=say, dry_run=dry_run)
         )
     finally:
+        bar.close()
         database.dispose()
     print(outcome.text)
     if outcome.version is not None:

@@ -115,6 +115,8 @@ class Retrainer:
         """``serving``: this process's model service, which lends the trainer its cores."""
         self.registry = registry
         self.serving = serving
+        #: Sees every progress report of the trainer (the CLI's progress bar), unthrottled.
+        self.on_step: Callable[[Mapping[str, Any]], None] | None = None
         self.export = export
         self.data = data
         self.lease = lease
@@ -312,6 +314,8 @@ class Retrainer:
             except ValueError:
                 continue  # a library's print; not ours
             kind = event.get("event")
+            if kind == "progress" and self.on_step is not None:
+                self.on_step(event)
             if kind == "progress" and say is not None:
                 if time.monotonic() - last_report >= self.settings.progress_every:
                     last_report = time.monotonic()

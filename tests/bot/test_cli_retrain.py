@@ -61,7 +61,8 @@ def test_train_then_list_use_and_roll_back(bot_home: tuple[Path, dict[str, str]]
     trained = chatbot("train", cwd=home, **env)
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert trained.stdout.startswith("Promoted as version 1"), trained.stdout
-    assert "Training started" in trained.stderr  # the progress goes to stderr
+    assert "Training started" in trained.stderr  # the progress goes to stderr...
+    assert "training: 100%" in trained.stderr  # ...with a progress bar to the last step
     registry = Registry(home / "data" / "models", base=env["MODEL_PATH"])
     version = registry.current()
     assert version.number == 1

@@ -226,3 +226,28 @@ def test_a_private_fine_tune_records_its_privacy(tiny_model_dir: Path, tmp_path:
     )
     assert report.dp is not None and 0 < report.dp["epsilon"] <= 8.0 + 1e-6
     assert LocalModel.load(tmp_path / "private", device="cpu").version
+
+
+def test_lora_adapters_are_merged_into_a_plain_folder(tiny_model_dir: Path, tmp_path: Path) -> None:
+    report = fine_tune(
+        base=tiny_model_dir,
+        output=tmp_path / "lora",
+        new=[exchange(*pair) for pair in TAUGHT],
+        replay=[],
+        recipe=Recipe(epochs=2, batch_size=2, lora_from_parameters=1),  # every model is "large"
+    )
+    assert report.method == "lora"
+    folder = tmp_path / "lora"
+    assert not (folder / "adapter_config.json").exists()  # merged: no adapter left to load
+    merged = LocalModel.load(folder, device="cpu")
+    names = {name for name, _ in merged.model.named_parameters()}
+    assert not any("lora" in name for name in names)
+    base = LocalModel.load(tiny_model_dir, device="cpu")
+    assert names == {name for name, _ in base.model.named_parameters()}
+    trained = dict(merged.model.named_parameters())
+    changed = [
+        name
+        for name, weight in base.model.named_parameters()
+        if not bool((weight == trained[name]).all())
+    ]
+    assert any(name.endswith("q_proj.weight") for name in changed)  # the adapters' updates
