@@ -9,7 +9,6 @@ import asyncio
 import logging
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -120,12 +119,12 @@ def retrain_when_due(
 ) -> Callable[[Any], Awaitable[str | None]]:
     """After a scheduled export: retrain once ``RETRAIN_AFTER_EXPORTED`` exchanges have been
     exported since the newest version was trained (kept or promoted); ``None`` when not due."""
-    from bot.learning.training_data import exported_since
+    from bot.learning.training_data import exported_since, parse_utc
 
     async def maybe_retrain(_result: Any) -> str | None:
         versions = await asyncio.to_thread(build_registry(settings).versions)
         newest = max(versions, key=lambda version: version.number)
-        since = _when(newest.metadata.get("created_at"))
+        since = parse_utc(newest.metadata.get("created_at"))
         fresh = await asyncio.to_thread(exported_since, database, since)
         if fresh < settings.retrain_after_exported:
             return None
@@ -135,14 +134,6 @@ def retrain_when_due(
         return text
 
     return maybe_retrain
-
-
-def _when(value: Any) -> datetime | None:
-    try:
-        parsed = datetime.fromisoformat(str(value))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def serving_folder(generator: Any) -> Path | None:

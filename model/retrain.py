@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bot.learning.training_data import parse_utc
 from model.evaluation import Comparison, Gate
 from model.loading import folder_version
 from model.registry import Registry, write_atomically
@@ -338,14 +339,6 @@ class Retrainer:
         return result
 
 
-def _parse_time(value: Any) -> datetime | None:
-    try:
-        parsed = datetime.fromisoformat(str(value))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
 async def _tell(say: Say | None, text: str) -> None:
     """Report to whoever asked; a platform that is away does not stop the training."""
     if say is None:
@@ -434,7 +427,7 @@ class ModelControl:
             lines.append(f"Its evaluation: {scores}")
         holding = 0
         for version in self.registry.versions():
-            created = _parse_time(version.metadata.get("created_at"))
+            created = parse_utc(version.metadata.get("created_at"))
             learned = set(version.metadata.get("pseudonyms", ()))
             if any(
                 pseudonym in learned and (created is None or asked > created)

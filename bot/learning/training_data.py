@@ -158,12 +158,18 @@ def _manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def _written_at(manifest: Mapping[str, Any]) -> datetime | None:
+def parse_utc(value: Any) -> datetime | None:
+    """An ISO time as written in manifests and version metadata (naive ones are UTC); ``None``
+    when missing or unreadable."""
     try:
-        written = datetime.fromisoformat(str(manifest["created_at"]))
-    except (KeyError, ValueError):
+        parsed = datetime.fromisoformat(str(value))
+    except ValueError:
         return None
-    return written if written.tzinfo else written.replace(tzinfo=UTC)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _written_at(manifest: Mapping[str, Any]) -> datetime | None:
+    return parse_utc(manifest.get("created_at"))
 
 
 def _files(folder: Path, manifest: Mapping[str, Any], key: str) -> list[Path]:
