@@ -329,8 +329,11 @@ def build_pipeline(settings: Settings, *, generator: ReplyGenerator | None = Non
     )
 
 
-def build_commands(settings: Settings, pipeline: ReplyPipeline) -> Commands:
-    """The chat commands, reporting on the pipeline's store and model."""
+def build_commands(
+    settings: Settings, pipeline: ReplyPipeline, *, control: Any | None = None
+) -> Commands:
+    """The chat commands, reporting on the pipeline's store and model; ``control`` is the
+    model side of retrain and rollback (built here when not given)."""
     from bot.commands import Commands
     from bot.learning import LearningActions, Pseudonymizer, load_pseudonym_key
     from bot.learning.model_commands import ModelActions
@@ -339,9 +342,10 @@ def build_commands(settings: Settings, pipeline: ReplyPipeline) -> Commands:
 
     database = pipeline.store.database
     key = load_pseudonym_key(configured=settings.pseudonym_key, data_dir=settings.data_dir)
-    control, _registry = build_model_control(
-        settings, database=database, generator=pipeline.generator
-    )
+    if control is None:
+        control, _registry = build_model_control(
+            settings, database=database, generator=pipeline.generator
+        )
 
     async def retrain_after_forget() -> str:
         return await control.retrain_for(requested_by="forget-me")
@@ -406,19 +410,18 @@ async def _serve(settings: Settings, *, chat_only: bool, json_lines: bool) -> in
     except CommandError:
         pipeline.store.database.dispose()
         raise
-    from bot.retraining import watch_models
+    from bot.retraining import build_model_control, retrain_when_due, watch_models
 
     watcher = asyncio.ensure_future(watch_models(settings, pipeline.generator))
+    database = pipeline.store.database
+    # One model side for the commands and the scheduled retrain.
+    control, _registry = build_model_control(
+        settings, database=database, generator=pipeline.generator
+    )
     scheduler = None
     if trigger is not None:
         after_export = None
         if settings.retrain_after_exported:
-            from bot.retraining import build_model_control, retrain_when_due
-
-            database = pipeline.store.database
-            control, _ = build_model_control(
-                settings, database=database, generator=pipeline.generator
-            )
             after_export = retrain_when_due(settings, database=database, control=control)
         scheduler = ExportScheduler(
             exporter=build_exporter(settings, pipeline.store.database),
@@ -427,7 +430,7 @@ async def _serve(settings: Settings, *, chat_only: bool, json_lines: bool) -> in
         )
         scheduler.start()
     try:
-        commands = build_commands(settings, pipeline)
+        commands = build_commands(settings, pipeline, control=control)
         adapters = (
             [] if chat_only else platform_adapters(settings, pipeline=pipeline, commands=commands)
         )

@@ -86,7 +86,7 @@ def build_retrainer(
             database, name="training", holder=instance_id(), seconds=TRAINING_LEASE_SECONDS
         ),
         swap=swap,
-        replay=load_starter_corpus(),
+        replay=load_starter_corpus,  # read at the first retrain
         serving=serving,
         settings=RetrainSettings(
             recipe=recipe,

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bot.learning.shards import fsync_directory
+
 logger = logging.getLogger(__name__)
 
 POINTER = "current.json"
@@ -55,14 +57,6 @@ class ModelVersion:
     @property
     def label(self) -> str:
         return "base model" if self.number == BASE_VERSION else f"version {self.number}"
-
-
-def fsync_directory(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -108,7 +108,7 @@ class Retrainer:
         data: Callable[[], Awaitable[Any]],
         lease: Any,
         swap: Callable[[Path], Awaitable[Any]] | None,
-        replay: Sequence[tuple[str, str]],
+        replay: Sequence[tuple[str, str]] | Callable[[], Sequence[tuple[str, str]]],
         settings: RetrainSettings | None = None,
         python: str = sys.executable,
         serving: Any = None,
@@ -122,7 +122,7 @@ class Retrainer:
         self.data = data
         self.lease = lease
         self.swap = swap
-        self.replay = list(replay)
+        self._replay = replay  # loaded when a retrain first needs it, not at start-up
         self.settings = settings or RetrainSettings()
         self.python = python
         self._process: asyncio.subprocess.Process | None = None
@@ -248,18 +248,24 @@ class Retrainer:
             text=f"Promoted as version {number}: {why}.\n{table}", promoted=True, version=number
         )
 
+    @property
+    def replay(self) -> list[tuple[str, str]]:
+        """The starter-corpus pairs replayed and asked back (read once, on first use)."""
+        if callable(self._replay):
+            self._replay = list(self._replay())
+        return list(self._replay)
+
     def _job(self, data: Any, *, folder: Path, serving: Path) -> TrainingJob:
         recipe = self.settings.recipe
+        pairs = self.replay
         new = [list(exchange.messages) for exchange in data.train]
         replay = [
-            [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-            for q, a in self.replay
+            [{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in pairs
         ]
         taught = [(list(e.messages[:-1]), e.answer) for e in data.train[-NEW_SET_LIMIT:]]
         held_out = [(list(e.messages[:-1]), e.answer) for e in data.held_out]
         regression = [
-            ([{"role": "user", "content": q}], a)
-            for q, a in self.replay[: self.settings.regression_size]
+            ([{"role": "user", "content": q}], a) for q, a in pairs[: self.settings.regression_size]
         ]
         return TrainingJob(
             base=str(self.registry.base),
