@@ -94,7 +94,16 @@ def plain_loop_main(job_path: str, out_path: str) -> None:
     import torch
 
     from model.local_model import LocalModel
-    from model.train import Recipe, TrainingJob, _Collator, _encoded, _pad_id, training_examples
+    from model.train import (
+        PackedCollator,
+        PaddingCollator,
+        Recipe,
+        TrainingJob,
+        _encoded,
+        _pad_id,
+        packing_is_exact,
+        training_examples,
+    )
 
     job = TrainingJob.read(Path(job_path))
     recipe = Recipe(**job.recipe)
@@ -105,8 +114,13 @@ def plain_loop_main(job_path: str, out_path: str) -> None:
         _encoded(local, job.new, recipe), _encoded(local, job.replay, recipe), recipe
     )
     random.Random(recipe.seed).shuffle(examples)
-    collate = _Collator(_pad_id(local.tokenizer))
     model = local.model
+    sample = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples[:3]]
+    collate: Any = (  # the trainer's choice
+        PackedCollator()
+        if packing_is_exact(model, sample)
+        else PaddingCollator(_pad_id(local.tokenizer))
+    )
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, weight_decay=0.0)
     steps = math.ceil(len(examples) / recipe.batch_size)
@@ -197,9 +211,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     corpus = load_starter_corpus()
     recipe = Recipe(
         epochs=args.epochs,
-        replay_ratio=args.replay_ratio,
+        replay_ratio=Recipe().replay_ratio if args.replay_ratio is None else args.replay_ratio,
         threads=args.threads,
     )
+    threads = recipe.thread_count()
     new = made_up_exchanges(args.exchanges)
     replay = [
         [{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in corpus
@@ -228,9 +243,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     idle = await latencies(service, questions, until=lambda: time.monotonic() > idle_end)
 
     training = asyncio.ensure_future(
-        asyncio.to_thread(run_trainer, job("candidate"), threads=args.threads, workdir=workdir)
+        asyncio.to_thread(run_trainer, job("candidate"), threads=threads, workdir=workdir)
     )
-    with serving_beside_training(service, args.threads):  # as the bot's retrain does
+    with serving_beside_training(service, threads):  # as the bot's retrain does
         busy = await latencies(service, questions, until=training.done)
     trained = await training
     report = trained["done"]["report"]
@@ -257,7 +272,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         subprocess.run,
         [sys.executable, __file__, "--plain-loop", str(plain_job), str(out)],
         cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
+        env={**os.environ, "OMP_NUM_THREADS": str(threads)},
         check=True,
     )
     plain = json.loads(out.read_text())
@@ -266,7 +281,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.no_dp:
         private = run_trainer(
             job("private", dp_epsilon=args.dp_epsilon, epochs=max(1, args.epochs)),
-            threads=args.threads,
+            threads=threads,
             workdir=workdir,
         )
         figures["dp"] = {
@@ -329,8 +344,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--default-model", type=Path, default=Path("data/model"))
     parser.add_argument("--exchanges", type=int, default=1000)
     parser.add_argument("--epochs", type=int, default=1, help="passes over the new exchanges")
-    parser.add_argument("--replay-ratio", type=float, default=5.0)
-    parser.add_argument("--threads", type=int, default=1, help="the trainer's (RETRAIN_THREADS)")
+    parser.add_argument(
+        "--replay-ratio",
+        type=float,
+        default=None,
+        help="default: the recipe's (RETRAIN_REPLAY_RATIO)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="the trainer's (RETRAIN_THREADS; 0: every core)"
+    )
     parser.add_argument("--dp-epsilon", type=float, default=8.0)
     parser.add_argument("--no-dp", action="store_true")
     parser.add_argument("--latency-seconds", type=float, default=5.0)

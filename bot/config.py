@@ -98,12 +98,12 @@ class Settings(BaseSettings):
     )
     model_watch_seconds: float = Field(default=5.0, gt=0)  # how often replicas read the pointer
     retrain_epochs: int = Field(default=20, ge=1)  # times each exchange is shown
-    retrain_replay_ratio: float = Field(default=5.0, ge=0)  # starter exchanges per new one shown
+    retrain_replay_ratio: float = Field(default=15.0, ge=0)  # starter exchanges per new one shown
     retrain_learning_rate: float = Field(default=1e-3, gt=0)
     retrain_batch_size: int = Field(default=16, ge=1)
     retrain_method: Literal["auto", "full", "lora"] = "auto"  # auto: LoRA from 100M parameters
     retrain_lora_from_parameters: int = Field(default=100_000_000, ge=0)
-    retrain_threads: int = Field(default=1, ge=0)  # trainer's torch threads; 0: all cores but one
+    retrain_threads: int = Field(default=0, ge=0)  # trainer's torch threads; 0: every core
     retrain_holdout_from: int = Field(default=200, ge=1)  # exchanges before a split is held out
     retrain_holdout_percent: int = Field(default=10, ge=0, le=50)
     retrain_learned_share: float = Field(default=0.9, ge=0, le=1)  # of the new exchanges

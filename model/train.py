@@ -7,6 +7,10 @@ the model keeps what it knew. Measured on the default model with 20 new exchange
 one thread): replaying a fixed sample of 100 or 400 starter exchanges while the new ones are
 learned keeps 4-9 of 60 starter answers (52 before); LoRA adapters of rank 8-16 keep 22-28;
 drawing a fresh sample each pass, five per new exchange shown, keeps 47 of 48 and learns all 20.
+That five was measured on one build of the default model; a build on another CPU (other kernels,
+other weights: final loss 0.391 against 0.367) kept only 40-43 of the 47 it answered, over seeds
+0-2, learning 18-19 of 20. Fifteen per new exchange kept 49-50 and learned 20 on every seed (10:
+45-48, 12: 47-49), so that is the default (2026-12-02, 27 s of training for 20 new exchanges).
 
 Every example is encoded the way the model is served: the prompt is :meth:`LocalModel.fit_prompt`
 of the conversation before the answer (the same formatter, the same history setting, the same
@@ -63,7 +67,7 @@ class Recipe:
     #: Times each new exchange is shown.
     epochs: int = 20
     #: Starter-corpus exchanges shown per new exchange shown (0: no replay).
-    replay_ratio: float = 5.0
+    replay_ratio: float = 15.0
     learning_rate: float = 1e-3
     batch_size: int = 16
     #: ``full`` fine-tunes every weight, ``lora`` trains adapters and merges them, ``auto``
@@ -71,8 +75,11 @@ class Recipe:
     method: Literal["auto", "full", "lora"] = "auto"
     lora_from_parameters: int = 100_000_000
     lora_rank: int = 16
-    #: torch threads of the training process (0: all cores but one, at least one).
-    threads: int = 1
+    #: torch threads of the training process (0: every core). The trainer runs under ``nice``
+    #: and the bot's service decodes on one thread meanwhile, so replies come first: on the
+    #: retrain benchmark (2 cores, 2026-12-02) two trainer threads took 51 s against 68 s on one,
+    #: and reply latency stayed at 0.93x idle.
+    threads: int = 0
     seed: int = 0
     #: Prepended to every example when the bot serves with one (SYSTEM_PROMPT).
     system_prompt: str = ""
@@ -95,7 +102,7 @@ class Recipe:
         return "lora" if parameters >= self.lora_from_parameters else "full"
 
     def thread_count(self) -> int:
-        return self.threads or max(1, (os.cpu_count() or 2) - 1)
+        return self.threads or os.cpu_count() or 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,12 +194,14 @@ class TrainingReport:
     seconds: float
     tokens_per_second: float
     final_loss: float
+    #: ``packed`` (padding-free rows, see :class:`PackedCollator`) or ``padded``.
+    batches: str = "padded"
     #: (step, loss) at every logging step, for the loss curve.
     losses: list[tuple[int, float]] = field(default_factory=list)
     dp: dict[str, float] | None = None
 
 
-class _Collator:
+class PaddingCollator:
     """Right-pads a batch: pad id in ``input_ids``, 0 in the attention mask, -100 in labels."""
 
     def __init__(self, pad_id: int) -> None:
@@ -211,6 +220,60 @@ class _Collator:
             labels[row, :length] = torch.tensor(feature["labels"])
             mask[row, :length] = 1
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+class PackedCollator:
+    """Padding-free batches: the batch's examples end to end in one row, positions restarting
+    at each example (transformers' :class:`DataCollatorWithFlattening`). transformers builds a
+    block-diagonal causal mask from those positions, so each example attends to itself alone,
+    as in a padded row (:func:`packing_is_exact` checks the model at hand does).
+
+    Why: exchanges differ in length by an order of magnitude, so padded batches were mostly
+    padding. On the retrain benchmark's 6,000 examples (one thread, batches of 16, 2026-12-02),
+    65% of a padded batch was padding; packed batches trained 8,517 real tokens/s against
+    2,570. Grouping by length padded as little but made batches of one kind (the new exchanges
+    are all alike in length): the tiny model taught 3 answers learned 0 of them, 3 of 3 packed.
+    """
+
+    def __init__(self) -> None:
+        from transformers import DataCollatorWithFlattening
+
+        self.flatten = DataCollatorWithFlattening()
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
+        batch: dict[str, Any] = dict(self.flatten(features))
+        # transformers makes the packed mask only without a KV cache, and a model in training
+        # builds one unless told not to: examples would attend to one another.
+        batch["use_cache"] = False
+        return batch
+
+
+def packing_is_exact(model: Any, features: list[dict[str, list[int]]]) -> bool:
+    """Whether ``model`` computes packed rows as it does padded ones (every example in its own
+    attention): the logits of ``features`` packed against each one alone."""
+    import torch
+
+    features = [f for f in features if f["input_ids"]][:3]
+    if len(features) < 2:
+        return True
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            packed = PackedCollator()(features)
+            packed.pop("labels")
+            row = model(**packed).logits[0]
+            start = 0
+            for feature in features:
+                ids = torch.tensor([feature["input_ids"]], device=row.device)
+                alone = model(input_ids=ids, use_cache=False).logits[0]
+                end = start + len(feature["input_ids"])
+                if not torch.allclose(row[start:end], alone, atol=1e-3, rtol=1e-3):
+                    return False
+                start = end
+    finally:
+        model.train(was_training)
+    return True
 
 
 class _ListDataset:
@@ -288,17 +351,23 @@ def fine_tune(
                 )
             )
 
-    pad_id = _pad_id(local.tokenizer)
+    padding = PaddingCollator(_pad_id(local.tokenizer))
     dp: dict[str, float] | None = None
+    batches = "padded"
     if recipe.dp_epsilon is None:
-        steps = _train_with_trainer(model, examples, recipe, pad_id, output, logged)
+        collate: PaddingCollator | PackedCollator = padding
+        sample = [{"input_ids": e.input_ids, "labels": e.labels} for e in new_examples[:3]]
+        if packing_is_exact(model, sample):
+            collate, batches = PackedCollator(), "packed"
+        steps = _train_with_trainer(model, examples, recipe, collate, output, logged)
     else:
         # Under DP every exchange is one record: shown once a pass, not laid out repeated.
         examples = new_examples + training_examples(
             [], replay_examples, replace(recipe, epochs=1), per_pass=len(new_examples)
         )
         tokens = sum(len(example.input_ids) for example in examples) * recipe.epochs
-        steps, dp = train_privately(model, examples, recipe, pad_id, logged)
+        # Opacus computes a gradient per row: one sample a row, padded.
+        steps, dp = train_privately(model, examples, recipe, padding, logged)
     seconds = time.monotonic() - started
     if method == "lora":
         model = model.merge_and_unload()
@@ -316,6 +385,7 @@ def fine_tune(
         seconds=seconds,
         tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
         final_loss=losses[-1][1] if losses else float("nan"),
+        batches=batches,
         losses=losses,
         dp=dp,
     )
@@ -328,7 +398,7 @@ def _train_with_trainer(
     model: Any,
     examples: Sequence[Example],
     recipe: Recipe,
-    pad_id: int,
+    collate: PaddingCollator | PackedCollator,
     output: Path,
     logged: Logged,
 ) -> int:
@@ -366,7 +436,7 @@ def _train_with_trainer(
         model=model,
         args=arguments,
         train_dataset=_ListDataset(examples),
-        data_collator=_Collator(pad_id),
+        data_collator=collate,
         callbacks=[Reporter()],
     )
     trainer.remove_callback(PrinterCallback)  # stdout carries the JSON lines for the parent
@@ -377,7 +447,7 @@ def train_privately(
     model: Any,
     examples: Sequence[Example],
     recipe: Recipe,
-    pad_id: int,
+    collate: PaddingCollator,
     logged: Logged,
     *,
     inspect: Callable[[Any], None] | None = None,
@@ -396,7 +466,6 @@ def train_privately(
     from opacus import PrivacyEngine
 
     assert recipe.dp_epsilon is not None
-    collate = _Collator(pad_id)
     loader: Any = torch.utils.data.DataLoader(
         _ListDataset(examples),  # type: ignore[arg-type]
         batch_size=recipe.batch_size,

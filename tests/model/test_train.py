@@ -15,11 +15,14 @@ from model.local_model import LocalModel
 from model.train import (
     IGNORE_INDEX,
     Example,
+    PackedCollator,
+    PaddingCollator,
     Progress,
     Recipe,
     TrainingJob,
     encode_exchange,
     fine_tune,
+    packing_is_exact,
     training_examples,
 )
 
@@ -96,6 +99,62 @@ def test_each_pass_shows_every_new_example_and_fresh_replay() -> None:
     assert len(training_examples(new, [], Recipe(epochs=3))) == 12  # no replay pool
 
 
+def features(examples: list[Example | None]) -> list[dict[str, list[int]]]:
+    return [{"input_ids": e.input_ids, "labels": e.labels} for e in examples if e is not None]
+
+
+def test_packed_batches_compute_what_padded_batches_compute(local: LocalModel) -> None:
+    import torch
+
+    from model.bootstrap import TINY_EXCHANGES
+
+    # Lengths that differ, so the padded batch really pads.
+    batch = features([encode_exchange(local, exchange(q, a)) for q, a in TINY_EXCHANGES[:6]])
+    assert len({len(f["input_ids"]) for f in batch}) > 1
+    packed = PackedCollator()(batch)
+    assert packed["input_ids"].shape == (1, sum(len(f["input_ids"]) for f in batch))  # no pad
+    local.model.train()  # as the Trainer runs it (a KV cache there would undo the packing)
+    try:
+        with torch.no_grad():
+            padded_loss = local.model(**PaddingCollator(local.tokenizer.pad_token_id)(batch)).loss
+            packed_loss = local.model(**packed).loss
+    finally:
+        local.model.eval()
+    # Each example attends to itself only: the same loss as separate rows.
+    assert float(packed_loss) == pytest.approx(float(padded_loss), rel=1e-5)
+    assert packing_is_exact(local.model, batch)
+
+
+def test_a_model_that_cannot_keep_packed_examples_apart_is_found_out(local: LocalModel) -> None:
+    import torch
+
+    from model.bootstrap import TINY_EXCHANGES
+
+    class IgnoresPositions(torch.nn.Module):
+        """A model that attends across the whole row, as one without packed-sequence masks."""
+
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, **inputs: object) -> object:
+            inputs.pop("position_ids", None)
+            return self.model(**inputs)
+
+    batch = features([encode_exchange(local, exchange(q, a)) for q, a in TINY_EXCHANGES[:3]])
+    assert not packing_is_exact(IgnoresPositions(local.model), batch)
+
+
+def test_a_training_takes_every_core_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert Recipe().thread_count() == 6  # niced: the bot's replies come first (see retrain.py)
+    assert Recipe(threads=2).thread_count() == 2
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert Recipe().thread_count() == 1
+
+
 def test_the_method_follows_the_size() -> None:
     recipe = Recipe(lora_from_parameters=1000)
     assert recipe.chosen_method(999) == "full"
@@ -127,6 +186,7 @@ def test_a_fine_tuned_model_answers_what_it_was_taught(
     assert report.examples == 100 * 3 * 2
     assert progress and progress[-1].step <= report.steps
     assert report.losses[-1][1] < report.losses[0][1]  # it learned something
+    assert report.batches == "packed"  # padding-free, each example in its own attention
     after = LocalModel.load(tmp_path / "candidate", device="cpu")  # a plain model folder
     answers = [
         after.generate_sync(messages=[{"role": "user", "content": q}], max_new_tokens=24)
@@ -205,7 +265,7 @@ def test_private_training_clips_noises_and_stays_within_its_epsilon(
         local.model,
         [e for e in examples if e is not None],
         recipe,
-        local.tokenizer.pad_token_id,
+        PaddingCollator(local.tokenizer.pad_token_id),
         lambda *entry: logged.append(entry),
         inspect=inspect,
     )
@@ -225,6 +285,7 @@ def test_a_private_fine_tune_records_its_privacy(tiny_model_dir: Path, tmp_path:
         recipe=Recipe(epochs=2, batch_size=2, dp_epsilon=8.0),
     )
     assert report.dp is not None and 0 < report.dp["epsilon"] <= 8.0 + 1e-6
+    assert report.batches == "padded"  # one row per sample: Opacus clips per row
     assert LocalModel.load(tmp_path / "private", device="cpu").version
 
 
