@@ -94,16 +94,7 @@ def plain_loop_main(job_path: str, out_path: str) -> None:
     import torch
 
     from model.local_model import LocalModel
-    from model.train import (
-        PackedCollator,
-        PaddingCollator,
-        Recipe,
-        TrainingJob,
-        _encoded,
-        _pad_id,
-        packing_is_exact,
-        training_examples,
-    )
+    from model.train import Recipe, TrainingJob, _encoded, _pad_id, collator_for, training_examples
 
     job = TrainingJob.read(Path(job_path))
     recipe = Recipe(**job.recipe)
@@ -115,12 +106,7 @@ def plain_loop_main(job_path: str, out_path: str) -> None:
     )
     random.Random(recipe.seed).shuffle(examples)
     model = local.model
-    sample = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples[:3]]
-    collate: Any = (  # the trainer's choice
-        PackedCollator()
-        if packing_is_exact(model, sample)
-        else PaddingCollator(_pad_id(local.tokenizer))
-    )
+    collate = collator_for(model, examples, pad_id=_pad_id(local.tokenizer))  # as the trainer
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, weight_decay=0.0)
     steps = math.ceil(len(examples) / recipe.batch_size)
@@ -137,8 +123,8 @@ def plain_loop_main(job_path: str, out_path: str) -> None:
     for step in range(steps):
         batch = collate(
             [
-                {"input_ids": e.input_ids, "labels": e.labels}
-                for e in examples[step * recipe.batch_size : (step + 1) * recipe.batch_size]
+                example.features()
+                for example in examples[step * recipe.batch_size : (step + 1) * recipe.batch_size]
             ]
         )
         loss = model(**batch).loss

@@ -116,6 +116,10 @@ class Example:
     def answer_tokens(self) -> int:
         return sum(label != IGNORE_INDEX for label in self.labels)
 
+    def features(self) -> dict[str, list[int]]:
+        """The example as a collator takes it."""
+        return {"input_ids": self.input_ids, "labels": self.labels}
+
 
 def encode_exchange(local: Any, messages: Messages, *, system_prompt: str = "") -> Example | None:
     """``messages`` (ending with the assistant's answer) as the served model sees it, with the
@@ -276,6 +280,14 @@ def packing_is_exact(model: Any, features: list[dict[str, list[int]]]) -> bool:
     return True
 
 
+def collator_for(model: Any, examples: Sequence[Example], *, pad_id: int) -> Any:
+    """The batches ``model`` trains on: packed when it computes them exactly (checked on the
+    first few ``examples``), else padded."""
+    if packing_is_exact(model, [example.features() for example in examples[:3]]):
+        return PackedCollator()
+    return PaddingCollator(pad_id)
+
+
 class _ListDataset:
     def __init__(self, examples: Sequence[Example]) -> None:
         self.examples = examples
@@ -284,8 +296,7 @@ class _ListDataset:
         return len(self.examples)
 
     def __getitem__(self, index: int) -> dict[str, list[int]]:
-        example = self.examples[index]
-        return {"input_ids": example.input_ids, "labels": example.labels}
+        return self.examples[index].features()
 
 
 def fine_tune(
@@ -351,14 +362,10 @@ def fine_tune(
                 )
             )
 
-    padding = PaddingCollator(_pad_id(local.tokenizer))
+    pad_id = _pad_id(local.tokenizer)
     dp: dict[str, float] | None = None
-    batches = "padded"
     if recipe.dp_epsilon is None:
-        collate: PaddingCollator | PackedCollator = padding
-        sample = [{"input_ids": e.input_ids, "labels": e.labels} for e in new_examples[:3]]
-        if packing_is_exact(model, sample):
-            collate, batches = PackedCollator(), "packed"
+        collate = collator_for(model, new_examples, pad_id=pad_id)
         steps = _train_with_trainer(model, examples, recipe, collate, output, logged)
     else:
         # Under DP every exchange is one record: shown once a pass, not laid out repeated.
@@ -367,7 +374,8 @@ def fine_tune(
         )
         tokens = sum(len(example.input_ids) for example in examples) * recipe.epochs
         # Opacus computes a gradient per row: one sample a row, padded.
-        steps, dp = train_privately(model, examples, recipe, padding, logged)
+        collate = PaddingCollator(pad_id)
+        steps, dp = train_privately(model, examples, recipe, collate, logged)
     seconds = time.monotonic() - started
     if method == "lora":
         model = model.merge_and_unload()
@@ -385,7 +393,7 @@ def fine_tune(
         seconds=seconds,
         tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
         final_loss=losses[-1][1] if losses else float("nan"),
-        batches=batches,
+        batches="packed" if isinstance(collate, PackedCollator) else "padded",
         losses=losses,
         dp=dp,
     )
@@ -398,7 +406,7 @@ def _train_with_trainer(
     model: Any,
     examples: Sequence[Example],
     recipe: Recipe,
-    collate: PaddingCollator | PackedCollator,
+    collate: Any,
     output: Path,
     logged: Logged,
 ) -> int:
