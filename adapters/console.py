@@ -6,9 +6,9 @@ conversation and each reply is printed on its own; with ``json_lines`` each exch
 as one JSON line ``{"user": ..., "agent": ...}`` (a command as ``{"command": ..., "reply": ...}``).
 
 The local chat is its owner's admin console: ``/status``, ``/export``, ``/forget-me``, ``/help``,
-``/retrain``, ``/rollback`` and ``/model list|use N`` run the bot's commands
-(:class:`bot.commands.Commands`) as an admin, a retrain's progress on stderr; any other
-``/word`` is an unknown command, never a message to the bot.
+``/retrain``, ``/rollback``, ``/model list|use N`` and ``/review [approve|reject|edit N]`` run
+the bot's commands (:class:`bot.commands.Commands`) as an admin, a retrain's progress on
+stderr; any other ``/word`` is an unknown command, never a message to the bot.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ CONSOLE_COMMANDS = frozenset(
         Command.RETRAIN,
         Command.ROLLBACK,
         Command.MODEL,
+        Command.REVIEW,
     }
 )
 _CHANNEL = "terminal"

@@ -3,9 +3,11 @@
 Everyone: ``forget-me``, ``help``. Channel admins (Manage Server on Discord, workspace admins
 on Slack) and configured admins: ``training off|on`` for a channel. Configured admins only
 (``SLACK_ADMIN_IDS``, ``DISCORD_ADMIN_IDS`` / ``DISCORD_ADMIN_ROLE_IDS``, ...): everything that
-touches the shared model or its data (``status``, ``export``, ``correct``, ``retrain``,
-``rollback``). Adapters parse the platform's form (a slash command, or a ``!word`` message to the
-bot), say who the user is (each platform has its own rules) and call :meth:`Commands.run`.
+touches the shared model or its data (``status``, ``export``, ``correct``, ``review``,
+``retrain``, ``rollback``). Adapters parse the platform's form (a slash command, or a ``!word``
+message to the bot), say who the user is (each platform has its own rules) and call
+:meth:`Commands.run`; the dashboard calls it too. Every command asked for leaves one audit line
+(logger ``chatbot.audit``), run, refused or unknown.
 Features that later work adds (export, forget-me, retrain, rollback) register an action; until
 then the command answers that it is not available yet.
 """
@@ -23,6 +25,13 @@ from bot.storage import Store, counts, last_export_summary
 
 logger = logging.getLogger(__name__)
 
+#: One line for every command asked for, on every platform (the dashboard's actions too):
+#: who, what, and whether it ran. Kept apart so that it can be routed to its own log.
+audit_logger = logging.getLogger("chatbot.audit")
+
+#: Arguments longer than this are cut in the audit line (a correction can be long).
+AUDIT_ARGUMENT_CHARS = 100
+
 
 class Command(StrEnum):
     RETRAIN = "retrain"
@@ -34,6 +43,7 @@ class Command(StrEnum):
     HELP = "help"
     CORRECT = "correct"
     TRAINING = "training"
+    REVIEW = "review"
 
 
 #: Commands that only touch one channel of one server: a server's own moderators may run them.
@@ -50,6 +60,7 @@ ADMIN_ONLY = frozenset(
         Command.MODEL,
         Command.CORRECT,
         Command.TRAINING,
+        Command.REVIEW,
     }
 )
 
@@ -64,6 +75,8 @@ DESCRIPTIONS = {
     Command.CORRECT: "`correct <better answer>` as a reply to a bot message, or in its thread "
     "(admins)",
     Command.TRAINING: "`training off` / `training on`: use this channel for training (admins)",
+    Command.REVIEW: "`review`: answers waiting; `review approve|reject N`, `review edit N "
+    "<answer>` (admins)",
 }
 
 
@@ -83,6 +96,9 @@ class CommandRequest:
     replied_to: str | None = None  # platform id of the message this command replies to
     message_id: str | None = None  # platform id of the command message itself
     user_manages_channel: bool = False  # may run CHANNEL_ADMIN commands (server moderators)
+    #: The platform of ``channel`` when it differs from where the command was asked: the
+    #: dashboard (``platform="dashboard"``) turns training off in a Slack or Discord channel.
+    channel_platform: str = ""
     #: Shows a long command's progress where it was asked, edited into one message (a
     #: ``!retrain`` in a thread); ``None`` where the platform form has no such place.
     progress: Callable[[str], Awaitable[None]] | None = None
@@ -129,11 +145,13 @@ class Commands:
         try:
             command = Command(request.command.lower())
         except ValueError:
+            audit(request, outcome="unknown")
             return f"I don't know the command `{request.command}`. {self.help_text()}"
         allowed = request.user_is_admin or (
             command in CHANNEL_ADMIN and request.user_manages_channel
         )
         if command in ADMIN_ONLY and not allowed:
+            audit(request, outcome="refused")
             logger.warning(
                 "refused admin command %s from %s user %s (%s)",
                 command.value,
@@ -142,6 +160,7 @@ class Commands:
                 request.user_name,
             )
             return f"Sorry, only admins can use `{command.value}`."
+        audit(request, outcome="allowed")
         if command == Command.HELP:
             return self.help_text()
         if command == Command.STATUS:
@@ -169,3 +188,31 @@ class Commands:
         if self.model_status is not None:
             text += "\n" + await self.model_status()
         return text
+
+
+def audit(request: CommandRequest, *, outcome: str) -> None:
+    """Log the audit line of a command: ``outcome`` is ``allowed`` (it runs), ``refused`` (no
+    permission) or ``unknown`` (no such command). The fields go along as ``extra`` too
+    (``audit_platform`` ...) for structured logs; text from users is quoted (``%r``), so
+    that a name or an argument cannot forge a line."""
+    arguments = request.arguments
+    if len(arguments) > AUDIT_ARGUMENT_CHARS:
+        arguments = arguments[:AUDIT_ARGUMENT_CHARS] + "…"
+    fields = {
+        "audit_platform": request.platform,
+        "audit_user_id": request.user_id,
+        "audit_user_name": request.user_name,
+        "audit_command": request.command.lower(),
+        "audit_arguments": arguments,
+        "audit_outcome": outcome,
+    }
+    audit_logger.info(
+        "command %r %s by %s user %r (%r) arguments %r",
+        fields["audit_command"],
+        outcome,
+        request.platform,
+        request.user_id,
+        request.user_name,
+        arguments,
+        extra=fields,
+    )

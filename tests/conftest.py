@@ -75,8 +75,8 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Databas
         connection.execute(
             text(
                 "TRUNCATE ratings, exchanges, messages, conversations, export_shards, "
-                "export_marks, channel_settings, deletions, leases, handled_commands "
-                "RESTART IDENTITY CASCADE"
+                "export_marks, channel_settings, deletions, leases, handled_commands, "
+                "exchange_reviews RESTART IDENTITY CASCADE"
             )
         )
     yield db

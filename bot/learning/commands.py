@@ -1,4 +1,5 @@
-"""The learning-data commands: export, forget-me, corrections and per-channel opt-out.
+"""The learning-data commands: export, forget-me, corrections, the review queue and
+per-channel opt-out.
 
 They plug into :class:`bot.commands.Commands` as actions, so every platform gets them.
 """
@@ -15,8 +16,19 @@ from pathlib import Path
 from bot.commands import Command, CommandAction, CommandRequest
 from bot.learning.errors import ExportError
 from bot.learning.exporter import Exporter
+from bot.learning.model_commands import who
 from bot.learning.redaction import Pseudonymizer
-from bot.storage import Store, forget_user, record_correction, set_training_opt_out
+from bot.storage import (
+    ReviewVerdict,
+    Store,
+    correct_exchange,
+    forget_user,
+    pending_review_count,
+    record_correction,
+    review_exchange,
+    review_queue,
+    set_training_opt_out,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +50,8 @@ def load_pseudonym_key(*, configured: str, data_dir: Path) -> bytes:
 
 
 class LearningActions:
-    """Actions for the ``export``, ``forget-me``, ``correct`` and ``training`` commands."""
+    """Actions for the ``export``, ``forget-me``, ``correct``, ``review`` and ``training``
+    commands."""
 
     def __init__(
         self,
@@ -66,6 +79,7 @@ class LearningActions:
             Command.FORGET_ME: self.forget_me,
             Command.CORRECT: self.correct,
             Command.TRAINING: self.training,
+            Command.REVIEW: self.review,
         }
 
     async def export(self, request: CommandRequest) -> str:
@@ -138,7 +152,7 @@ class LearningActions:
             return "Use `training off` or `training on`."
         await self.store.run(
             set_training_opt_out,
-            platform=request.platform,
+            platform=request.channel_platform or request.platform,
             channel=request.channel,
             opt_out=setting == "off",
             updated_by=request.user_id,
@@ -152,3 +166,61 @@ class LearningActions:
             "Training is back on in this channel for what is said from now on; what was said "
             "while it was off stays out."
         )
+
+    async def review(self, request: CommandRequest) -> str:
+        """``review``: how many answers wait and the oldest few; ``review approve N``,
+        ``review reject N``, ``review edit N <better answer>``: a verdict on exchange N."""
+        word, rest = _first_word(request.arguments)
+        word = word.lower()
+        if word in ("", "list"):
+            return await self._review_summary()
+        number, answer = _first_word(rest)
+        if word not in REVIEW_WORDS or not number.isdigit():
+            return REVIEW_USAGE
+        exchange_id = int(number)
+        if word == "edit":
+            if not answer.strip():
+                return REVIEW_USAGE
+            outcome = await self.store.run(
+                correct_exchange,
+                exchange_id=exchange_id,
+                answer=answer,
+                reviewer=who(request),
+                admin_id=request.user_id,
+                admin_name=request.user_name,
+            )
+        else:
+            outcome = await self.store.run(
+                review_exchange,
+                exchange_id=exchange_id,
+                verdict=REVIEW_WORDS[word],
+                reviewer=who(request),
+            )
+        return outcome.message
+
+    async def _review_summary(self) -> str:
+        waiting = await self.store.run(pending_review_count)
+        if not waiting:
+            return "No answers are waiting for review."
+        oldest = await self.store.run(review_queue, limit=REVIEW_SUMMARY_ITEMS)
+        ids = ", ".join(str(item.exchange_id) for item in oldest)
+        return (
+            f"{waiting} answers are waiting for review; the oldest: {ids}. "
+            "`review approve N`, `review reject N` or `review edit N <better answer>`."
+        )
+
+
+REVIEW_WORDS = {
+    "approve": ReviewVerdict.APPROVED,
+    "reject": ReviewVerdict.REJECTED,
+    "edit": ReviewVerdict.CORRECTED,
+}
+REVIEW_USAGE = "Usage: `review`, `review approve N`, `review reject N` or `review edit N <answer>`."
+#: How many of the oldest waiting exchanges ``review`` names.
+REVIEW_SUMMARY_ITEMS = 5
+
+
+def _first_word(text: str) -> tuple[str, str]:
+    """``"edit 12 a better\nanswer"`` -> ``("edit", "12 a better\nanswer")``."""
+    parts = text.strip().split(maxsplit=1)
+    return (parts[0], parts[1] if len(parts) > 1 else "") if parts else ("", "")

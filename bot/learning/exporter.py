@@ -1,12 +1,14 @@
 """Export of good exchanges as fine-tuning data: one new shard per run, exactly once.
 
 Which exchanges: answers from human agents and admin corrections rank first, 👍-rated bot
-replies next; 👎-rated and unrated bot replies are left out (``include_unrated`` lets unrated
-ones in), and so is anything from a channel with training turned off, or from a thread of one
-(checked at every export, also for exchanges recorded before it was turned off; turning it off
-withdraws those for good, see :func:`bot.storage.set_training_opt_out`). Among near-duplicate
-questions (same :func:`bot.storage.text_key`) the best-ranked, then newest, answer is written;
-the others are marked as consumed by the same shard (:mod:`bot.learning.selection`).
+replies and those an admin approved in the review queue next; 👎-rated and unrated bot replies
+are left out (``include_unrated`` lets unrated ones in), so are the ones an admin rejected or
+corrected (:mod:`bot.storage.review`), and so is anything from a channel with training turned
+off, or from a thread of one (checked at every export, also for exchanges recorded before it
+was turned off; turning it off withdraws those for good, see
+:func:`bot.storage.set_training_opt_out`). Among near-duplicate questions (same
+:func:`bot.storage.text_key`) the best-ranked, then newest, answer is written; the others are
+marked as consumed by the same shard (:mod:`bot.learning.selection`).
 
 A shard is a folder with the three formats and an index, each in one or more parts named the
 way Hugging Face names data files (``messages-00000-of-00002.jsonl``; a glob such as

@@ -21,6 +21,9 @@ SCRATCH_TABLE = "export_scratch"
 # the winner of each near-duplicate group. CREATE TABLE AS rather than INSERT: PostgreSQL plans
 # it in parallel (an INSERT never is), about twice as fast on a million exchanges. It takes no
 # bind parameters, so the two values below are formatted in (an int and a boolean).
+# An admin's verdict (``exchange_reviews``, :mod:`bot.storage.review`) overrides the ratings:
+# approved counts as 👍-rated (rank 1, also unrated), rejected and corrected (replaced by a
+# correction exchange) are never candidates.
 # Conversations in a channel with training off now, or in a thread of one, are left out, also
 # those recorded before it was turned off (``set_training_opt_out`` withdraws those for good;
 # this covers a setting written otherwise, or one written while the export runs). The few
@@ -35,20 +38,24 @@ FROM (
     SELECT e.id, e.answer_message_id, e.user_message_id, e.conversation_id, e.created_at,
            q.text_key, q.platform, q.author_id,
            CASE WHEN e.answered_by IN ('human_agent', 'correction') THEN e.answered_by
+                WHEN v.verdict = 'approved' THEN 'approved'
                 WHEN COALESCE(r.score, 0) > 0 THEN 'upvoted'
                 ELSE 'unrated' END AS source,
            CASE WHEN e.answered_by IN ('human_agent', 'correction') THEN 0
-                WHEN COALESCE(r.score, 0) > 0 THEN 1
+                WHEN v.verdict = 'approved' OR COALESCE(r.score, 0) > 0 THEN 1
                 ELSE 2 END AS source_rank
     FROM exchanges e
     JOIN messages q ON q.id = e.user_message_id
     JOIN messages a ON a.id = e.answer_message_id
     LEFT JOIN (SELECT exchange_id, SUM(value) AS score FROM ratings GROUP BY exchange_id) r
            ON r.exchange_id = e.id
+    LEFT JOIN exchange_reviews v ON v.exchange_id = e.id
     WHERE e.for_training = {yes}
       AND e.id <= {max_exchange_id}
       AND q.deleted_at IS NULL AND a.deleted_at IS NULL
+      AND (v.verdict IS NULL OR v.verdict = 'approved')
       AND (e.answered_by IN ('human_agent', 'correction')
+           OR v.verdict = 'approved'
            OR COALESCE(r.score, 0) > 0
            OR ({include_unrated} AND r.exchange_id IS NULL))
       AND NOT EXISTS (SELECT 1 FROM export_marks x WHERE x.exchange_id = e.id)

@@ -126,6 +126,27 @@ class ExchangeRecord(SQLModel, table=True):
     for_training: bool = True
 
 
+class ReviewVerdict(StrEnum):
+    """An admin's verdict on an exchange (the review queue, ``!review``)."""
+
+    APPROVED = "approved"  # training data, exported like a 👍-rated reply
+    REJECTED = "rejected"  # never exported, whatever its ratings
+    CORRECTED = "corrected"  # replaced by a correction exchange; never exported itself
+
+
+class ExchangeReviewRecord(SQLModel, table=True):
+    """The latest verdict on an exchange: one row per exchange, a new review replaces it."""
+
+    __tablename__ = "exchange_reviews"
+    __table_args__ = (UniqueConstraint("exchange_id", name="uq_exchange_review"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    exchange_id: int = Field(foreign_key="exchanges.id", ondelete="CASCADE")
+    verdict: str = Field(max_length=16)
+    reviewer: str = Field(max_length=255)
+    reviewed_at: datetime = _timestamp(nullable=False)
+
+
 class RatingRecord(SQLModel, table=True):
     __tablename__ = "ratings"
     __table_args__ = (UniqueConstraint("exchange_id", "rater_id", name="uq_rating_rater"),)

@@ -108,7 +108,7 @@ def test_db_upgrade_by_hand(tmp_path) -> None:
     assert result.returncode == 0, result.stderr
     assert "up to date" in result.stdout
     with sqlite3.connect(tmp_path / "data" / "chatbot.db") as connection:
-        assert connection.execute("SELECT version_num FROM alembic_version").fetchone() == ("0004",)
+        assert connection.execute("SELECT version_num FROM alembic_version").fetchone() == ("0005",)
 
 
 @pytest.mark.parametrize(

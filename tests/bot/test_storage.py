@@ -40,7 +40,7 @@ from bot.storage import (
 )
 from tests.conftest import make_message, scratch_postgres
 
-HEAD_REVISION = "0004"
+HEAD_REVISION = "0005"
 
 
 def test_upgrade_creates_every_table_and_is_idempotent(database: Database) -> None:
