@@ -46,9 +46,9 @@ slash commands answer ephemerally, ``!word`` in a server is answered by DM. Who 
 Discord hides ``/chatbot-admin`` from members without Manage Server (``default_permissions``);
 every command is checked again at run time, since server admins can change who sees a command.
 
-Developer portal: enable the Message Content privileged intent. Bot permissions: View Channels,
-Send Messages, Send Messages in Threads, Read Message History, Add Reactions; scopes ``bot`` and
-``applications.commands``.
+Developer portal: enable the Message Content privileged intent; without it the bot says how,
+and serves what Discord still shows it (DMs, mentions). At ready it logs its invite link, with
+the scopes and permissions it needs (:mod:`adapters.discord_setup`).
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ from adapters.discord_replies import (
     post_queued_reply,
 )
 from adapters.discord_replies import is_direct as channel_is_direct
+from adapters.discord_setup import MESSAGE_CONTENT_OFF, invite_url
 from adapters.routing import (
     EventTasks,
     MessageEvent,
@@ -151,6 +152,7 @@ class DiscordAdapter:
             settings.delivery_retry_seconds if retry_interval is None else retry_interval
         )
         self._retry_loop: asyncio.Task[None] | None = None
+        self._invite_shown = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -163,7 +165,17 @@ class DiscordAdapter:
         )
         try:
             async with self.client:
-                await self.client.start(self.settings.discord_bot_token)
+                await self.client.login(self.settings.discord_bot_token)
+                try:
+                    await self.client.connect()
+                except discord.PrivilegedIntentsRequired:
+                    if self._stopping is not None:
+                        raise
+                    # Discord still sends the content of DMs and of messages that mention the
+                    # bot: serve those rather than exit (and be restarted, and exit again).
+                    logger.warning(MESSAGE_CONTENT_OFF)
+                    self.client.stop_asking_for_message_content()
+                    await self.client.connect()
         except discord.LoginFailure:
             logger.error("Discord refused DISCORD_BOT_TOKEN; check the token in the portal")
             return 2
@@ -222,6 +234,8 @@ class DiscordAdapter:
     def take_message(self, message: discord.Message) -> None:
         """Answer ``message`` in a tracked task; while stopping, keep it for the next start
         (Discord never sends it again)."""
+        if not message.content and not self.client.reads_message_content:
+            return  # without the intent Discord withholds the text: nothing to answer
         if self.tasks.accepting:
             self.take(self.on_message(message), what="message")
         else:
@@ -248,6 +262,10 @@ class DiscordAdapter:
     async def ready(self) -> None:
         """After (re)connecting: learn who owns the application, post the queued replies,
         and keep posting them every ``retry_interval`` (the replies recovery answers later)."""
+        application_id = self.client.application_id
+        if application_id is not None and not self._invite_shown:
+            self._invite_shown = True
+            logger.warning("Discord: add the bot to a server with %s", invite_url(application_id))
         if not self.admin_ids and not self.admin_role_ids:
             await self.application_owner_ids()
         if self._retry_loop is None and self._stopping is None:

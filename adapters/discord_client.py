@@ -19,13 +19,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def discord_intents() -> discord.Intents:
-    """Guilds, guild and DM messages with their content, and reactions."""
+def discord_intents(*, message_content: bool = True) -> discord.Intents:
+    """Guilds, guild and DM messages with their content (the privileged Message Content
+    intent, unless ``message_content`` is false), and reactions."""
     intents = discord.Intents.none()
     intents.guilds = True
     intents.guild_messages = True
     intents.dm_messages = True
-    intents.message_content = True
+    intents.message_content = message_content
     intents.guild_reactions = True
     intents.dm_reactions = True
     return intents
@@ -55,6 +56,19 @@ class ChatbotClient(discord.Client):
         self.tree.add_command(everyone)
         self.tree.add_command(admins)
         self.tree.on_error = self._on_command_error  # type: ignore[method-assign]
+
+    @property
+    def reads_message_content(self) -> bool:
+        """Whether the gateway sends every message's content (the intent is granted)."""
+        return self.intents.message_content
+
+    def stop_asking_for_message_content(self) -> None:
+        """Identify without the Message Content intent from the next :meth:`connect` on.
+
+        discord.py reads the intents it identifies with from its connection state and has no
+        public setter; nothing it caches depends on this intent.
+        """
+        self._connection._intents = discord_intents(message_content=False)
 
     def _slash(self, command: Command) -> app_commands.Command[Any, ..., None]:
         @app_commands.describe(arguments="what follows the command word, if it takes any")

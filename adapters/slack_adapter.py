@@ -63,6 +63,7 @@ from adapters.slack_format import (
 )
 from adapters.slack_people import SlackPeople, SlackUser
 from adapters.slack_replies import ThreadReply, post_queued_reply
+from adapters.slack_scopes import LISTENED_EVENTS, SLASH_COMMAND
 from adapters.slack_signature import SLACK_CONTENT_TYPES, SlackSignatureVerifier
 from bot.commands import CommandRequest, Commands, parse_bang_command
 from bot.config import ConfigurationError, Settings
@@ -160,11 +161,16 @@ class SlackAdapter:
             process_before_response=True,
             logger=logging.getLogger("slack_bolt"),
         )
-        self.app.event("app_mention")(self._on_message_event)
-        self.app.event("message")(self._on_message_event)
-        self.app.event("reaction_added")(self._on_reaction_added)
-        self.app.event("reaction_removed")(self._on_reaction_removed)
-        self.app.command("/chatbot")(self._on_slash_command)
+        # deploy/slack-manifest.yml subscribes to exactly these (adapters/slack_scopes.py).
+        listeners = {
+            "app_mention": self._on_message_event,
+            "message": self._on_message_event,
+            "reaction_added": self._on_reaction_added,
+            "reaction_removed": self._on_reaction_removed,
+        }
+        for event in LISTENED_EVENTS:
+            self.app.event(event)(listeners[event])
+        self.app.command(SLASH_COMMAND)(self._on_slash_command)
         self.app.error(self._on_listener_error)
 
         self.identity: BotIdentity | None = None

@@ -57,6 +57,10 @@ OTHER_ADMIN_ROLE_ID = "900000000000000052"
 #: Permission bits (https://discord.com/developers/docs/topics/permissions).
 MANAGE_GUILD = 1 << 5
 VIEW_AND_SEND = (1 << 10) | (1 << 11) | (1 << 16) | (1 << 38)
+#: The gateway intent bit and the application flag of Message Content
+#: (https://discord.com/developers/docs/topics/gateway#gateway-intents).
+MESSAGE_CONTENT_INTENT = 1 << 15
+GATEWAY_MESSAGE_CONTENT_LIMITED = 1 << 19
 
 _snowflakes = itertools.count(1_000_000_000_000_000_000)
 
@@ -140,6 +144,12 @@ class FakeDiscord:
         #: Members of the team owning the application (``team`` in application info); empty:
         #: the application belongs to ``application_owner`` alone.
         self.team_members: list[Json] = []
+        #: When set, REST requests need ``Authorization: Bot <bot_token>`` (else 401) and
+        #: IDENTIFY this token (else close code 4004); None accepts any token.
+        self.bot_token: str | None = None
+        #: The portal's Message Content switch: off, an IDENTIFY asking for the intent is
+        #: closed with 4014, and message content is withheld as Discord does.
+        self.message_content_intent = True
         self.connections = 0
         self.identifies = 0
         self.ready_sent = 0  # sessions whose READY and GUILD_CREATEs all went out
@@ -372,6 +382,8 @@ class FakeDiscord:
 
     async def dispatch(self, event: str, data: Any) -> int:
         """Send a dispatch (op 0); while no client is connected it waits for a RESUME replay."""
+        if event in {"MESSAGE_CREATE", "MESSAGE_UPDATE"} and self._content_withheld:
+            data = self._as_seen_without_content(data)
         async with self._socket_lock:
             session = self._session
             assert session is not None, "no client has identified yet"
@@ -399,6 +411,20 @@ class FakeDiscord:
         self._replay_override = sequence
 
     _replay_override: int | None = None
+    _content_withheld = False  # the session identified without the Message Content intent
+
+    @staticmethod
+    def _as_seen_without_content(message: Json) -> Json:
+        """What a bot without the Message Content intent gets: no content, attachments or
+        embeds, except in DMs, in its own messages and in messages that mention it."""
+        mentioned = any(user.get("id") == BOT_ID for user in message.get("mentions") or [])
+        from_bot = (message.get("author") or {}).get("id") == BOT_ID
+        if "guild_id" not in message or mentioned or from_bot:
+            return message
+        return {**message, "content": "", "attachments": [], "embeds": []}
+
+    def _application_flags(self) -> int:
+        return GATEWAY_MESSAGE_CONTENT_LIMITED if self.message_content_intent else 0
 
     @property
     def connected(self) -> bool:
@@ -422,13 +448,21 @@ class FakeDiscord:
             if op == 1:
                 await socket.send_str(json.dumps({"op": 11}))
             elif op == 2:
-                await self._identify(socket)
+                await self._identify(socket, payload.get("d") or {})
             elif op == 6:
                 await self._resume(socket, payload["d"])
         return socket
 
-    async def _identify(self, socket: web.WebSocketResponse) -> None:
+    async def _identify(self, socket: web.WebSocketResponse, data: Json) -> None:
         self.identifies += 1
+        if self.bot_token is not None and data.get("token") != self.bot_token:
+            await socket.close(code=4004, message=b"Authentication failed.")
+            return
+        intents = int(data.get("intents") or 0)
+        if intents & MESSAGE_CONTENT_INTENT and not self.message_content_intent:
+            await socket.close(code=4014, message=b"Disallowed intent(s).")
+            return
+        self._content_withheld = not intents & MESSAGE_CONTENT_INTENT
         async with self._socket_lock:
             self._socket = socket
             self._session = _Session(session_id=f"session-{snowflake()}")
@@ -443,7 +477,7 @@ class FakeDiscord:
                 ],
                 "session_id": self._session.session_id,
                 "resume_gateway_url": self.gateway_url,
-                "application": {"id": APPLICATION_ID, "flags": 0},
+                "application": {"id": APPLICATION_ID, "flags": self._application_flags()},
                 "private_channels": [],
             },
         )
@@ -577,6 +611,10 @@ class FakeDiscord:
                 body = raw.decode(errors="replace")
         recorded = RecordedRequest(request.method, path, body, dict(request.query))
         self.requests.append(recorded)
+        if self.bot_token is not None and request.headers.get("Authorization") != (
+            f"Bot {self.bot_token}"
+        ):
+            return json_response({"message": "401: Unauthorized", "code": 0}, status=401)
         held = next((h for h in self._holds if h.matches(request.method, path, body)), None)
         if held is not None:
             return await self._held(held, recorded, request.query)
@@ -684,7 +722,7 @@ class FakeDiscord:
             "bot_require_code_grant": False,
             "owner": self.application_owner,
             "verify_key": "0" * 64,
-            "flags": 0,
+            "flags": self._application_flags(),
         }
         if self.team_members:
             team_id = "900000000000000060"
