@@ -131,6 +131,13 @@ class PipelineResult:
     delivered: bool = False
 
 
+class PipelineObserver(Protocol):
+    """Told of every message the pipeline handled (the metrics): ``seconds`` from its arrival
+    to the end of its handling, the reply sent (or not) included."""
+
+    def handled(self, *, platform: str, result: PipelineResult, seconds: float) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class PipelineOptions:
     """The settings the pipeline needs (taken from :class:`bot.config.Settings`)."""

@@ -32,6 +32,7 @@ from bot.contracts import (
     ModelBusy,
     Outcome,
     PartialDelivery,
+    PipelineObserver,
     PipelineOptions,
     PipelineResult,
     ProgressSink,
@@ -42,6 +43,7 @@ from bot.contracts import (
     StreamingReplyGenerator,
 )
 from bot.conversation import IncomingMessage, Role, Turn, to_chat_messages, utcnow
+from bot.observability.structured_logs import request_context
 from bot.pacing import EditBudgets
 from bot.platform_records import PlatformRecords
 from bot.storage import (
@@ -90,12 +92,14 @@ class ReplyPipeline(PlatformRecords):
         generator: ReplyGenerator,
         options: PipelineOptions,
         instance: str | None = None,
+        observer: PipelineObserver | None = None,
     ) -> None:
         """``instance`` names this instance in the claims (default: host, pid and a random
-        part, unique per pipeline)."""
+        part, unique per pipeline); ``observer`` is told of every message handled."""
         self.store = store
         self.generator = generator
         self.options = options
+        self.observer = observer
         self.instance = instance or instance_id()
         self._lease_renewed_at: float | None = None
         self._edits = EditBudgets(rate=options.progress_edits_per_second)
@@ -117,8 +121,17 @@ class ReplyPipeline(PlatformRecords):
         With ``progress``, the reply is streamed to it while it is generated (when the model
         can stream); ``send`` always gets the final text.
         """
-        with Store.timed() as store_time:
-            return await self._handle(message, send=send, progress=progress, store_time=store_time)
+        started = time.perf_counter()
+        request_id = request_id_for(message.platform, message.event_id or message.message_id)
+        with request_context(request_id), Store.timed() as store_time:
+            result = await self._handle(
+                message, send=send, progress=progress, store_time=store_time
+            )
+            if self.observer is not None:
+                self.observer.handled(
+                    platform=message.platform, result=result, seconds=time.perf_counter() - started
+                )
+            return result
 
     async def _handle(
         self,
@@ -450,9 +463,12 @@ class ReplyPipeline(PlatformRecords):
         for record in claimed:
             assert record.id is not None
             try:
-                await self._answer(
-                    record, progress=None, message=None, delivery=DeliveryState.FAILED
-                )
+                # The same request id as when it arrived: one search finds its whole story.
+                origin = record.event_id or record.platform_message_id or f"db{record.id}"
+                with request_context(request_id_for(record.platform, origin)):
+                    await self._answer(
+                        record, progress=None, message=None, delivery=DeliveryState.FAILED
+                    )
             except asyncio.CancelledError:
                 # The rest of the batch was claimed but not started: give it back.
                 for rest in claimed[claimed.index(record) + 1 :]:
@@ -530,6 +546,11 @@ class ReplyPipeline(PlatformRecords):
             holder=self.instance,
             state=state,
         )
+
+
+def request_id_for(platform: str, event_id: str) -> str:
+    """The request id of a platform event (its event id, or else the message's id)."""
+    return f"{platform}-{event_id}"
 
 
 @dataclass

@@ -212,6 +212,11 @@ class RemoteModel:
             self._ready = True
         logger.info("%s serves %s (adds a bos: %s)", self.url, self.version, self.server_adds_bos)
 
+    @property
+    def ready(self) -> bool:
+        """Whether :meth:`start` reached the server and it is not closed since."""
+        return self._ready
+
     async def close(self) -> None:
         """Close the HTTP session (requests still in flight fail with RemoteModelError)."""
         session, self._session, self._ready = self._session, None, False

@@ -70,6 +70,25 @@ class RetrainOutcome:
     failed: bool = False
 
 
+def read_status(root: Path) -> dict[str, Any]:
+    """The training status kept in the registry folder ``root`` (see :meth:`Retrainer.status`)."""
+    try:
+        status = json.loads((root / STATUS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return status if isinstance(status, dict) else {}
+
+
+def last_result(outcome: RetrainOutcome | None) -> str:
+    """A retrain's end in one word: promoted, kept, nothing (no data to train on) or failed
+    (``None``: it never finished)."""
+    if outcome is None or outcome.failed:
+        return "failed"
+    if outcome.promoted:
+        return "promoted"
+    return "kept" if outcome.version is not None else "nothing"
+
+
 #: Reports progress to whoever asked: ``say`` posts a new message, ``update`` replaces the last.
 Say = Callable[[str], Awaitable[None]]
 
@@ -130,12 +149,14 @@ class Retrainer:
     # --- who is training -------------------------------------------------------------------
 
     def running(self) -> dict[str, Any] | None:
-        path = self.registry.root / STATUS_FILE
-        try:
-            status: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
+        status = self.status()
         return status if status.get("running") else None
+
+    def status(self) -> dict[str, Any]:
+        """The training status beside the registry (shared by the replicas): ``running``,
+        ``requested_by``, ``started_at``, and once one ended ``finished_at``,
+        ``last_result`` (see :func:`last_result`) and ``last_version``; empty before any."""
+        return read_status(self.registry.root)
 
     def _write_status(self, **status: Any) -> None:
         self.registry.root.mkdir(parents=True, exist_ok=True)
@@ -157,21 +178,32 @@ class Retrainer:
             )
         started = datetime.now(UTC)
         renewing = asyncio.ensure_future(self._renew_lease())
+        outcome: RetrainOutcome | None = None
         try:
             if not dry_run:
                 self._write_status(
                     running=True, requested_by=requested_by, started_at=started.isoformat()
                 )
-            return await self._retrain(requested_by=requested_by, say=say, dry_run=dry_run)
+            outcome = await self._retrain(requested_by=requested_by, say=say, dry_run=dry_run)
+            return outcome
         except Exception as error:
             logger.exception("the retrain failed")
-            return RetrainOutcome(
+            outcome = RetrainOutcome(
                 text=f"The retrain failed: {error}. The current model serves.", failed=True
             )
+            return outcome
         finally:
             renewing.cancel()
             if not dry_run:
-                self._write_status(running=False, requested_by=requested_by)
+                # How it ended, for the metrics and the dashboard (cancelled: "failed").
+                self._write_status(
+                    running=False,
+                    requested_by=requested_by,
+                    started_at=started.isoformat(),
+                    finished_at=datetime.now(UTC).isoformat(),
+                    last_result=last_result(outcome),
+                    last_version=None if outcome is None else outcome.version,
+                )
             await asyncio.to_thread(self.lease.release)
 
     async def _renew_lease(self) -> None:
@@ -413,6 +445,16 @@ class ModelControl:
         except Exception as error:
             return f"{text[:-1]} on the other replicas, but it did not load here: {error}"
         return text
+
+    def training_status(self) -> dict[str, Any]:
+        """The training status (:meth:`Retrainer.status`, shared by the replicas) and the
+        serving version: ``serving_number``, ``serving_label``."""
+        current = self.registry.current()
+        return {
+            **read_status(self.registry.root),
+            "serving_number": current.number,
+            "serving_label": current.label,
+        }
 
     def learned_from(self, pseudonym: str) -> bool:
         """Whether the serving version was trained on this user's data (its lineage)."""

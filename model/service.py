@@ -163,6 +163,11 @@ class ModelService:
     def stats(self) -> SchedulerStats:
         return self._engine.scheduler.stats()
 
+    @property
+    def ready(self) -> bool:
+        """Whether it takes requests (loaded, not closing)."""
+        return not self.stats().closing
+
     def use_threads(self, threads: int | None) -> None:
         """Decode on ``threads`` torch threads (``None``: as at start), this model and the
         next ones swapped in; a retrain lends the others to its trainer."""

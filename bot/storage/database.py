@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -138,7 +139,12 @@ class Store:
         if self._executor is None:
             return await asyncio.to_thread(self._call, function, kwargs, tally)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._call, function, kwargs, tally)
+        # In the caller's context, as asyncio.to_thread runs it: its log lines keep the
+        # request id (bot.observability.structured_logs).
+        context = contextvars.copy_context()
+        return await loop.run_in_executor(
+            self._executor, context.run, self._call, function, kwargs, tally
+        )
 
     @staticmethod
     @contextlib.contextmanager

@@ -27,6 +27,8 @@ FAST_INTERVALS = {
     # Long enough that this process never retries a reply it is still sending.
     "DELIVERY_GRACE_SECONDS": "60",
     "SHUTDOWN_DRAIN_SECONDS": "20",
+    # Any free port for the HTTP server: bots of several tests never contend for 8080.
+    "DASHBOARD_PORT": "0",
 }
 
 
