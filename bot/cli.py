@@ -12,6 +12,7 @@ Usage::
     chatbot model list | use N | rollback  # the model versions; switch the serving one
     chatbot export [--include-unrated]     # export new training data now
     chatbot train [--dry-run]              # export, fine-tune, evaluate, promote or keep
+    chatbot doctor              # check the configuration: one line per check, exit 1 on a problem
 """
 
 from __future__ import annotations
@@ -32,11 +33,17 @@ from bot.config import ConfigurationError, Settings, load_settings
 from bot.storage import Database, StorageError, Store
 
 if TYPE_CHECKING:
+    from fastapi import APIRouter
+
     from adapters.base import Adapter
     from bot.commands import Commands
+    from bot.contracts import PipelineObserver
     from bot.learning import Exporter
+    from bot.observability.metrics import Metrics
     from bot.service import ReplyGenerator, ReplyPipeline
+    from bot.web import WebServer
     from model.generation import GenerationSettings
+    from model.retrain import ModelControl
 
 logger = logging.getLogger("chatbot")
 
@@ -72,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--include-unrated", action="store_true", help="also export unrated bot replies"
     )
+    commands.add_parser(
+        "doctor", help="check the configuration (database, model, tokens, export directory)"
+    )
     return parser
 
 
@@ -79,10 +89,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``chatbot`` console script."""
     args = build_parser().parse_args(argv)
     try:
-        settings = load_settings()
-        logging.basicConfig(
-            level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+        try:
+            settings = load_settings()
+        except ConfigurationError as error:
+            if args.command != "doctor":
+                raise
+            print(f"FAIL settings: {error}", flush=True)  # the doctor's one line, exit 1
+            return 1
+        from bot.observability.structured_logs import configure_logging
+
+        configure_logging(level=settings.log_level, log_format=settings.log_format)
         return _dispatch(args, settings)
     except (ConfigurationError, StorageError, CommandError) as error:
         print(f"chatbot: error: {error}", file=sys.stderr)
@@ -93,6 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     command = args.command or "run"
+    if command == "doctor":
+        from bot.doctor import doctor
+
+        return doctor(settings, out=sys.stdout)
     if command == "db":
         database = Database(settings.resolved_database_url)
         database.upgrade()
@@ -306,8 +326,14 @@ def _names_a_folder(path: str) -> bool:
     return path.startswith(("/", ".", "~")) or path.count("/") >= 2
 
 
-def build_pipeline(settings: Settings, *, generator: ReplyGenerator | None = None) -> ReplyPipeline:
-    """Wire storage, the model service and the pipeline from ``settings``."""
+def build_pipeline(
+    settings: Settings,
+    *,
+    generator: ReplyGenerator | None = None,
+    observer: PipelineObserver | None = None,
+) -> ReplyPipeline:
+    """Wire storage, the model service and the pipeline from ``settings`` (``observer``: told
+    of every message handled, e.g. the metrics)."""
     from bot.service import PipelineOptions, ReplyPipeline
 
     database = Database(settings.resolved_database_url)
@@ -326,6 +352,7 @@ def build_pipeline(settings: Settings, *, generator: ReplyGenerator | None = Non
         store=Store(database),
         generator=generator if generator is not None else load_generator(settings),
         options=options,
+        observer=observer,
     )
 
 
@@ -399,12 +426,108 @@ def platform_adapters(
     return adapters
 
 
+def web_routers(
+    settings: Settings, pipeline: ReplyPipeline, commands: Commands, control: ModelControl
+) -> list[APIRouter]:
+    """The routers the bot's HTTP server serves beside /healthz, /readyz and /metrics: the
+    admin dashboard (DASHBOARD_TOKEN), acting through ``commands`` like a chat admin."""
+    from bot.dashboard import (
+        Dashboard,
+        DashboardActions,
+        DashboardAuth,
+        DashboardSources,
+        QueueDepth,
+    )
+    from bot.learning import Pseudonymizer, load_pseudonym_key
+
+    generator = pipeline.generator
+    retrainer = getattr(control, "retrainer", None)
+
+    def queue_depth() -> QueueDepth | None:
+        stats = getattr(generator, "stats", None)  # the local model service's scheduler
+        if stats is None:
+            return None
+        now = stats()
+        return QueueDepth(active=now.active, waiting=now.waiting)
+
+    key = load_pseudonym_key(configured=settings.pseudonym_key, data_dir=settings.data_dir)
+    sources = DashboardSources(
+        store=pipeline.store,
+        registry=control.registry,
+        serving_version=lambda: generator.version,
+        queue_depth=queue_depth,
+        training_running=retrainer.running if retrainer is not None else lambda: None,
+        pseudonymize=Pseudonymizer(key),
+        export_dir=settings.resolved_export_dir,
+    )
+    dashboard = Dashboard(
+        sources=sources,
+        auth=DashboardAuth(token=settings.dashboard_token),
+        actions=DashboardActions(commands=commands),
+    )
+    return [dashboard.router()]
+
+
+def _announce_dashboard(settings: Settings, routers: Sequence[APIRouter], address: str) -> None:
+    """Say where the dashboard is, on stderr (stdout is the local chat's): with a one-time
+    login link when no platform is configured (a new user's first run) or no token is (the
+    link is then the only way in)."""
+    from bot.dashboard import DashboardRouter
+
+    for router in routers:
+        if not isinstance(router, DashboardRouter):
+            continue
+        first_run = not (settings.slack_configured or settings.discord_configured)
+        if first_run or not router.dashboard.auth.token_configured:
+            link = router.dashboard.login_link(address)
+            if settings.log_format == "json":  # every line on stderr one JSON object
+                logger.warning("Dashboard: %s/ (log in once with %s)", address, link)
+            else:
+                print(
+                    f"Dashboard: {address}/ (log in once with {link})", file=sys.stderr, flush=True
+                )
+        else:
+            logger.warning("dashboard at %s/ (log in with DASHBOARD_TOKEN)", address)
+
+
+async def _start_web(
+    settings: Settings,
+    *,
+    pipeline: ReplyPipeline,
+    commands: Commands,
+    control: ModelControl,
+    metrics: Metrics,
+) -> WebServer | None:
+    """Start the HTTP server (None with DASHBOARD_PORT=-1); a port in use is one error line."""
+    if settings.dashboard_port < 0:
+        return None
+    from bot.web import ServiceReadiness, WebServer, WebServerError, build_web_app
+
+    routers = web_routers(settings, pipeline, commands, control)
+    app = build_web_app(
+        ready=ServiceReadiness(store=pipeline.store, generator=pipeline.generator),
+        routers=routers,
+        metrics=metrics,
+    )
+    server = WebServer(app=app, host=settings.dashboard_host, port=settings.dashboard_port)
+    try:
+        await server.start()
+    except WebServerError as error:
+        raise CommandError(str(error)) from None
+    # Logged, not printed: stdout is the local chat's answers (piped in CI).
+    logger.warning("HTTP server at %s (/healthz, /readyz, /metrics)", server.address)
+    _announce_dashboard(settings, routers, server.address)
+    return server
+
+
 async def _serve(settings: Settings, *, chat_only: bool, json_lines: bool) -> int:
     from adapters.console import ConsoleChat
     from bot.learning import ExportScheduler, parse_schedule
+    from bot.observability.metrics import Metrics
 
     trigger = parse_schedule(settings.export_schedule)
-    pipeline = build_pipeline(settings)
+    metrics = Metrics()
+    pipeline = build_pipeline(settings, observer=metrics)
     try:
         await _start_generator(pipeline.generator)
     except CommandError:
@@ -418,7 +541,9 @@ async def _serve(settings: Settings, *, chat_only: bool, json_lines: bool) -> in
     control, _registry = build_model_control(
         settings, database=database, generator=pipeline.generator
     )
+    metrics.watch(generator=lambda: pipeline.generator, database=database, training=control)
     scheduler = None
+    web = None
     if trigger is not None:
         after_export = None
         if settings.retrain_after_exported:
@@ -431,6 +556,10 @@ async def _serve(settings: Settings, *, chat_only: bool, json_lines: bool) -> in
         scheduler.start()
     try:
         commands = build_commands(settings, pipeline, control=control)
+        if not chat_only:  # `chatbot run`; `chatbot chat` is the terminal alone
+            web = await _start_web(
+                settings, pipeline=pipeline, commands=commands, control=control, metrics=metrics
+            )
         adapters = (
             [] if chat_only else platform_adapters(settings, pipeline=pipeline, commands=commands)
         )
@@ -442,6 +571,8 @@ async def _serve(settings: Settings, *, chat_only: bool, json_lines: bool) -> in
         logger.warning("serving %s", ", ".join(adapter.name for adapter in adapters))
         return await _serve_adapters(settings, pipeline=pipeline, adapters=adapters)
     finally:
+        if web is not None:
+            await web.stop()
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher

@@ -63,6 +63,13 @@ class Settings(BaseSettings):
     history_turns: int = Field(default=20, ge=1, le=1000)
     max_message_chars: int = Field(default=1_000_000, ge=1)
     log_level: str = "WARNING"
+    # text: one readable line per record; json: one JSON object per line, with the request id
+    # of the message it is about (bot/observability/structured_logs.py).
+    log_format: Literal["text", "json"] = "text"
+    # The bot's HTTP server (bot/web.py): /healthz, /readyz, /metrics and the dashboard. Port 0
+    # picks a free one (logged at start); -1 turns the server off.
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = Field(default=8080, ge=-1, le=65535)
 
     # Crash recovery and stopping (bot/service.py, bot/cli.py).
     # Unanswered messages younger than this are answered after a crash; older ones give up.
@@ -112,6 +119,10 @@ class Settings(BaseSettings):
     retrain_dp_delta: float = Field(default=1e-5, gt=0, lt=1)
     retrain_on_forget: bool = False  # a forget-me retrains when the serving model learned them
     retrain_after_exported: int = Field(default=0, ge=0)  # scheduled retrain after N; 0: never
+
+    # The admin dashboard (bot/dashboard/): the token that logs in; empty: a random one per
+    # run, so only the one-time login link printed at start opens it.
+    dashboard_token: str = ""
 
     # Slack (adapters/slack_adapter.py). Socket Mode when SLACK_APP_TOKEN is set, else HTTP mode.
     slack_bot_token: str = ""
