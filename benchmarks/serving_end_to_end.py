@@ -83,7 +83,8 @@ TARGET_RATIO = 8.0
 TARGET_PIPELINE_MS = 10.0  # p50
 POLL_SECONDS = 0.01
 ANSWERED = re.compile(
-    r"bot\.service: answered message (?P<id>\S+): "
+    # The text log format tags a line with its request id: "bot.service [slack:Ev1]: ...".
+    r"bot\.service(?: \[[^\]]*\])?: answered message (?P<id>\S+): "
     r"pipeline (?P<pipeline>[\d.]+) ms \(work (?P<work>[\d.]+) ms\), model (?P<model>[\d.]+) ms"
 )
 #: The bot's settings for the runs; ``--bot-env`` adds to and overrides them.
