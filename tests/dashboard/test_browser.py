@@ -1,10 +1,11 @@
 """The dashboard in a real browser: Debian's Chromium, headless, driven by Playwright (never a
 downloaded browser), against the bot's web server on loopback (see conftest.py). Each action
-is checked in the database; screenshots go to test-artifacts/screenshots/, and the overview
-and review-queue ones to docs/ for the README."""
+is checked in the database; screenshots go to test-artifacts/screenshots/, and with
+UPDATE_DOCS_SCREENSHOTS set the overview and review-queue ones to docs/ for the README."""
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -65,7 +66,8 @@ async def screenshot(page: Page, name: str, *, docs: str | None = None) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / f"{name}.png"
     await page.screenshot(path=str(path), full_page=True)
-    if docs is not None:
+    # The README's pictures change only when asked, so that a test run leaves the tree clean.
+    if docs is not None and os.environ.get("UPDATE_DOCS_SCREENSHOTS"):
         DOCS.mkdir(exist_ok=True)
         await page.screenshot(path=str(DOCS / docs))
 
