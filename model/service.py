@@ -33,8 +33,7 @@ import torch
 from transformers import AsyncTextIteratorStreamer
 
 from bot.contracts import GeneratedReply, ModelBusy, ReplyStream
-from model.batching import (
-    BatchScheduler,
+from model.batch_requests import (
     BatchSettings,
     Decoding,
     GenerationRequest,
@@ -43,6 +42,7 @@ from model.batching import (
     SchedulerStats,
     settle,
 )
+from model.batching import BatchScheduler
 from model.context_fit import FittedPrompt
 from model.generation import GenerationSettings, StopCutter
 from model.loading import ModelLoadError

@@ -20,7 +20,7 @@ from bot.learning.selection import as_datetime
 
 
 class SchedulerStatsLike(Protocol):
-    """What :class:`model.batching.SchedulerStats` holds that the metrics read."""
+    """What :class:`model.batch_requests.SchedulerStats` holds that the metrics read."""
 
     active: int
     waiting: int
