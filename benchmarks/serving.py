@@ -30,15 +30,17 @@ Generated tokens: the random model's replies are 32 tokens each by construction;
 model's are counted by encoding each reply's text again (no row is credited for tokens it cut
 or left out). ``× (a)`` is the row's replies/s over (a)'s. ``% roof`` is tokens/s as a share of
 the compute roof: the best fp32 ``torch.mm`` of two 2048×2048 matrices on this machine
-(2·n³ FLOPs) over 2 FLOPs per parameter per token. ``= (a)`` counts the replies equal to
-(a)'s (greedy decoding: batching must not change a reply). A row that takes under
+(2·n³ FLOPs) over 2 FLOPs per parameter per token. ``floor s`` is the least time the row's
+arithmetic takes at that roof (benchmarks/serving_report.py). ``= (a)`` counts the replies
+equal to (a)'s (greedy decoding: batching must not change a reply). A row that takes under
 ``FAST_ROW_SECONDS`` (2 s) runs ``REPEATS`` (5) times (once with ``--quick``) and the run of
 median length is the one shown: every row of the default model, none of the 200M model's.
 
 Targets (printed under the table, never the exit status): (b) at least 8× (a) with p99 at most
 3× a lone request's latency; (b) ahead of both (c) rows; (d) at least 20% of the roof on the
-200M model. A row that cannot run (a missing module, ``transformers serve`` failing to start)
-is reported as not measured, with the reason.
+200M model; a missed target that asks for less time than the row's compute floor is reported
+as out of reach on this machine. A row that cannot run (a missing module, ``transformers
+serve`` failing to start) is reported as not measured, with the reason.
 
 Usage::
 
@@ -51,19 +53,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import json
 import math
-import os
-import shutil
-import socket
 import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
@@ -75,106 +71,29 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from benchmarks.random_llama import RANDOM_MODEL_NEW_TOKENS, build_random_llama  # noqa: E402
+from benchmarks.serving_report import (  # noqa: E402
+    ROWS,
+    Measurement,
+    ModelFigures,
+    figures_json,
+    floor_seconds,
+    forward_positions,
+    report,
+)
+from benchmarks.transformers_serve import transformers_serve  # noqa: E402
 from model.corpus import load_starter_corpus  # noqa: E402
 
 MODELS = ("default", "random200m")
-#: Row keys, in the table's order, and what each measures.
-ROWS: dict[str, str] = {
-    "1": "one request alone, service",
-    "a": "(a) one after another, model.generate",
-    "b": "(b) at once, service",
-    "c": "(c) at once, transformers serve",
-    "c-cb": "(c) at once, transformers serve --continuous-batching",
-    "d": "(d) at once, service",
-    "e": "(e) at once, transformers continuous batching in-process",
-}
 #: Seconds a row may take before it is reported as not measured.
 ROW_TIMEOUT = 1800.0
 #: A row faster than this runs REPEATS times (once with --quick), and the run of median
 #: length is reported.
 FAST_ROW_SECONDS = 2.0
 REPEATS = 5
-#: Seconds ``transformers serve`` may take to answer /health.
-SERVE_STARTUP_TIMEOUT = 300.0
 
 
 def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------- results
-
-
-@dataclass(frozen=True, kw_only=True)
-class Measurement:
-    """One row of the table: ``requests`` replies in ``seconds`` (or why it was not measured)."""
-
-    model: str
-    row: str
-    requests: int = 0
-    seconds: float = 0.0
-    tokens: int = 0
-    latencies: tuple[float, ...] = ()
-    texts: tuple[str, ...] = ()
-    #: Replies equal to (a)'s reply for the same prompt, of those compared (None: not compared).
-    same_as_a: tuple[int, int] | None = None
-    #: Why the row was not measured (empty: it was).
-    skipped: str = ""
-    note: str = ""
-
-    @property
-    def measured(self) -> bool:
-        return not self.skipped and self.requests > 0 and self.seconds > 0
-
-    @property
-    def replies_per_second(self) -> float:
-        return self.requests / self.seconds if self.measured else 0.0
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.tokens / self.seconds if self.measured else 0.0
-
-    @property
-    def p50(self) -> float:
-        return percentile(self.latencies, 0.50)
-
-    @property
-    def p99(self) -> float:
-        return percentile(self.latencies, 0.99)
-
-    def summary(self) -> dict[str, Any]:
-        """The row's figures (for ``--json``), replies left out."""
-        figures = {k: v for k, v in asdict(self).items() if k not in ("texts", "latencies")}
-        return figures | {
-            "replies_per_second": self.replies_per_second,
-            "tokens_per_second": self.tokens_per_second,
-            "p50": self.p50,
-            "p99": self.p99,
-        }
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelFigures:
-    """One model and its measured rows."""
-
-    name: str
-    path: Path
-    parameters: int
-    #: Every reply is exactly ``max_new_tokens`` tokens (the random model).
-    fixed_length: bool
-    rows: list[Measurement] = field(default_factory=list)
-
-    def row(self, key: str) -> Measurement | None:
-        found = [m for m in self.rows if m.row == key and m.measured]
-        return found[0] if found else None
-
-
-def percentile(values: Sequence[float], share: float) -> float:
-    """The nearest-rank percentile (``share`` in (0, 1]); NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(share * len(ordered)) - 1)]
 
 
 # --------------------------------------------------------------------------- the roof
@@ -353,71 +272,6 @@ def transformers_batch_manager(
 # --------------------------------------------------------------------------- transformers serve
 
 
-class ServeUnavailable(RuntimeError):
-    """``transformers serve`` did not start; the message says why."""
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def transformers_command() -> list[str]:
-    """The ``transformers`` command line tool next to this Python, else on PATH."""
-    beside = Path(sys.executable).with_name("transformers")
-    if beside.exists():
-        return [str(beside)]
-    found = shutil.which("transformers")
-    if found is None:
-        raise ServeUnavailable("no `transformers` command (pip install 'transformers[serving]')")
-    return [found]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
-
-
-@contextlib.asynccontextmanager
-async def transformers_serve(
-    path: Path, *, continuous_batching: bool, log_file: Path
-) -> AsyncIterator[str]:
-    """Run ``transformers serve`` for ``path`` on a free loopback port; yields its /v1 URL."""
-    port = free_port()
-    options = ["--host", "127.0.0.1", "--device", "cpu", "--dtype", "float32"]
-    batching = "--continuous-batching" if continuous_batching else "--no-continuous-batching"
-    command = [*transformers_command(), "serve", str(path), *options, "--port", str(port), batching]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
-    with log_file.open("wb") as output:
-        process = await asyncio.create_subprocess_exec(
-            *command, env=env, stdout=output, stderr=asyncio.subprocess.STDOUT
-        )
-    try:
-        deadline = time.monotonic() + SERVE_STARTUP_TIMEOUT
-        health = f"http://127.0.0.1:{port}/health"
-        while not await asyncio.to_thread(_healthy, health):
-            if process.returncode is not None or time.monotonic() > deadline:
-                text = await asyncio.to_thread(log_file.read_text, errors="replace")
-                tail = " | ".join(text.strip().splitlines()[-5:])
-                what = "did not answer /health" if process.returncode is None else "exited"
-                raise ServeUnavailable(f"transformers serve {what}: {tail}")
-            await asyncio.sleep(0.25)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        if process.returncode is None:
-            process.terminate()
-            try:
-                await asyncio.wait_for(process.wait(), 15)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-
-
 async def serve_row(
     local: Any, path: Path, questions: Sequence[str], *, plan: Plan, batching: bool
 ) -> Timing:
@@ -469,12 +323,21 @@ class Plan:
     max_new_tokens: int
     workdir: Path
     repeats: int = 1  # how often a fast row runs (see repeated)
+    roof_flops: float = math.nan  # the machine's fp32 matmul rate (the compute floor)
 
 
 def measurement(
-    figures: ModelFigures, key: str, timing: Timing, *, tokenizer: Any, max_new_tokens: int
+    figures: ModelFigures,
+    key: str,
+    timing: Timing,
+    *,
+    tokenizer: Any,
+    max_new_tokens: int,
+    prompts: Sequence[Sequence[int]],
+    roof_flops: float,
 ) -> Measurement:
-    """The row's figures; generated tokens as the module docstring says."""
+    """The row's figures; generated tokens as the module docstring says; the compute floor
+    from the row's ``prompts`` (token ids) as benchmarks/serving_report.py says."""
     note = ""
     if figures.fixed_length:
         tokens = max_new_tokens * len(timing.texts)
@@ -498,6 +361,11 @@ def measurement(
         latencies=tuple(timing.latencies),
         texts=tuple(timing.texts),
         same_as_a=same,
+        floor_seconds=floor_seconds(
+            forward_positions(prompts, generated=tokens),
+            parameters=figures.parameters,
+            roof_flops=roof_flops,
+        ),
         note=note,
     )
 
@@ -508,7 +376,7 @@ def not_measured(error: BaseException) -> str:
 
 async def bench_model(name: str, path: Path, *, plan: Plan) -> ModelFigures:
     """Every planned row for one model folder, on one loaded model."""
-    from model.batching import BatchSettings
+    from model.batch_requests import BatchSettings
     from model.service import GenerationSettings, ModelService
 
     fixed_length = name == "random200m"
@@ -529,7 +397,13 @@ async def bench_model(name: str, path: Path, *, plan: Plan) -> ModelFigures:
         fixed_length=fixed_length,
     )
 
-    async def row(key: str, run: Callable[[], Awaitable[Timing]]) -> None:
+    def prompt_ids(asked: Sequence[str]) -> list[list[int]]:
+        return [
+            list(local.fit_prompt(messages_for(q), max_new_tokens=plan.max_new_tokens).token_ids)
+            for q in asked
+        ]
+
+    async def row(key: str, run: Callable[[], Awaitable[Timing]], asked: Sequence[str]) -> None:
         if key not in plan.rows:
             return
         log(f"  {name}: {ROWS[key]} ...")
@@ -540,7 +414,13 @@ async def bench_model(name: str, path: Path, *, plan: Plan) -> ModelFigures:
             log(f"  {name}: {key} not measured: {not_measured(error)}")
             return
         result = measurement(
-            figures, key, timing, tokenizer=local.tokenizer, max_new_tokens=plan.max_new_tokens
+            figures,
+            key,
+            timing,
+            tokenizer=local.tokenizer,
+            max_new_tokens=plan.max_new_tokens,
+            prompts=prompt_ids(asked),
+            roof_flops=plan.roof_flops,
         )
         figures.rows.append(result)
         log(
@@ -568,7 +448,7 @@ async def bench_model(name: str, path: Path, *, plan: Plan) -> ModelFigures:
             )
 
     try:
-        await row("a", lambda: isolated(plain_generate, first))
+        await row("a", lambda: isolated(plain_generate, first), first)
         # Each path is warmed up once on its own shape, as (a) is on one question in its
         # process: the service on one batch of the same requests (the first batch of a size
         # allocates its caches' buffers).
@@ -576,21 +456,21 @@ async def bench_model(name: str, path: Path, *, plan: Plan) -> ModelFigures:
         alone = request_calls(
             service, first[:1] * plan.single_repeats, max_new_tokens=plan.max_new_tokens
         )
-        await row("1", lambda: one_at_a_time(alone))
+        await row("1", lambda: one_at_a_time(alone), first[:1] * plan.single_repeats)
         batch = request_calls(service, first, max_new_tokens=plan.max_new_tokens)
-        await row("b", lambda: at_once(batch))
+        await row("b", lambda: at_once(batch), first)
         many = request_calls(service, questions[: plan.many], max_new_tokens=plan.max_new_tokens)
-        await row("d", lambda: at_once(many))
+        await row("d", lambda: at_once(many), questions[: plan.many])
     finally:
         await service.aclose()
 
     def served(batching: bool) -> Callable[[], Awaitable[Timing]]:
         return lambda: serve_row(local, path, first, plan=plan, batching=batching)
 
-    await row("c", served(False))
-    await row("c-cb", served(True))
+    await row("c", served(False), first)
+    await row("c-cb", served(True), first)
     # Last: the manager may change the model's attention implementation.
-    await row("e", lambda: isolated(transformers_batch_manager, first))
+    await row("e", lambda: isolated(transformers_batch_manager, first), first)
     return figures
 
 
@@ -598,124 +478,6 @@ def starter_questions(count: int) -> list[str]:
     """The first ``count`` questions of the starter corpus (repeated if it has fewer)."""
     questions = [question for question, _ in load_starter_corpus()]
     return [questions[i % len(questions)] for i in range(count)]
-
-
-# --------------------------------------------------------------------------- report
-
-
-def roof_tokens_per_second(roof_flops: float, parameters: int) -> float:
-    return roof_flops / (2 * parameters)
-
-
-def table(models: Sequence[ModelFigures], *, roof_flops: float) -> str:
-    lines = [
-        "| model | row | requests | total s | replies/s | generated tokens/s | p50 s | p99 s "
-        "| × (a) | % roof | = (a) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for figures in models:
-        base = figures.row("a")
-        roof = roof_tokens_per_second(roof_flops, figures.parameters)
-        for m in sorted(figures.rows, key=lambda m: list(ROWS).index(m.row)):
-            if not m.measured:
-                lines.append(f"| {m.model} | {ROWS[m.row]} | not measured: {m.skipped} |")
-                continue
-            ratio = (
-                f"{m.replies_per_second / base.replies_per_second:.1f}×"
-                if base and m.row != "1"
-                else "—"
-            )
-            same = f"{m.same_as_a[0]}/{m.same_as_a[1]}" if m.same_as_a else "—"
-            note = f" ({m.note})" if m.note else ""
-            lines.append(
-                f"| {m.model} | {ROWS[m.row]}{note} | {m.requests} | {m.seconds:.2f} | "
-                f"{m.replies_per_second:.2f} | {m.tokens_per_second:.1f} | {m.p50:.2f} | "
-                f"{m.p99:.2f} | {ratio} | {100 * m.tokens_per_second / roof:.2f}% | {same} |"
-            )
-    return "\n".join(lines)
-
-
-def targets(models: Sequence[ModelFigures], *, roof_flops: float) -> list[tuple[bool | None, str]]:
-    """Each target: met (True), missed (False) or not checked (None), and what was compared."""
-    checks: list[tuple[bool | None, str]] = []
-    for f in models:
-        a, b, alone, d = f.row("a"), f.row("b"), f.row("1"), f.row("d")
-        if a and b:
-            ratio = b.replies_per_second / a.replies_per_second
-            checks.append((ratio >= 8, f"{f.name}: (b) at {ratio:.1f}× (a)'s throughput (≥ 8×)"))
-        else:
-            checks.append((None, f"{f.name}: (b) ≥ 8× (a): not checked, a row is missing"))
-        if b and alone:
-            times = b.p99 / alone.p50
-            checks.append(
-                (
-                    times <= 3,
-                    f"{f.name}: (b) p99 {b.p99:.2f} s, {times:.1f}× a lone request's "
-                    f"{alone.p50:.2f} s (≤ 3×)",
-                )
-            )
-        else:
-            checks.append((None, f"{f.name}: (b) p99 ≤ 3× a lone request: not checked"))
-        for key in ("c", "c-cb"):
-            c = f.row(key)
-            if b and c:
-                ahead = b.replies_per_second / c.replies_per_second
-                checks.append(
-                    (
-                        ahead > 1,
-                        f"{f.name}: (b) at {ahead:.1f}× the replies/s of {ROWS[key]} (> 1×)",
-                    )
-                )
-            else:
-                checks.append((None, f"{f.name}: (b) ahead of {ROWS[key]}: not checked"))
-        if f.name == "random200m":
-            if d:
-                share = d.tokens_per_second / roof_tokens_per_second(roof_flops, f.parameters)
-                checks.append(
-                    (share >= 0.2, f"{f.name}: (d) at {100 * share:.1f}% of the roof (≥ 20%)")
-                )
-            else:
-                checks.append((None, f"{f.name}: (d) ≥ 20% of the roof: not checked"))
-    return checks
-
-
-def report(models: Sequence[ModelFigures], *, roof_flops: float) -> str:
-    """The header line, the table and the targets, as printed."""
-    header = f"torch {torch.__version__}, {torch.get_num_threads()} threads, " + "; ".join(
-        [f"fp32 matmul roof {roof_flops / 1e9:.1f} GFLOP/s"]
-        + [
-            f"{f.name}: {f.parameters / 1e6:.1f}M parameters, roof "
-            f"{roof_tokens_per_second(roof_flops, f.parameters):,.0f} tokens/s"
-            for f in models
-        ]
-    )
-    lines = [header, "", table(models, roof_flops=roof_flops), "", "Targets:"]
-    for met, text in targets(models, roof_flops=roof_flops):
-        mark = {True: "met", False: "MISSED", None: "not checked"}[met]
-        lines.append(f"- [{mark}] {text}")
-    return "\n".join(lines)
-
-
-def figures_json(models: Sequence[ModelFigures], *, roof_flops: float) -> str:
-    """Everything the table and the targets show, as JSON (``--json``)."""
-    return json.dumps(
-        {
-            "roof_flops": roof_flops,
-            "models": [
-                {
-                    "name": f.name,
-                    "path": str(f.path),
-                    "parameters": f.parameters,
-                    "rows": [m.summary() for m in f.rows],
-                }
-                for f in models
-            ],
-            "targets": [
-                {"met": met, "target": text} for met, text in targets(models, roof_flops=roof_flops)
-            ],
-        },
-        indent=1,
-    )
 
 
 # --------------------------------------------------------------------------- main
@@ -782,6 +544,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> tuple[list[ModelFigure
         max_new_tokens=args.max_new_tokens,
         workdir=workdir,
         repeats=1 if args.quick else REPEATS,
+        roof_flops=roof,
     )
     models: list[ModelFigures] = []
     for name in args.model_names:
