@@ -14,14 +14,15 @@ import os
 import socket
 from datetime import datetime, timedelta
 
+from sqlalchemy import bindparam, exists
 from sqlalchemy import delete as sql_delete
-from sqlalchemy import exists
 from sqlalchemy import update as sql_update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 from sqlmodel.sql.expression import SelectOfScalar
 
 from bot.conversation import utcnow
+from bot.storage.database import run_statement
 from bot.storage.delivery import rare
 from bot.storage.tables import (
     AnswerState,
@@ -81,18 +82,21 @@ def renew_instance_lease(*, session: Session, holder: str, seconds: float) -> No
 def renew_lease(*, session: Session, holder: str, seconds: float) -> None:
     name = _lease_name(holder)
     expires = utcnow() + timedelta(seconds=seconds)
-    renewed = session.execute(
-        sql_update(LeaseRecord)
-        .execution_options(synchronize_session=False)
-        .where(col(LeaseRecord.name) == name)
-        .values(expires_at=expires)
-    )
-    if renewed.rowcount == 0:  # type: ignore[attr-defined]
+    renewed = run_statement(session, _RENEW, {"lease_name": name, "expires": expires})
+    if renewed.rowcount == 0:
         try:
             with session.begin_nested():
                 session.add(LeaseRecord(name=name, holder=holder, expires_at=expires))
         except IntegrityError:
             pass  # written at the same moment by another task of this instance
+
+
+#: Every stored message renews its instance's lease: one statement, built once.
+_RENEW = (
+    sql_update(LeaseRecord)
+    .where(col(LeaseRecord.name) == bindparam("lease_name"))
+    .values(expires_at=bindparam("expires"))
+)
 
 
 def drop_instance_lease(*, session: Session, holder: str) -> None:

@@ -23,6 +23,19 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def run_statement(session: Session, statement: Any, params: dict[str, Any] | None = None) -> Any:
+    """Run a Core statement (built once, its values as bound parameters) on ``session``'s
+    connection, in the session's transaction.
+
+    The hot path's statements go this way: the ORM's execution layer (``Session.execute``)
+    costs more than SQLite itself. Measured on this project's 2-core machine, a prebuilt
+    one-column select took 332 us through ``Session.execute`` and 235 us through the
+    connection, against 159 us for opening, beginning and committing the session alone;
+    building a three-column select anew took 79 us more.
+    """
+    return session.connection().execute(statement, params or {})
+
+
 class StorageError(Exception):
     """The database cannot be used; the message says why."""
 

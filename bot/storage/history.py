@@ -6,10 +6,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func
+from sqlalchemy import bindparam, func
 from sqlmodel import Session, SQLModel, col, select
 
 from bot.conversation import IncomingMessage, Role, Turn
+from bot.storage.database import run_statement
 from bot.storage.tables import (
     AnswerState,
     ConversationRecord,
@@ -29,26 +30,48 @@ def conversation_history(
     arrived while they were generated and waited for its turn). Refused messages are left
     out: the bot never answered them, they are no turn.
     """
+    params = {"conversation_id": conversation_id, "message_id": up_to_message_id, "limit": limit}
+    rows = run_statement(session, _HISTORY, params).all()
+    return [Turn(role=Role(role), text=text) for role, text in reversed(rows)]
+
+
+def _history_statement() -> Any:
     not_refused = col(MessageRecord.answer_state).is_(None) | (
         col(MessageRecord.answer_state) != AnswerState.REFUSED.value
     )
     answered = col(ExchangeRecord.user_message_id)
     # An answer sits where its question is; everything else where it was stored.
     position = func.coalesce(answered, MessageRecord.id)
-    query = (
+    up_to: Any = bindparam("message_id")
+    return (
         select(MessageRecord.role, MessageRecord.text)
         .outerjoin(ExchangeRecord, col(ExchangeRecord.answer_message_id) == MessageRecord.id)
         .where(
-            MessageRecord.conversation_id == conversation_id,
-            (col(MessageRecord.id) <= up_to_message_id) | (answered < up_to_message_id),
+            col(MessageRecord.conversation_id) == bindparam("conversation_id"),
+            (col(MessageRecord.id) <= up_to) | (answered < up_to),
             col(MessageRecord.deleted_at).is_(None),
             not_refused,
         )
         .order_by(position.desc(), col(MessageRecord.id).desc())
-        .limit(limit)
+        .limit(bindparam("limit"))
     )
-    rows = session.exec(query).all()
-    return [Turn(role=Role(role), text=text) for role, text in reversed(rows)]
+
+
+#: ``since`` bound as the column stores it (SQLite keeps datetimes as text in its own format).
+_STORED_AT_TYPE = MessageRecord.__table__.c.stored_at.type  # type: ignore[attr-defined]
+#: Every answer reads its history: the statements are built once (see run_statement).
+_HISTORY = _history_statement()
+_EARLIER_WAITING = (
+    select(MessageRecord.id)
+    .where(
+        col(MessageRecord.conversation_id) == bindparam("conversation_id"),
+        col(MessageRecord.id) < bindparam("message_id"),
+        col(MessageRecord.answer_state) == AnswerState.PENDING.value,
+        col(MessageRecord.stored_at) >= bindparam("since", type_=_STORED_AT_TYPE),
+        col(MessageRecord.deleted_at).is_(None),
+    )
+    .limit(1)
+)
 
 
 def earlier_turn_waiting(
@@ -56,18 +79,8 @@ def earlier_turn_waiting(
 ) -> bool:
     """Whether an earlier user message of the conversation (stored after ``since``) still
     waits for its answer: a message takes its turn only after those before it."""
-    waiting = session.exec(
-        select(MessageRecord.id)
-        .where(
-            MessageRecord.conversation_id == conversation_id,
-            col(MessageRecord.id) < message_id,
-            col(MessageRecord.answer_state) == AnswerState.PENDING.value,
-            col(MessageRecord.stored_at) >= since,
-            col(MessageRecord.deleted_at).is_(None),
-        )
-        .limit(1)
-    ).first()
-    return waiting is not None
+    params = {"conversation_id": conversation_id, "message_id": message_id, "since": since}
+    return run_statement(session, _EARLIER_WAITING, params).first() is not None
 
 
 def history_in_turn(

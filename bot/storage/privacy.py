@@ -12,6 +12,7 @@ from sqlalchemy import update as sql_update
 from sqlmodel import Session, col, select
 
 from bot.conversation import utcnow
+from bot.storage.database import run_statement
 from bot.storage.tables import (
     ChannelSettingRecord,
     ConversationRecord,
@@ -33,7 +34,7 @@ def training_allowed(
     recorded in ``channel`` (:attr:`ConversationRecord.parent_channel`)."""
     if parent_channel is None:  # every answer asks this: one statement, built once
         params = {"platform": platform, "channel": channel}
-        return session.exec(_OPTED_OUT_HERE_OR_ABOVE, params=params).first() is None
+        return run_statement(session, _OPTED_OUT_HERE_OR_ABOVE, params).first() is None
     parents = [parent_channel] if parent_channel else []
     opted_out = session.exec(
         select(ChannelSettingRecord.id).where(

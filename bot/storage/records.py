@@ -19,7 +19,7 @@ from sqlmodel import Session, SQLModel, col, select
 
 from bot.conversation import IncomingMessage, Role, storable_text, utcnow
 from bot.storage.claims import WAITING_STATES, renew_lease
-from bot.storage.database import StorageError
+from bot.storage.database import StorageError, run_statement
 from bot.storage.privacy import training_allowed
 from bot.storage.tables import (
     AnsweredBy,
@@ -59,7 +59,7 @@ def insert_row(*, session: Session, record: SQLModel) -> int:
     (flush, identity map, savepoints) and building each statement anew cost more than the
     statements themselves."""
     table: Any = type(record).__table__  # type: ignore[attr-defined]
-    result: Any = session.execute(_plain_insert(table), _row_values(record))
+    result: Any = run_statement(session, _plain_insert(table), _row_values(record))
     key = result.inserted_primary_key
     assert key is not None
     return _stored_as(record, int(key[0]))
@@ -85,7 +85,7 @@ def insert_unless_duplicate(*, session: Session, record: SQLModel) -> int | None
         except IntegrityError:
             return None
     statement = _insert_unless_duplicate(table, dialect)
-    new_id = session.execute(statement, _row_values(record)).scalar()
+    new_id = run_statement(session, statement, _row_values(record)).scalar()
     return None if new_id is None else _stored_as(record, int(new_id))
 
 
@@ -97,18 +97,54 @@ _CONVERSATION = select(ConversationRecord).where(
 )
 
 
-def get_or_create_conversation(*, session: Session, message: IncomingMessage) -> ConversationRecord:
-    """The conversation ``message`` belongs to, created when new (safe against races)."""
-    key = {
+_CONVERSATION_ID = select(ConversationRecord.id).where(
+    col(ConversationRecord.platform) == bindparam("platform"),
+    col(ConversationRecord.workspace) == bindparam("workspace"),
+    col(ConversationRecord.channel) == bindparam("channel"),
+    col(ConversationRecord.thread) == bindparam("thread"),
+)
+
+
+def _conversation_key(message: IncomingMessage) -> dict[str, str]:
+    return {
         "platform": message.platform,
         "workspace": message.workspace,
         "channel": message.channel,
         "thread": message.thread,
     }
+
+
+def conversation_id_for(*, session: Session, message: IncomingMessage) -> int:
+    """The id of the conversation ``message`` belongs to, created when new (safe against
+    races); the hot path's :func:`get_or_create_conversation`, loading no record."""
+    key = _conversation_key(message)
+    found = run_statement(session, _CONVERSATION_ID, key).scalar()
+    if found is None:
+        created = insert_unless_duplicate(session=session, record=_new_conversation(message))
+        # None: another instance created it between our select and insert.
+        found = (
+            created
+            if created is not None
+            else run_statement(session, _CONVERSATION_ID, key).scalar_one()
+        )
+    return int(found)
+
+
+def get_or_create_conversation(*, session: Session, message: IncomingMessage) -> ConversationRecord:
+    """The conversation ``message`` belongs to, created when new (safe against races)."""
+    key = _conversation_key(message)
     found = session.exec(_CONVERSATION, params=key).first()
     if found is not None:
         return found
-    record = ConversationRecord(
+    record = _new_conversation(message)
+    if insert_unless_duplicate(session=session, record=record) is None:
+        # Another instance created it between our select and insert.
+        return session.exec(_CONVERSATION, params=key).one()
+    return record
+
+
+def _new_conversation(message: IncomingMessage) -> ConversationRecord:
+    return ConversationRecord(
         platform=message.platform,
         workspace=message.workspace,
         channel=message.channel,
@@ -116,10 +152,6 @@ def get_or_create_conversation(*, session: Session, message: IncomingMessage) ->
         parent_channel=message.parent_channel,
         created_at=utcnow(),
     )
-    if insert_unless_duplicate(session=session, record=record) is None:
-        # Another instance created it between our select and insert.
-        return session.exec(_CONVERSATION, params=key).one()
-    return record
 
 
 def record_incoming(
@@ -168,9 +200,8 @@ def _insert_incoming(
         answer_state = (AnswerState.PENDING if text.strip() else AnswerState.IGNORED).value
     waiting = answer_state == AnswerState.PENDING.value
     now = utcnow()
-    conversation = get_or_create_conversation(session=session, message=message)
     record = MessageRecord(
-        conversation_id=conversation.id,  # type: ignore[arg-type]
+        conversation_id=conversation_id_for(session=session, message=message),
         platform=message.platform,
         channel=message.channel,
         platform_message_id=message.message_id,
@@ -249,11 +280,7 @@ def record_answer(
     over after a grace period if the caller dies), or with ``delivery=FAILED`` to hand it
     straight to the retry queue (recovery). Other answers are already on the platform.
     """
-    question = session.execute(
-        select(MessageRecord.conversation_id, MessageRecord.platform, MessageRecord.channel).where(
-            col(MessageRecord.id) == user_message_id
-        )
-    ).first()
+    question = run_statement(session, _QUESTION, {"message_id": user_message_id}).first()
     if question is None:
         raise StorageError(f"message {user_message_id} no longer exists")
     now = utcnow()
@@ -290,14 +317,19 @@ def record_answer(
         ),
     )
     insert_row(session=session, record=exchange)
-    session.execute(
-        sql_update(MessageRecord)
-        .execution_options(synchronize_session=False)
-        .where(col(MessageRecord.id) == user_message_id)
-        .values(answer_state=AnswerState.ANSWERED.value)
-    )
+    run_statement(session, _MARK_ANSWERED, {"message_id": user_message_id})
     session.commit()
     return answer, exchange
+
+
+_QUESTION = select(
+    MessageRecord.conversation_id, MessageRecord.platform, MessageRecord.channel
+).where(col(MessageRecord.id) == bindparam("message_id"))
+_MARK_ANSWERED = (
+    sql_update(MessageRecord)
+    .where(col(MessageRecord.id) == bindparam("message_id"))
+    .values(answer_state=AnswerState.ANSWERED.value)
+)
 
 
 def _find_message(
