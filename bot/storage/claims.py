@@ -137,13 +137,17 @@ def set_reply_placeholder(*, session: Session, message_id: int, placeholder_id: 
     """Record the platform id of the placeholder or partial reply shown for a user message,
     so a reply recovered or retried after a crash replaces it instead of adding another (a new
     placeholder shows none of the reply's chunks yet)."""
-    session.execute(
-        sql_update(MessageRecord)
-        .execution_options(synchronize_session=False)
-        .where(col(MessageRecord.id) == message_id)
-        .values(reply_placeholder_id=placeholder_id[:255], reply_chunks_sent=None)
-    )
+    params = {"message_id": message_id, "placeholder_id": placeholder_id[:255]}
+    run_statement(session, _SET_PLACEHOLDER, params)
     session.commit()
+
+
+#: Every streamed reply records its placeholder: one statement, built once.
+_SET_PLACEHOLDER = (
+    sql_update(MessageRecord)
+    .where(col(MessageRecord.id) == bindparam("message_id"))
+    .values(reply_placeholder_id=bindparam("placeholder_id"), reply_chunks_sent=None)
+)
 
 
 def answer_queue(

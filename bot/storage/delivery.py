@@ -11,13 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, literal_column
+from sqlalchemy import bindparam, func, literal_column
 from sqlalchemy import update as sql_update
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, col, select
 from sqlmodel.sql.expression import SelectOfScalar
 
 from bot.conversation import utcnow
+from bot.storage.database import run_statement
 from bot.storage.tables import (
     ConversationRecord,
     DeliveryState,
@@ -33,16 +34,22 @@ def set_delivery(
     state: DeliveryState,
     platform_message_id: str | None = None,
 ) -> None:
-    values: dict[str, str] = {"delivery_state": state.value}
-    if platform_message_id is not None:
-        values["platform_message_id"] = platform_message_id
-    session.execute(
-        sql_update(MessageRecord)
-        .execution_options(synchronize_session=False)
-        .where(col(MessageRecord.id) == answer_message_id)
-        .values(**values)
-    )
+    params = {"message_id": answer_message_id, "state": state.value}
+    if platform_message_id is None:
+        run_statement(session, _SET_DELIVERY, params)
+    else:
+        params["platform_message_id"] = platform_message_id
+        run_statement(session, _SET_DELIVERY_AND_ID, params)
     session.commit()
+
+
+#: Every reply sent records its delivery: the statements are built once.
+_SET_DELIVERY = (
+    sql_update(MessageRecord)
+    .where(col(MessageRecord.id) == bindparam("message_id"))
+    .values(delivery_state=bindparam("state"))
+)
+_SET_DELIVERY_AND_ID = _SET_DELIVERY.values(platform_message_id=bindparam("platform_message_id"))
 
 
 def queue_partial_reply(
