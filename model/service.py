@@ -44,6 +44,7 @@ from model.batch_requests import (
 )
 from model.batching import BatchScheduler
 from model.context_fit import FittedPrompt
+from model.fast_linear import speeds_up, transpose_linear_layers
 from model.generation import GenerationSettings, StopCutter
 from model.loading import ModelLoadError
 from model.local_model import LocalModel
@@ -95,13 +96,19 @@ class ModelService:
         *,
         batch: BatchSettings | None = None,
         dtype: str | None = None,
+        transpose_linear: bool = True,
     ) -> None:
-        """Serve an already loaded :class:`LocalModel` (use :meth:`load` normally)."""
+        """Serve an already loaded :class:`LocalModel` (use :meth:`load` normally).
+
+        ``local`` is served as it is; ``transpose_linear`` is for the models swapped in later
+        (see :meth:`load`).
+        """
         self.batch = batch or BatchSettings()
         self._load_options: dict[str, Any] = {
             "device": local.device,
             "dtype": dtype,
             "generation": local.generation,
+            "transpose_linear": transpose_linear,
         }
         self._serial = 0
         self._threads: int | None = None
@@ -119,10 +126,22 @@ class ModelService:
         dtype: str | None = None,
         generation: GenerationSettings | None = None,
         batch: BatchSettings | None = None,
+        transpose_linear: bool = True,
     ) -> ModelService:
-        """Load a model folder (or hub id) and serve it; errors as :meth:`LocalModel.load`."""
-        local = LocalModel.load(path, device=device, dtype=dtype, generation=generation)
-        return cls(local, batch=batch, dtype=dtype)
+        """Load a model folder (or hub id) and serve it; errors as :meth:`LocalModel.load`.
+
+        ``transpose_linear``: on the CPU in float32, hold the linear layers' weights
+        transposed (:mod:`model.fast_linear`: decoding steps of a 200M model 1.2x faster, the
+        same tokens); the models swapped in later too.
+        """
+        local = load_for_serving(
+            path,
+            device=device,
+            dtype=dtype,
+            generation=generation,
+            transpose_linear=transpose_linear,
+        )
+        return cls(local, batch=batch, dtype=dtype, transpose_linear=transpose_linear)
 
     def _start(self, local: LocalModel) -> _Engine:
         self._serial += 1
@@ -288,7 +307,7 @@ class ModelService:
             raise RuntimeError("a model swap is in progress already")
         self._swapping = True
         try:
-            local = await in_passing_thread(partial(LocalModel.load, path, **self._load_options))
+            local = await in_passing_thread(partial(load_for_serving, path, **self._load_options))
             old, self._engine = self._engine, self._start(local)
         finally:
             self._swapping = False
@@ -316,6 +335,22 @@ class ModelService:
     def close(self) -> None:
         """Take no more requests, finish those in flight, stop the worker (blocking)."""
         self._engine.scheduler.close()
+
+
+def load_for_serving(
+    path: str | Path,
+    *,
+    device: str | None,
+    dtype: str | None,
+    generation: GenerationSettings | None,
+    transpose_linear: bool,
+) -> LocalModel:
+    """:meth:`LocalModel.load`, then, where it helps (the CPU, float32) and ``transpose_linear``
+    asks for it, the linear layers' weights held transposed (:mod:`model.fast_linear`)."""
+    local = LocalModel.load(path, device=device, dtype=dtype, generation=generation)
+    if transpose_linear and speeds_up(local.model, local.device):
+        transpose_linear_layers(local.model)
+    return local
 
 
 def settle_heap() -> None:

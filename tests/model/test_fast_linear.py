@@ -1,0 +1,161 @@
+"""Linear layers held transposed (model.fast_linear): the same logits and greedy replies, no
+second copy of the weights, and the service converting only where it helps."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from model.corpus import SEED_EXCHANGES, load_starter_corpus
+from model.fast_linear import TransposedLinear, speeds_up, transpose_linear_layers
+from model.kv_cache import roomy_cache
+from model.service import BatchSettings, LocalModel, ModelService
+from tests.model.test_batching import QUESTIONS, changed_copy, user
+
+
+@pytest.fixture(scope="module")
+def original(tiny_model_dir: Path) -> LocalModel:
+    return LocalModel.load(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_model_dir: Path) -> LocalModel:
+    local = LocalModel.load(tiny_model_dir, device="cpu")
+    transpose_linear_layers(local.model)
+    return local
+
+
+def linears(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.Linear | TransposedLinear)]
+
+
+def storage_bytes(model: nn.Module) -> int:
+    """The bytes of the distinct storages behind the model's parameters and buffers."""
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for t in [*model.parameters(), *model.buffers()]
+    }
+    return sum(storages.values())
+
+
+def prefill_and_step(model: Any, ids: torch.Tensor, last: torch.Tensor) -> list[torch.Tensor]:
+    """The logits of a prefill of ``ids``, then of one decoding step (``last``, a position per
+    row: the fewest rows a product gets)."""
+    cache = roomy_cache()
+    with torch.inference_mode():
+        prefill = model(input_ids=ids, cache=cache, use_cache=True).logits
+        step = model(input_ids=last, cache=cache, use_cache=True).logits
+    return [prefill, step]
+
+
+def test_every_linear_layer_is_converted(original: LocalModel, converted: LocalModel) -> None:
+    before = linears(original.model)
+    after = linears(converted.model)
+    assert len(after) == len(before) > 0
+    assert all(type(m) is TransposedLinear for m in after)
+    for old, new in zip(before, after, strict=True):
+        assert isinstance(old, nn.Linear) and isinstance(new, TransposedLinear)
+        assert new.weight_t.shape == (old.in_features, old.out_features)
+        assert new.weight_t.is_contiguous()
+        assert torch.equal(new.weight, old.weight)
+    # The embedding stays as it was; the (tied) head has a transposed copy of its own.
+    embedding = converted.model.get_input_embeddings().weight
+    assert torch.equal(embedding, original.model.get_input_embeddings().weight)
+    head = converted.model.lm_head
+    assert head.weight_t.data_ptr() != embedding.data_ptr()
+
+
+@pytest.mark.parametrize("rows", [32, 1])
+def test_logits_stay_equal(original: LocalModel, converted: LocalModel, rows: int) -> None:
+    generator = torch.Generator().manual_seed(rows)
+    vocab = original.model.config.vocab_size
+    ids = torch.randint(5, vocab, (rows, 12), generator=generator)
+    last = torch.randint(5, vocab, (rows, 1), generator=generator)
+    want = prefill_and_step(original.model, ids, last)
+    got = prefill_and_step(converted.model, ids, last)
+    for wanted, gotten in zip(want, got, strict=True):
+        assert gotten.shape == wanted.shape
+        assert (wanted - gotten).abs().max().item() <= 1e-5
+
+
+async def test_greedy_batched_replies_still_equal_plain_generate(
+    original: LocalModel, converted: LocalModel
+) -> None:
+    questions = [*QUESTIONS, *(q for q, _ in load_starter_corpus()[: 32 - len(QUESTIONS)])]
+    prompts = [original.fit_prompt(user(q), max_new_tokens=40).token_ids for q in questions]
+    expected = [original.generate_ids_sync(ids, max_new_tokens=40) for ids in prompts]
+    assert [converted.generate_ids_sync(ids, max_new_tokens=40) for ids in prompts] == expected
+    service = ModelService(
+        LocalModel(converted.model, converted.tokenizer, version="converted", device="cpu"),
+        batch=BatchSettings(max_batch=32, max_wait=0.05),
+    )
+    try:
+        scheduler = service._engine.scheduler
+        requests = [scheduler.submit(prompt_ids=ids, max_new_tokens=40) for ids in prompts]
+        assert [await request.done for request in requests] == expected
+        assert service.stats().largest_batch == 32
+    finally:
+        await service.aclose()
+
+
+def test_no_second_copy_of_the_weights(tiny_model_dir: Path) -> None:
+    local = LocalModel.load(tiny_model_dir, device="cpu")
+    model: Any = local.model
+    count = sum(p.numel() for p in model.parameters())
+    size = storage_bytes(model)
+    originals = [weakref.ref(m.weight) for m in linears(model)]
+    embedding = model.get_input_embeddings().weight
+    tied = model.lm_head.weight is embedding
+    head_copy = embedding.numel() if tied else 0
+
+    transpose_linear_layers(model)
+    gc.collect()
+
+    # Each original weight is gone (the tied head's is the embedding, which stays).
+    alive = [ref() for ref in originals if ref() is not None]
+    assert all(weight is embedding for weight in alive)
+    # Only the tied head's own copy is new: the parameters count it once, memory holds it once.
+    assert sum(p.numel() for p in model.parameters()) == count + head_copy
+    assert storage_bytes(model) == size + head_copy * embedding.element_size()
+    for module in linears(model):
+        assert isinstance(module, TransposedLinear)
+        weight_t = module.weight_t
+        assert weight_t.untyped_storage().nbytes() == weight_t.numel() * weight_t.element_size()
+
+
+def test_the_service_converts_on_the_cpu_in_float32_only(
+    tiny_model_dir: Path, original: LocalModel
+) -> None:
+    def kinds(service: ModelService) -> set[type]:
+        return {type(m) for m in linears(service.local.model)}
+
+    cases: list[tuple[dict[str, Any], set[type]]] = [
+        ({}, {TransposedLinear}),
+        ({"transpose_linear": False}, {nn.Linear}),
+        ({"dtype": "bfloat16"}, {nn.Linear}),
+    ]
+    for options, expected in cases:
+        service = ModelService.load(tiny_model_dir, device="cpu", **options)
+        try:
+            assert kinds(service) == expected
+        finally:
+            service.close()
+    assert speeds_up(original.model, "cpu") and not speeds_up(original.model, "cuda")
+
+
+async def test_models_swapped_in_are_converted_too(tmp_path: Path, tiny_model_dir: Path) -> None:
+    service = ModelService(LocalModel.load(tiny_model_dir, device="cpu"))
+    try:
+        assert {type(m) for m in linears(service.local.model)} == {nn.Linear}  # served as given
+        version = await service.swap(changed_copy(tiny_model_dir, tmp_path / "new"))
+        assert {type(m) for m in linears(service.local.model)} == {TransposedLinear}
+        reply = await service.generate(messages=user(SEED_EXCHANGES[0][0]), max_new_tokens=64)
+        assert reply.text == SEED_EXCHANGES[0][1] and reply.model_version == version
+    finally:
+        await service.aclose()
