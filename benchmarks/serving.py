@@ -393,7 +393,7 @@ async def bench_model(name: str, path: Path, *, plan: Plan) -> ModelFigures:
     figures = ModelFigures(
         name=name,
         path=path,
-        parameters=sum(p.numel() for p in local.model.parameters()),
+        parameters=model_parameters(local.model),
         fixed_length=fixed_length,
     )
 
@@ -472,6 +472,19 @@ async def bench_model(name: str, path: Path, *, plan: Plan) -> ModelFigures:
     # Last: the manager may change the model's attention implementation.
     await row("e", lambda: isolated(transformers_batch_manager, first), first)
     return figures
+
+
+def model_parameters(model: Any) -> int:
+    """The model's parameters as saved: a head tied to the input embedding counts once, though
+    the service holds a transposed copy of it (model/fast_linear.py) that ``parameters()``
+    counts too."""
+    from model.fast_linear import TransposedLinear
+
+    counted = sum(p.numel() for p in model.parameters())
+    head = model.get_output_embeddings()
+    if isinstance(head, TransposedLinear) and getattr(model.config, "tie_word_embeddings", False):
+        counted -= head.weight_t.numel()
+    return counted
 
 
 def starter_questions(count: int) -> list[str]:
