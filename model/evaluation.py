@@ -151,7 +151,7 @@ def answer_loss(local: Any, cases: Sequence[Case]) -> float | None:
     """Mean cross-entropy of the expected answers' tokens (what :mod:`model.train` trains on)."""
     import torch
 
-    from model.train import IGNORE_INDEX, encode_exchange
+    from model.train_examples import IGNORE_INDEX, encode_exchange
 
     total = 0.0
     tokens = 0

@@ -1,5 +1,5 @@
-"""Fine-tuning (model/train.py): the loss mask at the token level, the replay mix, a real
-training run on the tiny model, and the training process's JSON protocol."""
+"""Fine-tuning (model/train.py, model/train_examples.py): the loss mask at the token level, the
+replay mix, a real training run on the tiny model, and the training process's JSON protocol."""
 
 from __future__ import annotations
 
@@ -12,18 +12,14 @@ from pathlib import Path
 import pytest
 
 from model.local_model import LocalModel
-from model.train import (
+from model.train import Progress, Recipe, TrainingJob, fine_tune, training_examples
+from model.train_examples import (
     IGNORE_INDEX,
     Example,
     PackedCollator,
     PaddingCollator,
-    Progress,
-    Recipe,
-    TrainingJob,
     encode_exchange,
-    fine_tune,
     packing_is_exact,
-    training_examples,
 )
 
 TAUGHT = [
