@@ -42,7 +42,7 @@ from bot.storage.history import (
 )
 from bot.storage.privacy import Forgotten, forget_user, set_training_opt_out, training_allowed
 from bot.storage.records import (
-    get_or_create_conversation,
+    conversation_id_for,
     mark_message_deleted,
     record_agent_answer,
     record_answer,
@@ -133,6 +133,7 @@ __all__ = [
     "channel_settings",
     "claim_command",
     "conversation_history",
+    "conversation_id_for",
     "conversation_thread",
     "conversation_thread_of",
     "correct_exchange",
@@ -142,7 +143,6 @@ __all__ = [
     "export_marks",
     "export_shards",
     "forget_user",
-    "get_or_create_conversation",
     "last_export_summary",
     "mark_message_deleted",
     "pending_review_count",

@@ -89,14 +89,6 @@ def insert_unless_duplicate(*, session: Session, record: SQLModel) -> int | None
     return None if new_id is None else _stored_as(record, int(new_id))
 
 
-_CONVERSATION = select(ConversationRecord).where(
-    col(ConversationRecord.platform) == bindparam("platform"),
-    col(ConversationRecord.workspace) == bindparam("workspace"),
-    col(ConversationRecord.channel) == bindparam("channel"),
-    col(ConversationRecord.thread) == bindparam("thread"),
-)
-
-
 _CONVERSATION_ID = select(ConversationRecord.id).where(
     col(ConversationRecord.platform) == bindparam("platform"),
     col(ConversationRecord.workspace) == bindparam("workspace"),
@@ -116,7 +108,7 @@ def _conversation_key(message: IncomingMessage) -> dict[str, str]:
 
 def conversation_id_for(*, session: Session, message: IncomingMessage) -> int:
     """The id of the conversation ``message`` belongs to, created when new (safe against
-    races); the hot path's :func:`get_or_create_conversation`, loading no record."""
+    races), loading no record."""
     key = _conversation_key(message)
     found = run_statement(session, _CONVERSATION_ID, key).scalar()
     if found is None:
@@ -128,19 +120,6 @@ def conversation_id_for(*, session: Session, message: IncomingMessage) -> int:
             else run_statement(session, _CONVERSATION_ID, key).scalar_one()
         )
     return int(found)
-
-
-def get_or_create_conversation(*, session: Session, message: IncomingMessage) -> ConversationRecord:
-    """The conversation ``message`` belongs to, created when new (safe against races)."""
-    key = _conversation_key(message)
-    found = session.exec(_CONVERSATION, params=key).first()
-    if found is not None:
-        return found
-    record = _new_conversation(message)
-    if insert_unless_duplicate(session=session, record=record) is None:
-        # Another instance created it between our select and insert.
-        return session.exec(_CONVERSATION, params=key).one()
-    return record
 
 
 def _new_conversation(message: IncomingMessage) -> ConversationRecord:
