@@ -9,10 +9,8 @@ This module only translates: a Discord message becomes a :class:`adapters.routin
 
 The bot takes part in DMs, messages that mention it, replies to its own messages, and messages
 in a thread it started or already answered in. A conversation is a DM channel, a thread, or a
-reply chain keyed by its root message. A reply to a message already stored joins that message's
-conversation, so a chain longer than the history stays one conversation; for a reply to
-messages not stored yet the chain is followed (at most ``HISTORY_TURNS`` messages), and what it
-reaches is stored as context before the bot answers. Messages in a thread also carry the
+reply chain keyed by its root message; :mod:`adapters.discord_conversations` finds it, and the
+earlier messages stored as context before the bot answers. Messages in a thread also carry the
 thread's parent channel, so a channel's ``training off`` covers its threads. Mentions of other
 people are stored as Discord writes them (``<@123…>``), never as names; the bot's own mention is
 dropped.
@@ -38,10 +36,8 @@ slash commands answer ephemerally, ``!word`` in a server is answered by DM. Who 
 - Manage Server (for a member of the guild the command came from): only ``training off|on``,
   which touches that guild's channels alone;
 - everything touching the shared model or its data (``status``, ``export``, ``correct``,
-  ``retrain``, ``rollback``) needs a configured admin: a user in ``DISCORD_ADMIN_IDS``, a member
-  holding a ``DISCORD_ADMIN_ROLE_IDS`` role *in the guild the command came from* (role ids are
-  per guild), or, when neither setting is configured, the owner of the bot's application (or
-  the accepted admins and developers of the team owning it), fetched from Discord at ready.
+  ``retrain``, ``rollback``) needs a configured admin (by id, by role in the guild the command
+  came from, or the application's owners; see :mod:`adapters.discord_people`).
 
 Discord hides ``/chatbot-admin`` from members without Manage Server (``default_permissions``);
 every command is checked again at run time, since server admins can change who sees a command.
@@ -57,14 +53,21 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Coroutine, Sequence
-from dataclasses import replace
+from collections.abc import Coroutine
 from typing import Any
 
 import discord
 
 from adapters.discord_client import ChatbotClient
+from adapters.discord_conversations import (
+    ANSWERED_TYPES,
+    DiscordConversations,
+    plain_text,
+    referenced,
+    reply_reference,
+)
 from adapters.discord_gateway import point_discord_py_at
+from adapters.discord_people import DiscordPeople, manages_guild
 from adapters.discord_replies import (
     MESSAGE_LIMIT,
     TRANSIENT_ERRORS,
@@ -89,7 +92,7 @@ from bot.commands import (
 from bot.config import Settings
 from bot.conversation import IncomingMessage, Platform, Role
 from bot.replies import split_reply
-from bot.storage import UndeliveredReply, conversation_thread_of
+from bot.storage import UndeliveredReply
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +101,6 @@ REPLY_WAIT = 60.0  # seconds a reaction waits for replies in flight before givin
 RATINGS = {"👍": 1, "👎": -1}
 CLOSE_DRAIN = 5.0  # seconds the messages kept while closing get to reach the database
 _EMOJI_MODIFIERS = re.compile("[\U0001f3fb-\U0001f3ff\ufe0f]")  # skin tones, variation selector
-_ANSWERED_TYPES = frozenset({discord.MessageType.default, discord.MessageType.reply})
 _THREAD_TYPES = frozenset(
     {
         discord.ChannelType.public_thread,
@@ -106,7 +108,6 @@ _THREAD_TYPES = frozenset(
         discord.ChannelType.news_thread,
     }
 )
-_OWNING_TEAM_ROLES = frozenset({discord.TeamMemberRole.admin, discord.TeamMemberRole.developer})
 
 
 def rating_for(emoji: discord.PartialEmoji) -> int | None:
@@ -136,17 +137,16 @@ class DiscordAdapter:
         default)."""
         self.settings = settings
         self.router = Router(handler=handler, commands=commands)
-        self.store = commands.store
         self.tasks = EventTasks(platform=PLATFORM)
-        self.admin_ids = frozenset(settings.discord_admin_ids)
-        self.admin_role_ids = frozenset(settings.discord_admin_role_ids)
-        self.agent_ids = frozenset(settings.discord_agent_ids)
-        self.agent_role_ids = frozenset(settings.discord_agent_role_ids)
-        self.history_limit = settings.history_turns
         self.client = ChatbotClient(adapter=self, guild_ready_timeout=guild_ready_timeout)
+        self.people = DiscordPeople(client=self.client, settings=settings)
+        self.conversations = DiscordConversations(
+            client=self.client,
+            store=commands.store,
+            people=self.people,
+            history_limit=settings.history_turns,
+        )
         self._replying: set[asyncio.Task[Any]] = set()
-        self._owner_ids: frozenset[str] | None = None
-        self._owner_lock = asyncio.Lock()
         self._stopping: asyncio.Task[None] | None = None
         self.retry_interval = (
             settings.delivery_retry_seconds if retry_interval is None else retry_interval
@@ -244,12 +244,12 @@ class DiscordAdapter:
     async def keep_for_later(self, message: discord.Message) -> None:
         """While stopping: store a message the bot would answer, unanswered and claimed by
         nobody, for the recovery pass of the next start (see :meth:`Router.defer`)."""
-        if message.type not in _ANSWERED_TYPES:
+        if message.type not in ANSWERED_TYPES:
             return
         event, earlier = await self.translate(message)
 
         async def load_context() -> list[IncomingMessage]:
-            return await self._context(message, earlier, event)
+            return await self.conversations.context(message, earlier, event)
 
         if await self.router.defer(event, load_context=load_context):
             logger.warning(
@@ -266,7 +266,7 @@ class DiscordAdapter:
         if application_id is not None and not self._invite_shown:
             self._invite_shown = True
             logger.warning("Discord: add the bot to a server with %s", invite_url(application_id))
-        if not self.admin_ids and not self.admin_role_ids:
+        if not self.people.admins_configured:
             await self.application_owner_ids()
         if self._retry_loop is None and self._stopping is None:
             self._retry_loop = asyncio.create_task(self._retry_queued_forever())
@@ -291,13 +291,13 @@ class DiscordAdapter:
     # ------------------------------------------------------------------ messages
 
     async def on_message(self, message: discord.Message) -> None:
-        if message.type not in _ANSWERED_TYPES:
+        if message.type not in ANSWERED_TYPES:
             return  # joins, pins, thread-created notices: nothing anyone said
         event, earlier = await self.translate(message)
         reply = DiscordReply(message=message)
 
         async def load_context() -> list[IncomingMessage]:
-            return await self._context(message, earlier, event)
+            return await self.conversations.context(message, earlier, event)
 
         task = asyncio.current_task()
         if task is not None:
@@ -320,13 +320,13 @@ class DiscordAdapter:
         guild_id = message.guild.id if message.guild else None
         is_direct = channel_is_direct(message.channel)
         text = self._plain_text(message.content)
-        reference = _reply_reference(message)
+        reference = reply_reference(message)
 
         channel: Any = message.channel
         chain: list[discord.Message] = []
         parent_channel = ""
         if not from_bot:
-            channel = await self._resolved_channel(message)
+            channel = await self.conversations.resolved_channel(message)
         is_thread = isinstance(channel, discord.Thread)
         if is_direct:
             thread = ""
@@ -336,9 +336,9 @@ class DiscordAdapter:
         elif from_bot:
             thread = str(message.id)  # never routed: no need to find its chain
         else:
-            chain, thread = await self._reply_chain(message)
+            chain, thread = await self.conversations.reply_chain(message)
 
-        parent = _referenced(reference)
+        parent = referenced(reference)
         is_command = parse_bang_command(text) is not None
         incoming = IncomingMessage(
             platform=PLATFORM,
@@ -366,149 +366,28 @@ class DiscordAdapter:
             author_is_agent=not from_bot and self.user_is_agent(author, guild_id=guild_id),
             # Only commands need these; the owner lookup may take a REST call.
             author_is_admin=is_command and await self.user_is_admin(author, guild_id=guild_id),
-            author_manages_channel=is_command and _manages_guild(author, guild_id=guild_id),
+            author_manages_channel=is_command and manages_guild(author, guild_id=guild_id),
             replied_to=str(reference.message_id) if reference is not None else None,
         )
         return event, chain
 
-    async def _resolved_channel(self, message: discord.Message) -> Any:
-        """The message's channel; a guild channel missing from the cache is fetched (threads)."""
-        channel = message.channel
-        if isinstance(channel, discord.PartialMessageable) and channel.guild_id is not None:
-            try:
-                return await self.client.fetch_channel(channel.id)
-            except discord.HTTPException as error:
-                logger.warning("could not fetch Discord channel %s: %s", channel.id, error)
-        return channel
-
-    async def _reply_chain(self, message: discord.Message) -> tuple[list[discord.Message], str]:
-        """The unstored messages ``message`` replies to, nearest first, and its conversation's
-        root.
-
-        A reply to a stored message takes that message's conversation: no walk, and a chain
-        longer than the history stays one conversation. Otherwise ``message.reference`` is
-        followed through at most ``history_limit`` messages (fetching what the gateway did not
-        include) until a stored one; the last id reached is the root. A message that cannot be
-        fetched ends the chain with a warning; its id still serves as the root, so the
-        conversation stays the same once it is reachable.
-        """
-        chain: list[discord.Message] = []
-        root = str(message.id)
-        current = message
-        while (reference := _reply_reference(current)) is not None:
-            parent_id = str(reference.message_id)
-            known = await self.store.run(
-                conversation_thread_of,
-                platform=PLATFORM,
-                channel=str(message.channel.id),
-                platform_message_id=parent_id,
-            )
-            if known is not None:
-                return chain, known
-            root = parent_id
-            if len(chain) >= self.history_limit:
-                break
-            parent = _referenced(reference)
-            if parent is None:
-                try:
-                    parent = await message.channel.fetch_message(int(parent_id))
-                except discord.HTTPException as error:
-                    logger.warning(
-                        "reply chain of Discord message %s is partial: could not fetch %s (%s)",
-                        message.id,
-                        parent_id,
-                        error,
-                    )
-                    break
-            chain.append(parent)
-            current = parent
-        return chain, root
-
-    async def _context(
-        self, message: discord.Message, chain: Sequence[discord.Message], event: MessageEvent
-    ) -> list[IncomingMessage]:
-        """The earlier human messages of ``event``'s conversation, oldest first: its reply
-        chain, or the thread's or DM's recent messages."""
-        incoming = event.message
-        earlier = list(chain)
-        if not earlier and (incoming.is_direct or incoming.parent_channel):
-            earlier = await self._recent_messages(message)
-        guild_id = message.guild.id if message.guild else None
-        context = []
-        for found in reversed(earlier):
-            if found.author.bot or found.type not in _ANSWERED_TYPES:
-                continue  # our own replies are stored already; other bots are not turns
-            text = self._plain_text(found.content)
-            if parse_bang_command(text) is not None:
-                continue  # commands to the bot are not conversation
-            is_agent = self.user_is_agent(found.author, guild_id=guild_id)
-            context.append(
-                replace(
-                    incoming,
-                    author_id=str(found.author.id),
-                    author_name=found.author.display_name,
-                    role=Role.HUMAN_AGENT if is_agent else Role.USER,
-                    text=text,
-                    timestamp=found.created_at,
-                    message_id=str(found.id),
-                    mentions_bot=False,
-                )
-            )
-        return context
-
-    async def _recent_messages(self, message: discord.Message) -> list[discord.Message]:
-        """The thread's or DM's messages before ``message``, newest first (may be partial)."""
-        found: list[discord.Message] = []
-        try:
-            async for earlier in message.channel.history(limit=self.history_limit, before=message):
-                found.append(earlier)
-        except discord.HTTPException as error:
-            logger.warning("history before Discord message %s is partial: %s", message.id, error)
-        return found
-
     def _plain_text(self, content: str) -> str:
-        """Content without the bot's own mention. Other people's mentions stay as Discord
-        writes them (``<@123…>``): a display name would put a person's name into the stored
-        text, which the export's ``<USER>`` redaction cannot recognise."""
-        bot_id = self.client.user.id if self.client.user else 0
-        text = re.sub(rf"<@!?{bot_id}>", "", content)
-        return re.sub(r"[ \t]{2,}", " ", text).strip()
+        return plain_text(content, bot_id=self.client.user.id if self.client.user else 0)
 
     # ------------------------------------------------------------------ who is who
 
     def user_is_agent(self, user: discord.abc.User, *, guild_id: int | None) -> bool:
-        """A human agent: listed by id, or holding an agent role in this guild."""
-        if str(user.id) in self.agent_ids:
-            return True
-        return bool(self.agent_role_ids & _role_ids_in(user, guild_id=guild_id))
+        """A human agent (see :mod:`adapters.discord_people`)."""
+        return self.people.user_is_agent(user, guild_id=guild_id)
 
     async def user_is_admin(self, user: discord.abc.User, *, guild_id: int | None) -> bool:
-        """A configured admin (see the module docstring): may change the shared model and its
-        data. ``guild_id``: the guild the command came from (``None`` for DMs)."""
-        if str(user.id) in self.admin_ids:
-            return True
-        if self.admin_role_ids & _role_ids_in(user, guild_id=guild_id):
-            return True
-        if self.admin_ids or self.admin_role_ids:
-            return False
-        return str(user.id) in await self.application_owner_ids()
+        """A configured admin (see :mod:`adapters.discord_people`); ``guild_id``: the guild
+        the command came from (``None`` for DMs)."""
+        return await self.people.user_is_admin(user, guild_id=guild_id)
 
     async def application_owner_ids(self) -> frozenset[str]:
-        """Who owns the bot's application, cached: discord.py fetches the application at login;
-        when it could not, Discord is asked here (and again next time while it cannot tell)."""
-        async with self._owner_lock:
-            if self._owner_ids is None:
-                info = self.client.application
-                if info is None:
-                    try:
-                        info = await self.client.application_info()
-                    except TRANSIENT_ERRORS as error:
-                        logger.warning(
-                            "could not fetch the Discord application's owners: %s", error
-                        )
-                        return frozenset()
-                self._owner_ids = _owners(info)
-            return self._owner_ids
+        """Who owns the bot's application (cached; see :mod:`adapters.discord_people`)."""
+        return await self.people.application_owner_ids()
 
     # ------------------------------------------------------------------ edits, deletions, ratings
 
@@ -621,59 +500,3 @@ class DiscordAdapter:
         return await post_queued_reply(
             self.client, pending, bot_user_id=bot_user.id if bot_user else None
         )
-
-
-def _reply_reference(message: discord.Message) -> discord.MessageReference | None:
-    """``message``'s reference when it replies to a message of the same channel."""
-    reference = message.reference
-    if (
-        reference is None
-        or reference.message_id is None
-        or reference.type is not discord.MessageReferenceType.reply
-        or reference.channel_id != message.channel.id
-    ):
-        return None
-    return reference
-
-
-def _referenced(reference: discord.MessageReference | None) -> discord.Message | None:
-    """The message a reference points to, when the gateway included it or it is cached."""
-    if reference is None:
-        return None
-    if isinstance(reference.resolved, discord.Message):
-        return reference.resolved
-    return reference.cached_message
-
-
-def _role_ids_in(user: Any, *, guild_id: int | None) -> frozenset[str]:
-    """The ids of ``user``'s roles in the guild ``guild_id``: none in DMs, and never a role of
-    another guild (role ids are per guild)."""
-    if guild_id is None or not isinstance(user, discord.Member) or user.guild.id != guild_id:
-        return frozenset()
-    return frozenset(str(role.id) for role in user.roles if role.guild.id == guild_id)
-
-
-def _manages_guild(user: Any, *, guild_id: int | None) -> bool:
-    """Manage Server in the guild the message came from (channel-local commands only)."""
-    return (
-        guild_id is not None
-        and isinstance(user, discord.Member)
-        and user.guild.id == guild_id
-        and user.guild_permissions.manage_guild
-    )
-
-
-def _owners(info: discord.AppInfo) -> frozenset[str]:
-    """The application's owner, or, for a team's application, its accepted admins and
-    developers (as discord.py's own ``is_owner`` counts them) and the team's owner."""
-    if info.team is None:
-        return frozenset({str(info.owner.id)})
-    members = {
-        str(member.id)
-        for member in info.team.members
-        if member.membership_state == discord.TeamMembershipState.accepted
-        and member.role in _OWNING_TEAM_ROLES
-    }
-    if info.team.owner_id is not None:
-        members.add(str(info.team.owner_id))
-    return frozenset(members)

@@ -7,8 +7,10 @@ verified with ``SLACK_SIGNING_SECRET``. ``SLACK_BOT_TOKEN`` is always needed, an
 
 This module only translates: a Slack event becomes a :class:`adapters.routing.MessageEvent`
 (or an edit, a deletion, a rating), and a :class:`adapters.slack_replies.ThreadReply` says how
-to answer it (:mod:`adapters.slack_people` says who people are). What the event is (ignored, a
-command, an agent's answer, a turn) is the shared :class:`adapters.routing.Router`'s decision.
+to answer it (:mod:`adapters.slack_people` says who people are, :mod:`adapters.slack_threads`
+reads a thread's earlier messages, :mod:`adapters.slack_http` serves HTTP mode). What the event
+is (ignored, a command, an agent's answer, a turn) is the shared
+:class:`adapters.routing.Router`'s decision.
 Every event is acknowledged at once; the work (generation included) runs afterwards in tracked
 tasks. Exactly one reply per message, across Slack's retries, the double delivery of a channel
 mention as ``app_mention`` and ``message``, restarts and several instances: the pipeline dedupes
@@ -24,20 +26,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Coroutine, Mapping
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
-from aiohttp import web
-from multidict import MultiMapping
-from slack_bolt.adapter.aiohttp import to_aiohttp_response
 from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
 from slack_bolt.async_app import AsyncApp
 from slack_bolt.context.ack.async_ack import AsyncAck
 from slack_bolt.context.respond.async_respond import AsyncRespond
-from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.http_retry.builtin_async_handlers import (
     AsyncConnectionErrorRetryHandler,
@@ -46,7 +43,6 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 
 from adapters.routing import (
-    ContextLoader,
     EventTasks,
     MessageEvent,
     RoutedHandler,
@@ -54,18 +50,20 @@ from adapters.routing import (
     deliver_queued_replies,
 )
 from adapters.slack_format import (
+    CONVERSATION_SUBTYPES,
     escape,
+    is_from_a_bot,
     mentioned_user_ids,
     rating_of,
+    stored_text,
     timestamp_of,
-    to_plain_text,
-    without_leading_mention,
 )
-from adapters.slack_people import SlackPeople, SlackUser
+from adapters.slack_http import EVENTS_PATH, SlackHttpEndpoint
+from adapters.slack_people import BotIdentity, SlackPeople
 from adapters.slack_replies import ThreadReply, post_queued_reply
 from adapters.slack_scopes import LISTENED_EVENTS, SLASH_COMMAND
-from adapters.slack_signature import SLACK_CONTENT_TYPES, SlackSignatureVerifier
-from bot.commands import CommandRequest, Commands, parse_bang_command
+from adapters.slack_threads import SlackThreadContext
+from bot.commands import CommandRequest, Commands
 from bot.config import ConfigurationError, Settings
 from bot.conversation import IncomingMessage, Platform, Role
 from bot.storage import UndeliveredReply
@@ -73,20 +71,6 @@ from bot.storage import UndeliveredReply
 logger = logging.getLogger(__name__)
 
 PLATFORM = Platform.SLACK.value
-EVENTS_PATH = "/slack/events"
-#: Message subtypes that are people writing; every other subtype (joins, topic changes, …)
-#: is not a conversation turn.
-_CONVERSATION_SUBTYPES = frozenset({None, "thread_broadcast", "file_share", "me_message"})
-
-
-@dataclass(frozen=True, slots=True)
-class BotIdentity:
-    """Who the bot is in this workspace (from ``auth.test``)."""
-
-    user_id: str
-    bot_id: str
-    team_id: str
-    name: str
 
 
 class _Stopping(Exception):
@@ -132,10 +116,6 @@ class SlackAdapter:
         self.tasks = EventTasks(platform=PLATFORM)
         self.host = host
         self.retry_interval = retry_interval
-        self.thread_history_limit = (
-            settings.history_turns if thread_history_limit is None else thread_history_limit
-        )
-        self.thread_page_size = thread_page_size
         self.uses_socket_mode = bool(settings.slack_app_token)
         self.admin_ids = frozenset(settings.slack_admin_ids)
         self.agent_ids = frozenset(settings.slack_agent_ids)
@@ -153,7 +133,7 @@ class SlackAdapter:
         self.app = AsyncApp(
             client=self.client,
             signing_secret=settings.slack_signing_secret,
-            # HTTP requests are verified in _serve_http before bolt parses them, so that a
+            # HTTP requests are verified by SlackHttpEndpoint before bolt parses them, so that a
             # stranger's malformed body gets 401, not 400; Socket Mode needs no signature.
             request_verification_enabled=False,
             # Our listeners only start a tracked task and return, so bolt may answer Slack
@@ -178,8 +158,23 @@ class SlackAdapter:
         self.people = SlackPeople(
             client=self.client, cache_size=name_cache_size, cache_seconds=name_cache_seconds
         )
+        self.threads = SlackThreadContext(
+            client=self.client,
+            people=self.people,
+            agent_ids=self.agent_ids,
+            history_limit=(
+                settings.history_turns if thread_history_limit is None else thread_history_limit
+            ),
+            page_size=thread_page_size,
+        )
+        self._http = (
+            None
+            if self.uses_socket_mode
+            else SlackHttpEndpoint(
+                app=self.app, tasks=self.tasks, signing_secret=settings.slack_signing_secret
+            )
+        )
         self._retry_loop: asyncio.Task[None] | None = None
-        self._runner: web.AppRunner | None = None
         self._socket: AsyncSocketModeHandler | None = None
         self._stop_requested = asyncio.Event()
         self._drain_within: float | None = None
@@ -227,7 +222,7 @@ class SlackAdapter:
         self._retry_loop = asyncio.create_task(self._retry_undelivered_forever())
 
     async def _connect(self) -> None:
-        self.identity = await self._authenticate()
+        self.identity = await self.people.identify_bot()
         if self.uses_socket_mode:
             # The Socket Mode client retries a failed connection forever; one check of the app
             # token first turns a revoked or mistyped token into a clear error.
@@ -240,20 +235,8 @@ class SlackAdapter:
             self._socket = AsyncSocketModeHandler(self.app, self.settings.slack_app_token)
             await self._socket.connect_async()
             logger.warning("Slack: connected in Socket Mode as %s", self.identity.name)
-        else:
-            server = web.Application(middlewares=[self._refuse_while_stopping()])
-            server.router.add_post(EVENTS_PATH, self._serve_http)
-            self._runner = web.AppRunner(server, access_log=None)
-            await self._runner.setup()
-            site = web.TCPSite(self._runner, self.host, self.settings.slack_port)
-            try:
-                await site.start()
-            except OSError as error:
-                await self._runner.cleanup()
-                raise ConfigurationError(
-                    f"cannot listen on {self.host}:{self.settings.slack_port} (SLACK_PORT): {error}"
-                ) from None
-            self.port = self._runner.addresses[0][1]
+        elif self._http is not None:
+            self.port = await self._http.start(host=self.host, port=self.settings.slack_port)
             logger.warning(
                 "Slack: listening on http://%s:%s%s as %s",
                 self.host,
@@ -276,10 +259,9 @@ class SlackAdapter:
             await self._socket.close_async()
             self._socket = None
         await self.tasks.finish(within=drain_within)
-        if self._runner is not None:
+        if self._http is not None:
             # Kept open while draining, answering 503, so Slack retries instead of timing out.
-            await self._runner.cleanup()
-            self._runner = None
+            await self._http.close()
         await self._close_session()
 
     async def _close_session(self) -> None:
@@ -290,109 +272,6 @@ class SlackAdapter:
     async def drain(self) -> None:
         """Wait until every event received so far is fully handled."""
         await self.tasks.drain()
-
-    def _refuse_while_stopping(self) -> Callable[..., Awaitable[web.StreamResponse]]:
-        tasks = self.tasks
-
-        @web.middleware
-        async def refuse_while_stopping(
-            request: web.Request,
-            handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
-        ) -> web.StreamResponse:
-            if not tasks.accepting:
-                logger.warning("Slack: stopping, so a request was answered 503 (Slack retries)")
-                return web.json_response(
-                    {"error": "shutting down"}, status=503, headers={"Retry-After": "1"}
-                )
-            return await handler(request)
-
-        return refuse_while_stopping
-
-    async def _authenticate(self) -> BotIdentity:
-        try:
-            response = await self.client.auth_test()
-        except SlackApiError as error:
-            raise ConfigurationError(
-                f"Slack refused SLACK_BOT_TOKEN: {error.response.get('error', error)}"
-            ) from None
-        except (SlackClientError, OSError) as error:
-            raise ConfigurationError(
-                f"cannot reach Slack at SLACK_API_URL={self.client.base_url}: {error}"
-            ) from None
-        identity = BotIdentity(
-            user_id=str(response.get("user_id") or ""),
-            bot_id=str(response.get("bot_id") or ""),
-            team_id=str(response.get("team_id") or ""),
-            name=str(response.get("user") or "chatbot"),
-        )
-        self.people.remember(identity.user_id, SlackUser(identity.name, is_workspace_admin=False))
-        return identity
-
-    # ------------------------------------------------------------------ HTTP mode
-
-    async def _serve_http(self, request: web.Request) -> web.StreamResponse:
-        # Every refusal is a 4xx with a JSON error and one warning, never a 5xx: strangers can
-        # reach this endpoint, so nothing they send may turn into a traceback. The order
-        # matters: size first (before reading), the signature on the raw bytes next, and only
-        # a request known to come from Slack is decoded and parsed.
-        limit = request.client_max_size  # aiohttp's body limit (0: none)
-        declared = request.content_length
-        raw: bytes | None = None
-        if not (limit and declared is not None and declared > limit):
-            # Without a Content-Length, read() itself stops once the body outgrows the limit.
-            with contextlib.suppress(web.HTTPRequestEntityTooLarge):
-                raw = await request.read()
-        if raw is None:
-            logger.warning("Slack: refused a request body over %s bytes", limit)
-            too_large = web.json_response(
-                {"error": f"request body too large (the limit is {limit} bytes)"}, status=413
-            )
-            # The rest of the body is not wanted: close instead of reading it to reuse the line.
-            too_large.force_close()
-            return too_large
-        if not self._has_valid_signature(raw, request.headers):
-            logger.warning("Slack: rejected a request with a bad or stale signature")
-            return web.json_response({"error": "invalid signature"}, status=401)
-        if not raw:
-            logger.warning("Slack: ignored a signed request with an empty body")
-            return web.json_response({"error": "empty body"}, status=400)
-        if request.content_type not in SLACK_CONTENT_TYPES:
-            logger.warning("Slack: ignored a request of content type %.80r", request.content_type)
-            return web.json_response({"error": "unsupported content type"}, status=415)
-        try:
-            body = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            logger.warning("Slack: ignored a request body that is not UTF-8")
-            return web.json_response({"error": "body is not UTF-8"}, status=400)
-        try:
-            bolt_request = AsyncBoltRequest(
-                body=body,
-                query=request.query_string,
-                headers={key.lower(): value for key, value in request.headers.items()},
-            )
-        # Bolt assumes a JSON object: malformed JSON raises ValueError, and any other JSON value
-        # (a list, null, a number) an AttributeError or TypeError while it reads the payload.
-        except (ValueError, AttributeError, TypeError) as error:
-            logger.warning("Slack: ignored a malformed request body: %.200s", error)
-            return web.json_response({"error": "malformed body"}, status=400)
-        retry = request.headers.get("X-Slack-Retry-Num")
-        if retry is not None:
-            # Only logged, never parsed: the pipeline dedupes on the event id. %r with a cap keeps
-            # a huge or non-UTF-8 value (a lone surrogate once decoded) safe for any log sink.
-            logger.info(
-                "Slack: retry %.20r of an event (%.60r)",
-                retry,
-                request.headers.get("X-Slack-Retry-Reason"),
-            )
-        return await to_aiohttp_response(await self.app.async_dispatch(bolt_request))
-
-    def _has_valid_signature(self, body: bytes, headers: MultiMapping[str]) -> bool:
-        # Over the raw bytes, before anything decodes them; see adapters/slack_signature.py
-        # for why slack_sdk's SignatureVerifier is not used here.
-        secret = self.settings.slack_signing_secret
-        if not secret:
-            return False
-        return SlackSignatureVerifier(secret).is_valid_request(body=body, headers=headers)
 
     # ------------------------------------------------------------------ bolt listeners
 
@@ -438,7 +317,7 @@ class SlackAdapter:
             await self._handle_deletion(event)
             return
         from_bot = self._is_from_a_bot(event)
-        if subtype not in _CONVERSATION_SUBTYPES and not from_bot:
+        if subtype not in CONVERSATION_SUBTYPES and not from_bot:
             return  # not a person writing: a join, a topic change, …
         identity = self._identity()
         author = event.get("user") or event.get("bot_id")
@@ -482,7 +361,11 @@ class SlackAdapter:
             reply=ThreadReply(
                 client=self.client, channel=channel, thread_ts=thread or None, asker=author
             ),
-            load_context=self._thread_context(message) if called_into_thread else None,
+            load_context=(
+                self.threads.loader(message, bot_user_id=identity.user_id)
+                if called_into_thread
+                else None
+            ),
             enrich=self._with_author,
         )
 
@@ -494,75 +377,8 @@ class SlackAdapter:
             author_manages_channel=user.is_workspace_admin,
         )
 
-    def _thread_context(self, message: IncomingMessage) -> ContextLoader:
-        """Loads the thread's newest earlier messages (``thread_history_limit``), oldest first."""
-
-        async def load() -> list[IncomingMessage]:
-            earlier = await self._earlier_thread_messages(message)
-            context = []
-            for item in earlier:
-                user_id, ts = str(item["user"]), str(item["ts"])
-                context.append(
-                    replace(
-                        message,
-                        author_id=user_id,
-                        author_name=(await self.people.user(user_id)).name,
-                        role=Role.HUMAN_AGENT if user_id in self.agent_ids else Role.USER,
-                        text=self._plain_text(str(item.get("text") or "")),
-                        timestamp=timestamp_of(ts),
-                        message_id=ts,
-                        event_id=None,
-                        mentions_bot=False,
-                    )
-                )
-            return context
-
-        return load
-
-    async def _earlier_thread_messages(self, message: IncomingMessage) -> list[dict[str, Any]]:
-        # Slack pages a thread oldest first; a long thread's newest turns are on its last
-        # pages, so every page up to the question is read and only the newest are kept.
-        kept: deque[dict[str, Any]] = deque(maxlen=self.thread_history_limit)
-        cursor: str | None = None
-        while True:
-            try:
-                response = await self.client.conversations_replies(
-                    channel=message.channel,
-                    ts=message.thread,
-                    limit=self.thread_page_size,
-                    cursor=cursor,
-                )
-            except SlackClientError as error:
-                # Without channels:history the bot still answers, from what it has.
-                logger.warning("Slack: could not read thread %s: %s", message.thread, error)
-                break
-            reached_question = False
-            for earlier in response.get("messages") or []:
-                if earlier.get("ts") == message.message_id:
-                    reached_question = True  # the rest came after it
-                    break
-                if self._is_context_turn(earlier):
-                    kept.append(earlier)
-            cursor = (response.get("response_metadata") or {}).get("next_cursor") or None
-            if reached_question or not response.get("has_more") or cursor is None:
-                break
-        return list(kept)
-
-    def _is_context_turn(self, earlier: Mapping[str, Any]) -> bool:
-        """A person's message in a thread, not a command to the bot."""
-        is_human_turn = earlier.get("subtype") in _CONVERSATION_SUBTYPES
-        has_ids = isinstance(earlier.get("ts"), str) and isinstance(earlier.get("user"), str)
-        if not (is_human_turn and has_ids) or self._is_from_a_bot(earlier):
-            return False
-        return parse_bang_command(self._plain_text(str(earlier.get("text") or ""))) is None
-
     def _is_from_a_bot(self, event: Mapping[str, Any]) -> bool:
-        identity = self._identity()
-        return bool(
-            event.get("bot_id")
-            or event.get("subtype") == "bot_message"
-            or event.get("user") == identity.user_id
-        )
+        return is_from_a_bot(event, bot_user_id=self._identity().user_id)
 
     async def _handle_edit(self, event: dict[str, Any]) -> None:
         edited = event.get("message") or {}
@@ -670,12 +486,10 @@ class SlackAdapter:
         """Post one queued reply; returns the ts of its first message (the one rated)."""
         return await post_queued_reply(self.client, reply)
 
-    # ------------------------------------------------------------------ people
+    # ------------------------------------------------------------------ identity
 
     def _plain_text(self, text: str) -> str:
-        """Slack markup to stored text: the bot's own leading mention dropped, other mentions
-        kept as ids."""
-        return to_plain_text(without_leading_mention(text, self._identity().user_id)).strip()
+        return stored_text(text, bot_user_id=self._identity().user_id)
 
     def _identity(self) -> BotIdentity:
         if self.identity is None:

@@ -4,7 +4,8 @@ Slack writes mentions, channel links and URLs in angle brackets (``<@U123>``, ``
 ``<https://x|label>``) and escapes ``&``, ``<`` and ``>``. The model and the database see plain
 text instead, except for user mentions, which stay ``<@U123>``: a person's name is theirs, not
 part of the message (the export's redaction turns the mention into ``<USER>``). Replies go back
-escaped.
+escaped. Which messages are people writing (:data:`CONVERSATION_SUBTYPES`, :func:`is_from_a_bot`)
+is decided here too, the same for new messages and for a thread's earlier ones.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Any
 
 #: Characters per posted message. Slack accepts up to 40,000 characters in ``text`` but
 #: truncates what it shows and recommends about 4,000 for readability; 3,000 keeps every chunk
@@ -20,6 +22,10 @@ SLACK_MESSAGE_LIMIT = 3_000
 
 #: Reaction names that rate a reply (skin-tone variants are reduced to these first).
 RATING_REACTIONS: Mapping[str, int] = {"+1": 1, "thumbsup": 1, "-1": -1, "thumbsdown": -1}
+
+#: Message subtypes that are people writing; every other subtype (joins, topic changes, …)
+#: is not a conversation turn.
+CONVERSATION_SUBTYPES = frozenset({None, "thread_broadcast", "file_share", "me_message"})
 
 _ANGLE = re.compile(r"<([^<>]*)>")
 _USER_MENTION = re.compile(r"<@([A-Z0-9]+)(?:\|[^<>]*)?>")
@@ -57,6 +63,22 @@ def to_plain_text(text: str) -> str:
         return target
 
     return _unescape(_ANGLE.sub(replace, text))
+
+
+def stored_text(text: str, *, bot_user_id: str) -> str:
+    """Slack markup to stored text: the bot's own leading mention dropped, other mentions
+    kept as ids."""
+    return to_plain_text(without_leading_mention(text, bot_user_id)).strip()
+
+
+def is_from_a_bot(message: Mapping[str, Any], *, bot_user_id: str) -> bool:
+    """Whether a message (an event, or an item of a thread's history) was written by a bot:
+    any app, or this bot itself."""
+    return bool(
+        message.get("bot_id")
+        or message.get("subtype") == "bot_message"
+        or message.get("user") == bot_user_id
+    )
 
 
 def escape(text: str) -> str:

@@ -1,4 +1,5 @@
-"""Who people are on Slack (``users.info``): display names and workspace-admin flags, cached."""
+"""Who people are on Slack (``users.info``): display names and workspace-admin flags, cached;
+and who the bot itself is (``auth.test``)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from slack_sdk.errors import SlackClientError
+from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.web.async_client import AsyncWebClient
+
+from bot.config import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
@@ -19,6 +22,16 @@ class SlackUser:
 
     name: str  # the display name: stored only as a message's author name, never in its text
     is_workspace_admin: bool  # a workspace admin or owner: may run channel-local commands
+
+
+@dataclass(frozen=True, slots=True)
+class BotIdentity:
+    """Who the bot is in this workspace (from ``auth.test``)."""
+
+    user_id: str
+    bot_id: str
+    team_id: str
+    name: str
 
 
 class SlackPeople:
@@ -58,6 +71,31 @@ class SlackPeople:
         )
         self.remember(user_id, found)
         return found
+
+    async def identify_bot(self) -> BotIdentity:
+        """Who the bot token belongs to (``auth.test``); the bot's own name is cached too.
+
+        Raises:
+            ConfigurationError: Slack refused the token or cannot be reached.
+        """
+        try:
+            response = await self.client.auth_test()
+        except SlackApiError as error:
+            raise ConfigurationError(
+                f"Slack refused SLACK_BOT_TOKEN: {error.response.get('error', error)}"
+            ) from None
+        except (SlackClientError, OSError) as error:
+            raise ConfigurationError(
+                f"cannot reach Slack at SLACK_API_URL={self.client.base_url}: {error}"
+            ) from None
+        identity = BotIdentity(
+            user_id=str(response.get("user_id") or ""),
+            bot_id=str(response.get("bot_id") or ""),
+            team_id=str(response.get("team_id") or ""),
+            name=str(response.get("user") or "chatbot"),
+        )
+        self.remember(identity.user_id, SlackUser(identity.name, is_workspace_admin=False))
+        return identity
 
     def remember(self, user_id: str, user: SlackUser) -> None:
         self._users[user_id] = (time.monotonic(), user)
