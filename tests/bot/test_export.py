@@ -841,10 +841,11 @@ def test_an_export_goes_on_alone_when_workers_cannot_start(
 
 
 def test_a_failing_worker_stops_the_export_and_changes_nothing(
-    database: Database, tmp_path: Path
+    database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tests.fakes.formatters import fails_in_a_worker
+    from tests.fakes.formatters import FAILED_MARKER, fails_in_a_worker
 
+    monkeypatch.setenv(FAILED_MARKER, str(tmp_path / "a-worker-failed"))
     varied_exchanges(database, 30)
     exports = tmp_path / "exports"
     exports.mkdir()
