@@ -484,7 +484,7 @@ class SlackAdapter:
 
     async def post_queued_reply(self, reply: UndeliveredReply) -> str:
         """Post one queued reply; returns the ts of its first message (the one rated)."""
-        return await post_queued_reply(self.client, reply)
+        return await post_queued_reply(self.client, reply, bot_user_id=self._identity().user_id)
 
     # ------------------------------------------------------------------ identity
 

@@ -19,6 +19,8 @@ logger = logging.getLogger(__name__)
 
 #: Shown in the thread while the reply is generated, then edited into the reply.
 PLACEHOLDER = "…"
+#: Messages after a question searched for a queued reply that already landed.
+LANDED_SCAN = 50
 
 
 class ThreadReply:
@@ -36,7 +38,7 @@ class ThreadReply:
 
     async def progress(self, *, text: str, in_reply_to: IncomingMessage) -> str | None:
         """Post the placeholder, then edit the text so far into it; returns its ts."""
-        preview = escape(_chunks(text)[0] + " …") if text else PLACEHOLDER
+        preview = escape(_chunks(text)[0]) if text else PLACEHOLDER
         if self.placeholder_ts is None:
             response = await self.client.chat_postMessage(
                 channel=self.channel, thread_ts=self.thread_ts, text=preview
@@ -134,12 +136,16 @@ async def _post_chunks(
     return first_ts or ""
 
 
-async def post_queued_reply(client: AsyncWebClient, reply: UndeliveredReply) -> str:
+async def post_queued_reply(
+    client: AsyncWebClient, reply: UndeliveredReply, *, bot_user_id: str
+) -> str:
     """Post one queued reply; returns the ts of its first message (the one rated).
 
     When the reply's placeholder (or its start) is already in the thread, that message is
     edited into the reply (unless its first chunk is complete already) and only the chunks
-    not yet in the thread are posted.
+    not yet in the thread are posted. With no message recorded, the bot's messages after the
+    question that already show the reply's first chunks (posted just before a crash, their
+    ts never recorded) count as posted.
 
     Raises:
         PartialDelivery: it failed part-way again; says how many chunks are complete now.
@@ -177,4 +183,60 @@ async def post_queued_reply(client: AsyncWebClient, reply: UndeliveredReply) -> 
                 chunks_before=1,
             )
             return reply.placeholder_id
-    return await _post_chunks(client, channel=reply.channel, thread_ts=thread_ts, chunks=chunks)
+    landed = [] if reply.placeholder_id else await _landed(client, reply, chunks, bot_user_id)
+    if landed:
+        logger.info("Slack: reply %d was already posted (%s)", reply.answer_id, landed[0])
+    return await _post_chunks(
+        client,
+        channel=reply.channel,
+        thread_ts=thread_ts,
+        chunks=chunks[len(landed) :],
+        first_ts=landed[0] if landed else None,
+        chunks_before=len(landed),
+    )
+
+
+async def _landed(
+    client: AsyncWebClient, reply: UndeliveredReply, chunks: list[str], bot_user_id: str
+) -> list[str]:
+    """The ts of the bot's messages right after ``reply``'s question that show its first
+    chunks, in order (none when it has no question or Slack cannot tell)."""
+    if not reply.in_reply_to:
+        return []
+    channel, question_ts = reply.channel, reply.in_reply_to
+    try:
+        if reply.thread:
+            response = await client.conversations_replies(
+                channel=channel, ts=reply.thread, oldest=question_ts, limit=LANDED_SCAN
+            )
+        else:  # a DM's reply is a message of its own in the conversation
+            response = await client.conversations_history(
+                channel=channel, oldest=question_ts, limit=LANDED_SCAN
+            )
+    except SlackClientError as error:
+        # Posting the reply (perhaps twice) beats losing it.
+        logger.warning("Slack: could not look for reply %d: %s", reply.answer_id, error)
+        return []
+    question = _ts_key(reply.in_reply_to)
+    ours = sorted(
+        (
+            message
+            for message in response.get("messages") or []
+            if message.get("user") == bot_user_id and _ts_key(message.get("ts")) > question
+        ),
+        key=lambda message: _ts_key(message.get("ts")),
+    )
+    landed: list[str] = []
+    for message, chunk in zip(ours, chunks, strict=False):
+        if message.get("text") != escape(chunk):
+            break
+        landed.append(str(message["ts"]))
+    return landed
+
+
+def _ts_key(ts: object) -> tuple[int, ...]:
+    """A Slack ts (``"1700000000.000100"``) as a sortable key; exact, unlike a float."""
+    try:
+        return tuple(int(part) for part in str(ts).split("."))
+    except ValueError:
+        return ()

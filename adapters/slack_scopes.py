@@ -47,6 +47,9 @@ WEB_API_SCOPES: Mapping[str, tuple[str, ...]] = {
     "chat_postEphemeral": ("chat:write",),
     # A thread the bot is called into is read for context, wherever it is.
     "conversations_replies": ("channels:history", "groups:history", "im:history", "mpim:history"),
+    # A queued reply with no message recorded is looked for where it would be (a DM's
+    # history) before it is posted: it may have landed just before a crash.
+    "conversations_history": ("channels:history", "groups:history", "im:history", "mpim:history"),
     "users_info": ("users:read",),
     # files.getUploadURLExternal and files.completeUploadExternal (a retrain's loss curve).
     "files_upload_v2": ("files:write",),

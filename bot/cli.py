@@ -232,6 +232,7 @@ def build_pipeline(
         instance_lease=settings.instance_lease_seconds,
         delivery_grace=settings.delivery_grace_seconds,
         progress_edits_per_second=settings.progress_edits_per_second,
+        placeholder_delay=settings.placeholder_delay_seconds,
     )
     return ReplyPipeline(
         store=Store(database),

@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     delivery_grace_seconds: float = Field(default=60.0, ge=0)
     # Streamed edits a second for all replies of one workspace together (0: no limit).
     progress_edits_per_second: float = Field(default=1.0, ge=0)
+    # A reply not ready this long after generation starts shows a placeholder (Slack) or
+    # typing (Discord), then edits; a quicker one is posted as it is (0: always at once).
+    placeholder_delay_seconds: float = Field(default=1.0, ge=0)
     delivery_retry_seconds: float = Field(default=30.0, gt=0)  # between retry-queue passes
     # SIGTERM / SIGINT: how long replies in flight may take to finish before the bot exits.
     shutdown_drain_seconds: float = Field(default=20.0, ge=0)

@@ -102,11 +102,19 @@ class ReplySender(Protocol):
     async def __call__(self, *, text: str, in_reply_to: IncomingMessage) -> str | None: ...
 
 
+#: Ends the text of a reply shown while it is still generated: a partial reply never looks
+#: whole, and the final text is always a change of its own.
+UNFINISHED = " …"
+
+
 class ProgressSink(Protocol):
     """Shows a reply while it is generated (a placeholder, then edits).
 
-    Called once with ``text=""`` before generation starts, then with the text so far at most
-    once per ``PipelineOptions.progress_interval`` seconds; the final text goes to the sender.
+    Called once with ``text=""`` when the reply is not ready ``PipelineOptions.placeholder_delay``
+    seconds after generation starts (at once when that is 0; never for a reply ready sooner),
+    then with the text so far (ending in :data:`UNFINISHED`) at most once per
+    ``PipelineOptions.progress_interval`` seconds; the final text goes to the sender. Other
+    callers (a command's progress) show status lines as they are.
     Returns the platform id of the placeholder or partial reply once one is posted (``None``
     before that, or when the platform shows progress without a message, e.g. typing).
     """
@@ -149,6 +157,9 @@ class PipelineOptions:
     bot_id: str = "chatbot"
     bot_name: str = "chatbot"
     progress_interval: float = 1.0  # seconds between streamed edits (platform rate limits)
+    # A reply not ready this many seconds after generation starts shows a placeholder (then
+    # edits); one ready sooner is sent as it is, without (0: a placeholder before generating).
+    placeholder_delay: float = 1.0
     # Streamed edits a second, all replies of one workspace together (0: no limit); see
     # bot.pacing.
     progress_edits_per_second: float = 1.0

@@ -28,6 +28,7 @@ from datetime import timedelta
 
 # The pipeline's contracts live in bot.contracts; importing them from here works too.
 from bot.contracts import (
+    UNFINISHED,
     GeneratedReply,
     ModelBusy,
     Outcome,
@@ -398,7 +399,33 @@ class ReplyPipeline(PlatformRecords):
                 await self.generator.generate(messages=chat, max_new_tokens=limit)
             )
         shown_in = Placeholder(pipeline=self, progress=progress, message=message, id=message_id)
-        await shown_in.show("")
+        delay = self.options.placeholder_delay
+        later = asyncio.create_task(shown_in.show_after(delay)) if delay > 0 else None
+        if later is None:
+            await shown_in.show("")
+        try:
+            reply = await self._generate_shown(chat, message, shown_in, later)
+        except BaseException:
+            if later is not None:
+                later.cancel()
+            raise
+        if later is not None:
+            if shown_in.due:
+                await later  # posting now: the reply then edits it instead of posting twice
+            else:
+                later.cancel()  # still waiting: nothing was posted
+        return reply
+
+    async def _generate_shown(
+        self,
+        chat: list[dict[str, str]],
+        message: IncomingMessage,
+        shown_in: Placeholder,
+        later: asyncio.Task[None] | None,
+    ) -> GeneratedReply:
+        """Generate, streaming edits into ``shown_in`` once its placeholder is up (``later``
+        done, or ``None``: it went up first)."""
+        limit = self.options.max_new_tokens
         if not isinstance(self.generator, StreamingReplyGenerator):
             return self._as_reply(
                 await self.generator.generate(messages=chat, max_new_tokens=limit)
@@ -411,13 +438,14 @@ class ReplyPipeline(PlatformRecords):
             text += piece
             now = time.monotonic()
             if (
-                now - last_update >= self.options.progress_interval
+                (later is None or later.done())
+                and now - last_update >= self.options.progress_interval
                 and text.strip() != shown
                 and self._edits.take(platform=message.platform, workspace=message.workspace)
             ):
                 shown = text.strip()
                 last_update = now
-                await shown_in.show(shown)
+                await shown_in.show(shown + UNFINISHED)
         if isinstance(stream, ReplyStream) and stream.reply is not None:
             return stream.reply
         return self._as_reply(text)
@@ -564,6 +592,14 @@ class Placeholder:
     message: IncomingMessage
     id: int  # our database id of the message
     recorded: str | None = None
+    due: bool = False  # the delayed placeholder is being posted (or was)
+
+    async def show_after(self, delay: float) -> None:
+        """Show the placeholder ``delay`` seconds from now (cancelled when the reply is ready
+        sooner: a quick reply needs none, and costs the platform one call instead of two)."""
+        await asyncio.sleep(delay)
+        self.due = True
+        await self.show("")
 
     async def show(self, text: str) -> None:
         # A failed placeholder or edit must not cost the reply itself.

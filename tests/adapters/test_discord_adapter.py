@@ -139,6 +139,8 @@ async def start_bot(
             max_new_tokens=64,
             progress_interval=progress_interval,
             history_turns=settings.get("history_turns", 20),
+            # Typing goes up before generating unless a test asks for the delay.
+            placeholder_delay=settings.get("placeholder_delay_seconds", 0.0),
         ),
     )
     pipeline.send_errors = []
@@ -297,6 +299,20 @@ async def test_answers_a_direct_message(
         DeliveryState.SENT,
     )
     assert answer.platform_message_id == reply["id"]
+
+
+async def test_a_quick_reply_is_posted_without_typing_first(
+    discord: FakeDiscord, database: Database, model: RecordingModel
+) -> None:
+    # Ready before the placeholder delay: the reply itself, no typing trigger before it.
+    async with running_bot(discord, database, model, placeholder_delay_seconds=30.0):
+        dm = discord.dm_channel(ALICE)
+        question = await say(discord, RESET_QUESTION, channel_id=dm["id"])
+        (reply,) = await reply_to(discord, question)
+
+    assert reply["content"] == RESET_ANSWER
+    assert not discord.requests_to("POST", f"/channels/{dm['id']}/typing")
+    assert not discord.requests_to("PATCH", f"/channels/{dm['id']}/messages/{reply['id']}")
 
 
 async def test_answers_a_mention_in_a_guild_channel_and_nothing_else(
@@ -509,7 +525,10 @@ async def test_the_reply_streams_by_editing_it(
     shown = [post.body["content"]] + [edit.body["content"] for edit in edits]
     assert shown[-1] == RESET_ANSWER
     for partial in shown[:-1]:
-        assert RESET_ANSWER.startswith(partial) and partial != RESET_ANSWER
+        # Marked unfinished, as on Slack: a partial reply never looks like the whole one
+        # (the final edit is always its own request, even when the stream had it all).
+        assert partial.endswith(" …"), partial
+        assert RESET_ANSWER.startswith(partial.removesuffix(" …"))
     answer = stored(database)[-1]
     assert (answer.text, answer.platform_message_id) == (
         RESET_ANSWER,

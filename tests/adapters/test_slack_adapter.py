@@ -25,7 +25,7 @@ from adapters.slack_format import SLACK_MESSAGE_LIMIT
 from adapters.slack_replies import PLACEHOLDER, ThreadReply
 from bot.commands import Commands
 from bot.config import ConfigurationError, Settings
-from bot.contracts import GeneratedReply
+from bot.contracts import UNFINISHED, GeneratedReply
 from bot.learning import Exporter, ExportOptions, LearningActions, Pseudonymizer
 from bot.replies import split_reply
 from bot.service import APOLOGY, PartialDelivery, PipelineOptions, ReplyGenerator, ReplyPipeline
@@ -82,12 +82,21 @@ def slack_settings(api: FakeSlackWebApi, **overrides: Any) -> Settings:
 
 
 def build_pipeline(
-    database: Database, generator: ReplyGenerator, *, progress_interval: float = 1.0
+    database: Database,
+    generator: ReplyGenerator,
+    *,
+    progress_interval: float = 1.0,
+    placeholder_delay: float = 0.0,
 ) -> ReplyPipeline:
+    # The placeholder goes up before generating unless a test asks for the delay.
     return ReplyPipeline(
         store=Store(database),
         generator=generator,
-        options=PipelineOptions(max_new_tokens=64, progress_interval=progress_interval),
+        options=PipelineOptions(
+            max_new_tokens=64,
+            progress_interval=progress_interval,
+            placeholder_delay=placeholder_delay,
+        ),
     )
 
 
@@ -268,6 +277,33 @@ async def test_a_mention_gets_one_reply_in_its_thread(slack: SlackHarness) -> No
     assert stored["user"].author_name == f"Person {USER}"
     assert stored["assistant"].delivery_state == DeliveryState.SENT.value
     assert stored["assistant"].platform_message_id == reply["ts"]
+
+
+async def test_a_quick_reply_is_posted_once_without_a_placeholder(
+    database: Database,
+    tiny_model: ReplyGenerator,
+    api: FakeSlackWebApi,
+    http_session: aiohttp.ClientSession,
+) -> None:
+    # Ready before the placeholder delay: one chat.postMessage with the reply, no
+    # placeholder to post and then edit (half the Web API calls, which Slack rate-limits).
+    pipeline = build_pipeline(database, tiny_model, placeholder_delay=30.0)
+    adapter = await start_adapter(api, pipeline)
+    slack = SlackHarness(adapter=adapter, api=api, pipeline=pipeline, http=http_session)
+    try:
+        assert await slack.event(mention(RESET_QUESTION, ts="1700000001.000100")) == 200
+        await slack.settled()
+    finally:
+        await adapter.stop()
+
+    (reply,) = slack.api.posted()
+    assert reply["thread_ts"] == "1700000001.000100"
+    assert reply["posted_text"] == reply["text"] == RESET_ANSWER  # never edited
+    assert len(slack.api.calls_of("chat.postMessage", ok_only=False)) == 1
+    assert slack.api.calls_of("chat.update", ok_only=False) == []
+    stored = {row.role: row for row in slack.rows(MessageRecord)}
+    assert stored["assistant"].platform_message_id == reply["ts"]
+    assert stored["user"].reply_placeholder_id is None
 
 
 async def test_replies_reuse_one_connection_to_the_web_api(slack: SlackHarness) -> None:
@@ -901,6 +937,63 @@ async def test_a_failed_edit_of_the_placeholder_is_retried_as_an_edit_not_a_seco
     assert reply["text"] == RESET_ANSWER
 
 
+@pytest.mark.parametrize("thread", ["1700000300.000100", ""], ids=["thread", "dm"])
+async def test_a_queued_reply_that_already_landed_is_not_posted_again(
+    slack: SlackHarness, thread: str
+) -> None:
+    # Posted without a placeholder (a quick reply), and the bot died before it recorded the
+    # ts: the retry finds the reply in the thread (or the DM) after its question.
+    question_ts = "1700000300.000100"
+    long_reply = " ".join([RESET_ANSWER] * 100)  # three chunks
+    chunks = split_reply(long_reply, limit=SLACK_MESSAGE_LIMIT)
+    assert len(chunks) == 3
+    writer = ThreadReply(
+        client=slack.adapter.client, channel=CHANNEL, thread_ts=thread or None, asker=USER
+    )
+    slack.api.fail(  # the third chunk
+        "chat.postMessage", times=1, status=500, when=lambda p: p.get("text") == chunks[2]
+    )
+    question = make_message(platform="slack", channel=CHANNEL, thread=thread)
+    with pytest.raises(PartialDelivery):
+        await writer.send(text=long_reply, in_reply_to=question)
+    landed = [m["ts"] for m in slack.api.posted()]
+    assert len(landed) == 2
+
+    queued = UndeliveredReply(
+        answer_id=1,
+        platform="slack",
+        workspace="T0TEAM",
+        channel=CHANNEL,
+        thread=thread,
+        in_reply_to=question_ts,
+        text=long_reply,
+    )
+    assert await slack.adapter.post_queued_reply(queued) == landed[0]
+    shown = [m["text"] for m in slack.api.posted()]
+    assert shown == chunks  # each chunk once: only the missing third was posted
+
+
+async def test_a_queued_reply_is_posted_when_what_landed_is_something_else(
+    slack: SlackHarness,
+) -> None:
+    # The bot's earlier message after the question is another text: not this reply.
+    writer = ThreadReply(client=slack.adapter.client, channel=CHANNEL, thread_ts=None, asker=USER)
+    question = make_message(platform="slack", channel=CHANNEL, thread="")
+    await writer.send(text="an earlier answer", in_reply_to=question)
+    queued = UndeliveredReply(
+        answer_id=1,
+        platform="slack",
+        workspace="T0TEAM",
+        channel=CHANNEL,
+        thread="",
+        in_reply_to="1700000300.000100",
+        text=RESET_ANSWER,
+    )
+    ts = await slack.adapter.post_queued_reply(queued)
+    assert [m["text"] for m in slack.api.posted()] == ["an earlier answer", RESET_ANSWER]
+    assert ts == slack.api.posted()[1]["ts"]
+
+
 async def test_a_reply_whose_final_edit_fails_is_finished_by_editing_not_reposting(
     database: Database,
     tiny_model: ReplyGenerator,
@@ -1049,14 +1142,14 @@ async def test_a_long_reply_is_split_at_slacks_limit(slack: SlackHarness) -> Non
 async def test_a_streamed_reply_edits_the_placeholder_then_shows_the_full_text(
     slack: SlackHarness,
 ) -> None:
-    # The pipeline calls progress with "" and then the text so far (at most once per
-    # progress_interval); this is the Slack side of that contract.
+    # The pipeline calls progress with "" and then the text so far, marked unfinished (at
+    # most once per progress_interval); this is the Slack side of that contract.
     question = make_message(platform="slack", channel=CHANNEL, thread="1.2")
     writer = ThreadReply(client=slack.adapter.client, channel=CHANNEL, thread_ts="1.2", asker=USER)
     words = RESET_ANSWER.split(" ")
     await writer.progress(text="", in_reply_to=question)
-    await writer.progress(text=" ".join(words[:3]), in_reply_to=question)
-    await writer.progress(text=" ".join(words[:6]), in_reply_to=question)
+    await writer.progress(text=" ".join(words[:3]) + UNFINISHED, in_reply_to=question)
+    await writer.progress(text=" ".join(words[:6]) + UNFINISHED, in_reply_to=question)
     rated_ts = await writer.send(text=RESET_ANSWER, in_reply_to=question)
 
     (reply,) = slack.api.posted()
@@ -1064,8 +1157,8 @@ async def test_a_streamed_reply_edits_the_placeholder_then_shows_the_full_text(
     assert reply["ts"] == rated_ts
     edits = [call.params["text"] for call in slack.api.calls_of("chat.update")]
     assert edits == [
-        " ".join(words[:3]) + " …",
-        " ".join(words[:6]) + " …",
+        " ".join(words[:3]) + UNFINISHED,
+        " ".join(words[:6]) + UNFINISHED,
         RESET_ANSWER,
     ]
     assert reply["text"] == RESET_ANSWER

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from sqlmodel import col, select
 
-from bot.contracts import GeneratedReply
+from bot.contracts import UNFINISHED, GeneratedReply
 from bot.conversation import IncomingMessage, Role, utcnow
 from bot.pacing import PROGRESS_EDIT_BURST
 from bot.service import (
@@ -235,16 +235,126 @@ async def test_progress_shows_a_placeholder_then_the_growing_reply(
         shown.append(text)
 
     sender = RecordingSender()
-    result = await pipeline_for(database, tiny_model, progress_interval=0.0).handle(
-        make_message(RESET_QUESTION), send=sender, progress=progress
-    )
+    pipeline = pipeline_for(database, tiny_model, progress_interval=0.0, placeholder_delay=0.0)
+    result = await pipeline.handle(make_message(RESET_QUESTION), send=sender, progress=progress)
 
     assert result.outcome == Outcome.ANSWERED
     assert sender.texts == [RESET_ANSWER]
     assert shown[0] == ""  # the placeholder, before generation
     assert len(shown) > 2  # then the reply as it grew
-    assert all(RESET_ANSWER.startswith(partial) for partial in shown)
-    assert shown == sorted(shown, key=len)
+    partials = shown[1:]
+    assert all(partial.endswith(UNFINISHED) for partial in partials)  # never looks whole
+    assert all(RESET_ANSWER.startswith(partial.removesuffix(UNFINISHED)) for partial in partials)
+    assert partials == sorted(partials, key=len)
+
+
+class SlowModel:
+    """A non-streaming generator that answers after ``pause`` seconds."""
+
+    version = "slow-whole"
+
+    def __init__(self, *, pause: float) -> None:
+        self.pause = pause
+
+    async def generate(self, *, messages: Any, max_new_tokens: int) -> str:
+        await asyncio.sleep(self.pause)
+        return "the whole reply"
+
+
+class RecordingProgress:
+    """A progress sink that records what it was shown, when, and hands out a message id."""
+
+    def __init__(self) -> None:
+        self.shown: list[tuple[float, str]] = []
+
+    async def __call__(self, *, text: str, in_reply_to: IncomingMessage) -> str:
+        self.shown.append((time.monotonic(), text))
+        return "progress-1"
+
+    @property
+    def texts(self) -> list[str]:
+        return [text for _, text in self.shown]
+
+
+def placeholder_of(database: Database, message_id: int | None) -> str | None:
+    with database.session() as session:
+        record = session.get(MessageRecord, message_id)
+        assert record is not None
+        return record.reply_placeholder_id
+
+
+async def test_a_reply_ready_within_the_placeholder_delay_is_sent_without_one(
+    database: Database, tiny_model
+) -> None:
+    # A quick reply goes out as one message: no placeholder to post and edit (half the
+    # platform calls of a reply, and no flicker of "…" before the text).
+    progress = RecordingProgress()
+    sender = RecordingSender()
+    pipeline = pipeline_for(database, tiny_model, progress_interval=0.0, placeholder_delay=30.0)
+    result = await pipeline.handle(make_message(RESET_QUESTION), send=sender, progress=progress)
+
+    assert result.outcome == Outcome.ANSWERED
+    assert sender.texts == [RESET_ANSWER]
+    assert progress.texts == []  # neither a placeholder nor edits
+    assert placeholder_of(database, result.message_id) is None
+
+
+async def test_a_slow_reply_shows_the_placeholder_once_the_delay_has_passed(
+    database: Database,
+) -> None:
+    progress = RecordingProgress()
+    sender = RecordingSender()
+    pipeline = pipeline_for(
+        database,
+        SlowStreamer(words=8, pause=0.1),
+        progress_interval=0.0,
+        progress_edits_per_second=0.0,
+        placeholder_delay=0.25,
+    )
+    started = time.monotonic()
+    result = await pipeline.handle(make_message("question"), send=sender, progress=progress)
+
+    assert result.outcome == Outcome.ANSWERED
+    assert sender.texts == [" ".join(f"w{n}" for n in range(8))]
+    first_shown, first_text = progress.shown[0]
+    assert first_text == ""  # the placeholder first, not before the delay
+    assert first_shown - started >= 0.25
+    edits = progress.texts[1:]
+    assert edits and all(
+        sender.texts[0].startswith(edit.removesuffix(UNFINISHED)) for edit in edits
+    )
+    # It is recorded as the reply's placeholder: a retry after a crash replaces it.
+    assert placeholder_of(database, result.message_id) == "progress-1"
+
+
+async def test_a_slow_whole_reply_shows_the_placeholder_while_it_waits(
+    database: Database,
+) -> None:
+    # No stream, no text before the end: the placeholder is the only sign of life.
+    progress = RecordingProgress()
+    sender = RecordingSender()
+    pipeline = pipeline_for(database, SlowModel(pause=0.4), placeholder_delay=0.1)
+    result = await pipeline.handle(make_message("question"), send=sender, progress=progress)
+
+    assert result.outcome == Outcome.ANSWERED and sender.texts == ["the whole reply"]
+    assert progress.texts == [""]
+
+
+async def test_a_reply_cancelled_before_the_delay_never_shows_a_placeholder(
+    database: Database,
+) -> None:
+    progress = RecordingProgress()
+    pipeline = pipeline_for(database, SlowModel(pause=5.0), placeholder_delay=0.2)
+    handling = asyncio.create_task(
+        pipeline.handle(make_message("question"), send=RecordingSender(), progress=progress)
+    )
+    await asyncio.sleep(0.1)
+    handling.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await handling
+    await asyncio.sleep(0.3)  # past the delay: nothing left behind shows one
+
+    assert progress.texts == []
 
 
 async def test_replies_streaming_at_once_share_one_budget_of_edits(database: Database) -> None:
@@ -263,6 +373,7 @@ async def test_replies_streaming_at_once_share_one_budget_of_edits(database: Dat
         SlowStreamer(words=12, pause=0.05),
         progress_interval=0.0,
         progress_edits_per_second=4.0,
+        placeholder_delay=0.0,
     )
     started = time.monotonic()
     results = await asyncio.gather(
@@ -323,9 +434,8 @@ async def test_a_failing_progress_sink_does_not_cost_the_reply(
 
     sender = RecordingSender()
     with caplog.at_level(logging.WARNING):
-        result = await pipeline_for(database, tiny_model, progress_interval=0.0).handle(
-            make_message(RESET_QUESTION), send=sender, progress=broken
-        )
+        pipeline = pipeline_for(database, tiny_model, progress_interval=0.0, placeholder_delay=0.0)
+        result = await pipeline.handle(make_message(RESET_QUESTION), send=sender, progress=broken)
     assert result.outcome == Outcome.ANSWERED and sender.texts == [RESET_ANSWER]
     assert "could not show reply progress" in caplog.text
 
@@ -469,7 +579,8 @@ async def test_the_placeholder_is_recorded_the_moment_it_is_shown(
     async def progress(*, text: str, in_reply_to: IncomingMessage) -> str | None:
         return "ph-1"
 
-    result = await pipeline_for(database, Looking(tiny_model)).handle(
+    pipeline = pipeline_for(database, Looking(tiny_model), placeholder_delay=0.0)
+    result = await pipeline.handle(
         make_message(RESET_QUESTION), send=RecordingSender(), progress=progress
     )
     assert result.outcome == Outcome.ANSWERED

@@ -239,6 +239,15 @@ class FakeSlackWebApi:
         self.calls.append(ApiCall("response_url", await _params(request), 200))
         return web.Response(text="ok")
 
+    def _posted_in(self, channel: str, *, thread_ts: str | None) -> list[dict[str, Any]]:
+        """The bot's messages in ``channel`` as Slack lists them (in the thread ``thread_ts``,
+        or outside threads)."""
+        return [
+            {"ts": m["ts"], "text": m["text"], "user": m["user"], "thread_ts": m.get("thread_ts")}
+            for m in self.messages.values()
+            if m["channel"] == channel and m.get("thread_ts") == thread_ts
+        ]
+
     def _answer(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         if method == "auth.test":
             return {
@@ -277,9 +286,13 @@ class FakeSlackWebApi:
         if method == "chat.postEphemeral":
             return {"ok": True, "message_ts": f"{1_800_000_000 + next(self._ts)}.000200"}
         if method == "conversations.replies":
-            thread = self.threads.get(str(params.get("ts")))
-            if thread is None:
+            thread_ts = str(params.get("ts"))
+            posted = self._posted_in(str(params.get("channel")), thread_ts=thread_ts)
+            thread = self.threads.get(thread_ts)
+            if thread is None and not posted:
                 return {"ok": False, "error": "thread_not_found"}
+            # What the test put in the thread, and what the bot posted there since.
+            thread = sorted([*(thread or []), *posted], key=lambda m: _ts_key(m["ts"]))
             # Pages of ``limit`` messages, oldest first; the cursor is the next page's offset.
             limit = int(params.get("limit") or 1000)
             start = int(params.get("cursor") or 0)
@@ -291,6 +304,20 @@ class FakeSlackWebApi:
                 "has_more": has_more,
                 "response_metadata": {"next_cursor": str(start + limit) if has_more else ""},
             }
+        if method == "conversations.history":
+            # The bot's messages outside threads (a DM's replies), newest first.
+            oldest = _ts_key(params.get("oldest") or "0")
+            newest_first = sorted(
+                (
+                    m
+                    for m in self._posted_in(str(params.get("channel")), thread_ts=None)
+                    if _ts_key(m["ts"]) > oldest
+                ),
+                key=lambda m: _ts_key(m["ts"]),
+                reverse=True,
+            )
+            limit = int(params.get("limit") or 100)
+            return {"ok": True, "messages": newest_first[:limit], "has_more": False}
         if method == "files.getUploadURLExternal":
             file_id = f"F{next(self._ts):06d}"
             upload_url = f"http://127.0.0.1:{self.port}/upload/{file_id}"
@@ -312,6 +339,10 @@ class FakeSlackWebApi:
         if method == "apps.connections.open":
             return {"ok": True, "url": self.socket_url}
         return {"ok": False, "error": "unknown_method"}
+
+
+def _ts_key(ts: object) -> tuple[int, ...]:
+    return tuple(int(part) for part in str(ts).split("."))
 
 
 async def _params(request: web.Request) -> dict[str, Any]:

@@ -20,6 +20,13 @@ REPO = Path(__file__).resolve().parents[2]
 QUESTION, ANSWER = SEED_EXCHANGES[0]
 
 #: Short intervals so a test sees recovery and retries within seconds.
+#: PLACEHOLDER_DELAY_SECONDS: the placeholder (Slack) or typing (Discord) before generation
+#: starts, for tests that catch a reply at its placeholder or its final edit (by default a
+#: quick reply has neither)...
+PLACEHOLDER_FIRST = "0"
+#: ...or never a placeholder or a streamed edit: every reply is one post, whatever the load.
+NO_PLACEHOLDER = "600"
+
 FAST_INTERVALS = {
     "LOG_LEVEL": "INFO",
     "RECOVERY_INTERVAL_SECONDS": "0.5",
@@ -107,6 +114,22 @@ def answers_by_channel(database_url: str) -> dict[str, list[tuple[str, str | Non
             for row in rows:
                 found.setdefault(row.channel, []).append((row.text, row.delivery_state))
             return found
+    finally:
+        database.dispose()
+
+
+def answer_message_ids(database_url: str, channel: str) -> list[str | None]:
+    """The platform message ids recorded for the stored bot answers in ``channel``."""
+    database = Database(database_url)
+    try:
+        with database.session() as session:
+            rows = session.exec(
+                select(MessageRecord)
+                .join(ExchangeRecord, col(ExchangeRecord.answer_message_id) == MessageRecord.id)
+                .where(MessageRecord.channel == channel)
+                .order_by(col(MessageRecord.id))
+            ).all()
+            return [row.platform_message_id for row in rows]
     finally:
         database.dispose()
 

@@ -28,8 +28,11 @@ from bot.storage import AnswerState, DeliveryState
 from tests.fakes.slack_api import FakeSlackWebApi, HeldCall, event_callback, signed_headers
 from tests.process.harness import (
     ANSWER,
+    NO_PLACEHOLDER,
+    PLACEHOLDER_FIRST,
     QUESTION,
     BotProcess,
+    answer_message_ids,
     answers_by_channel,
     question_states,
     wait_until,
@@ -160,7 +163,11 @@ async def test_sigkill_at_every_point_loses_nothing_and_posts_nothing_twice(
     unsent = slack.hold("chat.update", when=on_channel("D2", final=True))
     sent_unrecorded = slack.hold("chat.update", when=on_channel("D3", final=True), apply_first=True)
     first = await Bot.start(
-        tmp_path=tmp_path, database_url=database_url, model=tiny_model_dir, slack=slack
+        tmp_path=tmp_path,
+        database_url=database_url,
+        model=tiny_model_dir,
+        slack=slack,
+        PLACEHOLDER_DELAY_SECONDS=PLACEHOLDER_FIRST,
     )
     for n, channel in enumerate(["D1", "D2", "D3"], start=1):
         await first.deliver(dm(channel, f"1700000000.00000{n}"))
@@ -207,6 +214,60 @@ async def test_sigkill_at_every_point_loses_nothing_and_posts_nothing_twice(
     }
 
 
+async def test_sigkill_around_a_quick_reply_without_placeholder_posts_it_once(
+    tmp_path: Path, tiny_model_dir: Path, database_url: str, slack: FakeSlackWebApi
+) -> None:
+    # A reply ready before the placeholder delay is one chat.postMessage, with no placeholder
+    # ts recorded first. Killed around that post:
+    # D5: the reply recorded, its post held before it reached Slack;
+    # D6: the post applied on Slack, the answer to the bot held (its ts never recorded).
+    unsent = slack.hold("chat.postMessage", when=on_channel("D5", final=True))
+    sent_unrecorded = slack.hold(
+        "chat.postMessage", when=on_channel("D6", final=True), apply_first=True
+    )
+    start: dict[str, Any] = {
+        "tmp_path": tmp_path,
+        "database_url": database_url,
+        "model": tiny_model_dir,
+        "slack": slack,
+    }
+    first = await Bot.start(**start, PLACEHOLDER_DELAY_SECONDS=NO_PLACEHOLDER)
+    for n, channel in enumerate(["D5", "D6"], start=5):
+        await first.deliver(dm(channel, f"1700000000.00000{n}"))
+    try:
+        await arrived(unsent, sent_unrecorded)
+    finally:
+        first.kill(signal.SIGKILL)
+        await first.wait_exit()
+    slack.release_all()
+    assert bot_messages(slack, "D5") == [] and bot_messages(slack, "D6") == [ANSWER]
+
+    second = await Bot.start(**start, DELIVERY_GRACE_SECONDS="1")
+    try:
+
+        def all_delivered() -> bool:
+            answers = answers_by_channel(database_url)
+            return all(
+                [state for _, state in answers.get(channel, [])] == [DeliveryState.SENT]
+                for channel in ("D5", "D6")
+            )
+
+        await wait_until(
+            all_delivered,
+            what="every reply delivered",
+            describe=lambda: f"Slack: {slack.posted()}\nsecond run:\n{second.output()}",
+        )
+    finally:
+        second.kill(signal.SIGTERM)
+        assert await second.wait_exit() == 0, second.output()
+
+    for channel in ("D5", "D6"):
+        assert bot_messages(slack, channel) == [ANSWER], (channel, slack.posted())
+    # The reply that had landed is the one recorded (and rated), not a second post.
+    d6_posted = [m["ts"] for m in slack.posted() if m["channel"] == "D6"]
+    assert answer_message_ids(database_url, "D6") == d6_posted
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_sigterm_lets_the_reply_in_flight_finish_and_exits_0(
     tmp_path: Path,
@@ -221,7 +282,11 @@ async def test_sigterm_lets_the_reply_in_flight_finish_and_exits_0(
         "chat.update", when=on_channel("D4", final=True), answer_on_release=True
     )
     bot = await Bot.start(
-        tmp_path=tmp_path, database_url=database_url, model=tiny_model_dir, slack=slack
+        tmp_path=tmp_path,
+        database_url=database_url,
+        model=tiny_model_dir,
+        slack=slack,
+        PLACEHOLDER_DELAY_SECONDS=PLACEHOLDER_FIRST,
     )
     try:
         await bot.deliver(dm("D4", "1700000000.000004"))

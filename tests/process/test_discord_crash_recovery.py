@@ -26,6 +26,7 @@ from bot.storage import AnswerState, Database, DeliveryState, MessageRecord
 from tests.fakes.discord_server import FakeDiscord, HeldRequest, Json
 from tests.process.harness import (
     ANSWER,
+    PLACEHOLDER_FIRST,
     QUESTION,
     BotProcess,
     answers_by_channel,
@@ -175,7 +176,7 @@ async def test_sigkill_at_every_point_loses_nothing_and_posts_nothing_twice(
         "model": tiny_model_dir,
         "discord": discord,
     }
-    first = await DiscordBot.start(**start)
+    first = await DiscordBot.start(**start, PLACEHOLDER_DELAY_SECONDS=PLACEHOLDER_FIRST)
     for user in USERS[:3]:
         await ask(discord, user)
     try:

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bot.storage import AnswerState, DeliveryState
 from tests.fakes.slack_api import FakeSlackWebApi
-from tests.process.harness import ANSWER, answers_by_channel, question_states
+from tests.process.harness import ANSWER, PLACEHOLDER_FIRST, answers_by_channel, question_states
 from tests.process.test_crash_recovery import (
     Bot,
     arrived,
@@ -101,6 +101,7 @@ async def test_ready_serve_sigterm_exit_0_nothing_lost(
         slack=slack,
         DASHBOARD_PORT=str(web_port),
         LOG_FORMAT="json",
+        PLACEHOLDER_DELAY_SECONDS=PLACEHOLDER_FIRST,
     )
     try:
         assert await wait_ready(bot, address) == {"status": "ok", "database": "ok", "model": "ok"}
