@@ -32,6 +32,8 @@ Usage::
     python benchmarks/serving_end_to_end.py --quick --models default --platforms slack
     python benchmarks/serving_end_to_end.py --models /path/to/model-folder --keep-logs logs/
 
+The platforms' fakes and drivers are in benchmarks/end_to_end_platforms.py.
+
 Models: ``default`` (built once into ``--cache-dir``, about 2 minutes), ``random-200m`` (the
 ~200M-parameter random-weight Llama of benchmarks/random_llama.py, a fixed 32 new tokens per
 reply), or a model folder. The exit status is 1 when a target is missed (not with ``--quick``,
@@ -46,38 +48,23 @@ import json
 import math
 import os
 import re
-import shutil
-import signal
-import socket
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 
-import aiohttp
 from sqlmodel import select
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.end_to_end_platforms import Discord, Platform, Slack, database_url  # noqa: E402
 from bot.storage import Database, DeliveryState, MessageRecord  # noqa: E402
 from model.corpus import load_starter_corpus  # noqa: E402
-from tests.fakes.discord_server import FakeDiscord, RecordedRequest, snowflake  # noqa: E402
-from tests.fakes.slack_api import (  # noqa: E402
-    BOT_USER_ID,
-    ApiCall,
-    FakeSlackWebApi,
-    event_callback,
-    signed_headers,
-)
 from tests.process.harness import BotProcess  # noqa: E402
 
-T = TypeVar("T")
-
-SECRET = "benchmark-signing-secret"
 PLATFORMS = ("slack", "discord")
 TARGET_RATIO = 8.0
 TARGET_PIPELINE_MS = 10.0  # p50
@@ -184,211 +171,6 @@ def checks(phases: Sequence[Phase]) -> list[tuple[bool, str]]:
         else:
             found.append((p50 < TARGET_PIPELINE_MS, f"{where}: pipeline work p50 {p50:.1f} ms"))
     return found
-
-
-# --------------------------------------------------------------------------- platforms
-
-
-class StampedList(list[T]):
-    """A fake's request log that also notes when each request came in (the fakes append a
-    request to their log as it arrives, before answering it)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stamps: list[float] = []
-
-    def append(self, item: T) -> None:
-        self.stamps.append(time.monotonic())
-        super().append(item)
-
-    def newest_first(self) -> list[tuple[float, T]]:
-        return list(zip(self.stamps, self, strict=False))[::-1]
-
-
-class Platform:
-    """One platform's fake and the ``chatbot run`` serving it."""
-
-    name = ""
-
-    def __init__(self, requests: StampedList[Any]) -> None:
-        self.bot: BotProcess | None = None
-        self.requests = requests  # the fake's log of the bot's requests
-
-    async def start(self, *, folder: Path, model: Path, env: dict[str, str]) -> BotProcess:
-        """Start the fake, then the bot, and wait until it serves."""
-        log = folder / f"bot-{self.name}.log"
-        process = await BotProcess.spawn(
-            tmp_path=folder,
-            database_url=database_url(folder),
-            model=model,
-            log=log,
-            env={**await self.open(), **env},
-        )
-        self.bot = BotProcess(process, log=log)
-        deadline = time.monotonic() + 300.0
-        while not await self.serving():
-            if process.returncode is not None:
-                raise RuntimeError(f"the bot exited early:\n{self.bot.output()[-4000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the bot never came up:\n{self.bot.output()[-4000:]}")
-            await asyncio.sleep(0.1)
-        return self.bot
-
-    def last_post_at(self, channel: str) -> float | None:
-        """When the bot last posted or edited a message in ``channel`` (monotonic)."""
-        found = (at for at, r in self.requests.newest_first() if self.posts_in(r) == channel)
-        return next(found, None)
-
-    async def open(self) -> dict[str, str]:
-        """Start the fake; the bot's settings for it."""
-        raise NotImplementedError
-
-    async def serving(self) -> bool:
-        raise NotImplementedError
-
-    async def mention(self, index: int, question: str) -> str:
-        """Mention the bot as user ``index`` in channel ``index``; returns the channel."""
-        raise NotImplementedError
-
-    def posts_in(self, request: Any) -> str | None:
-        """The channel of a request that posts or edits a message of the bot's."""
-        raise NotImplementedError
-
-    async def close(self) -> None:
-        raise NotImplementedError
-
-    async def stop(self, *, keep_log: Path | None, as_name: str) -> None:
-        """Stop the bot (SIGTERM), keep its log if asked, stop the fake."""
-        try:
-            if self.bot is not None and self.bot.process.returncode is None:
-                self.bot.kill(signal.SIGTERM)
-                await self.bot.wait_exit(within=60)
-        finally:
-            await self.close()
-            if self.bot is not None and keep_log is not None:
-                keep_log.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (once, at the end)
-                shutil.copy(self.bot.log, keep_log / f"{as_name}.log")
-
-
-class Slack(Platform):
-    """Slack in HTTP mode: signed Events API ``app_mention`` requests, posted to the bot."""
-
-    name = "slack"
-
-    def __init__(self) -> None:
-        super().__init__(StampedList[ApiCall]())
-        self.api = FakeSlackWebApi(calls=self.requests)
-        self.session: aiohttp.ClientSession | None = None
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port: int = probe.getsockname()[1]
-
-    async def open(self) -> dict[str, str]:
-        await self.api.start()
-        self.session = aiohttp.ClientSession()
-        return {
-            "SLACK_BOT_TOKEN": "xoxb-benchmark",
-            "SLACK_SIGNING_SECRET": SECRET,
-            "SLACK_API_URL": self.api.url,
-            "SLACK_PORT": str(self.port),
-        }
-
-    async def serving(self) -> bool:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        except OSError:
-            return False
-        writer.close()
-        await writer.wait_closed()
-        return True
-
-    async def mention(self, index: int, question: str) -> str:
-        assert self.session is not None
-        channel = f"C{index:05d}"
-        event = {
-            "type": "app_mention",
-            "channel": channel,
-            "user": f"U{index:05d}",
-            "text": f"<@{BOT_USER_ID}> {question}",
-            "ts": f"{1_700_000_000 + index}.000100",
-        }
-        body = json.dumps(event_callback(event))
-        async with self.session.post(
-            f"http://127.0.0.1:{self.port}/slack/events",
-            data=body,
-            headers=signed_headers(body, secret=SECRET),
-        ) as response:
-            if response.status != 200:
-                raise RuntimeError(f"the bot answered {response.status}: {await response.text()}")
-        return channel
-
-    def posts_in(self, request: ApiCall) -> str | None:
-        if request.method in {"chat.postMessage", "chat.update"}:
-            return str(request.params.get("channel"))
-        return None
-
-    async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
-        self.api.release_all()
-        await self.api.close()
-
-
-class Discord(Platform):
-    """Discord: guild-channel mentions dispatched on the fake gateway."""
-
-    name = "discord"
-    _posts = re.compile(r"/channels/(?P<channel>\d+)/messages(?:/\d+)?")
-
-    def __init__(self, *, channels: int) -> None:
-        super().__init__(StampedList[RecordedRequest]())
-        self.server = FakeDiscord()
-        self.server.requests = self.requests
-        # The channels exist before the bot connects, so its GUILD_CREATE holds them all.
-        self.channels = [
-            self.server.add_channel(
-                {"id": snowflake(), "type": 0, "name": f"bench-{n}", "position": n + 1}
-            )["id"]
-            for n in range(channels)
-        ]
-        self.users = [
-            FakeDiscord.make_user(str(400_000_000_000_000_000 + n), f"asker{n}")
-            for n in range(channels)
-        ]
-
-    async def open(self) -> dict[str, str]:
-        await self.server.start()
-        return {
-            "DISCORD_BOT_TOKEN": "benchmark-token",
-            "DISCORD_API_URL": self.server.api_url,
-            "DISCORD_GATEWAY_URL": self.server.gateway_url,
-        }
-
-    async def serving(self) -> bool:
-        return self.server.ready_sent > 0
-
-    async def mention(self, index: int, question: str) -> str:
-        bot_user = self.server.bot_user
-        message = self.server.user_message(
-            channel_id=self.channels[index],
-            author=self.users[index],
-            content=f"<@{bot_user['id']}> {question}",
-            mentions=(bot_user,),
-        )
-        await self.server.dispatch("MESSAGE_CREATE", message)
-        return str(self.channels[index])
-
-    def posts_in(self, request: RecordedRequest) -> str | None:
-        match = self._posts.fullmatch(request.path)
-        return match["channel"] if match and request.method in {"POST", "PATCH"} else None
-
-    async def close(self) -> None:
-        self.server.release_all()
-        await self.server.stop()
-
-
-def database_url(folder: Path) -> str:
-    return f"sqlite:///{folder / 'chatbot.db'}"
 
 
 # --------------------------------------------------------------------------- measuring
