@@ -324,6 +324,7 @@ class Plan:
     workdir: Path
     repeats: int = 1  # how often a fast row runs (see repeated)
     roof_flops: float = math.nan  # the machine's fp32 matmul rate (the compute floor)
+    service_threads: int = 0  # the service's torch threads (MODEL_THREADS; 0: its own choice)
 
 
 def measurement(
@@ -384,7 +385,13 @@ async def bench_model(name: str, path: Path, *, plan: Plan) -> ModelFigures:
     first = questions[: plan.requests]
     service = ModelService.load(
         path,
-        batch=BatchSettings(max_batch=128, max_wait=0.005, queue_size=1024, timeout=900),
+        batch=BatchSettings(
+            max_batch=128,
+            max_wait=0.005,
+            queue_size=1024,
+            timeout=900,
+            threads=plan.service_threads,
+        ),
         generation=GenerationSettings(ignore_eos=fixed_length),
         device="cpu",
         dtype="float32",
@@ -529,6 +536,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--random-hidden", type=int, default=1024, help=argparse.SUPPRESS)
     parser.add_argument("--random-layers", type=int, default=16, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--service-threads", type=int, default=0, help="the service's MODEL_THREADS (0: auto)"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     args.model_names = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -558,6 +568,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> tuple[list[ModelFigure
         workdir=workdir,
         repeats=1 if args.quick else REPEATS,
         roof_flops=roof,
+        service_threads=args.service_threads,
     )
     models: list[ModelFigures] = []
     for name in args.model_names:

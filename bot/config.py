@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     batch_max_wait_ms: float = Field(default=5.0, ge=0, le=10_000)
     model_queue_size: int = Field(default=256, ge=1)
     generation_timeout_seconds: float = Field(default=120.0, gt=0)
+    # torch threads the model decodes on; 0: one for a small model on the CPU (its steps are
+    # Python overhead), else every core (model/batching.py decoding_threads).
+    model_threads: int = Field(default=0, ge=0)
     # Where replies are generated: local (this process, MODEL_PATH) or remote (an
     # OpenAI-compatible completions server at MODEL_URL: vLLM, TGI, llama.cpp, transformers serve).
     model_backend: Literal["local", "remote"] = "local"

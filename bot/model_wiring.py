@@ -63,6 +63,7 @@ def load_generator(settings: Settings) -> ReplyGenerator:
                 max_wait=settings.batch_max_wait_ms / 1000,
                 queue_size=settings.model_queue_size,
                 timeout=settings.generation_timeout_seconds,
+                threads=settings.model_threads,
             ),
         )
     except ModelLoadError as error:

@@ -15,8 +15,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class BatchSettings:
-    """How requests share the model (from BATCH_MAX_SIZE, BATCH_MAX_WAIT_MS, MODEL_QUEUE_SIZE and
-    GENERATION_TIMEOUT_SECONDS)."""
+    """How requests share the model (from BATCH_MAX_SIZE, BATCH_MAX_WAIT_MS, MODEL_QUEUE_SIZE,
+    GENERATION_TIMEOUT_SECONDS and MODEL_THREADS)."""
 
     #: The most requests decoded together.
     max_batch: int = 32
@@ -26,6 +26,9 @@ class BatchSettings:
     queue_size: int = 256
     #: Seconds a request may take in all, waiting included.
     timeout: float = 120.0
+    #: torch threads the worker decodes on (0: by the model's size, see
+    #: :func:`model.batching.decoding_threads`).
+    threads: int = 0
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -36,6 +39,8 @@ class BatchSettings:
             raise ValueError(f"queue_size must be at least 1, not {self.queue_size}")
         if self.timeout <= 0:
             raise ValueError(f"timeout must be positive, not {self.timeout}")
+        if self.threads < 0:
+            raise ValueError(f"threads must not be negative, not {self.threads}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -73,6 +73,34 @@ class _Batch:
     last: torch.Tensor
 
 
+#: A model with fewer parameters decodes on one torch thread on the CPU (see decoding_threads).
+SMALL_MODEL_PARAMETERS = 50_000_000
+
+
+def decoding_threads(model: Any, *, device: str, requested: int) -> int | None:
+    """The torch threads a scheduler decodes on: ``requested`` (MODEL_THREADS) when set; else
+    one for a model under :data:`SMALL_MODEL_PARAMETERS` on the CPU, else ``None`` (torch's
+    own count, every core).
+
+    A small model's decoding step is Python overhead around tiny matrices: a second torch
+    thread has little to share and spins against the event loop's thread. Measured side by
+    side through a real ``chatbot run`` on 2 cores (benchmarks/serving_end_to_end.py, the
+    default model, Slack and Discord, two rounds): 32 mentions at once 25-42 replies/s on two
+    threads against 36-38 on one, 8 one by one 5.9-7.7 against 7.4-8.3, and the bot's CPU per
+    reply halved (38-68 -> 26-28 ms at once, 223-270 -> 114-129 one by one). The service
+    alone (benchmarks/serving.py) is the same for 32 at once (0.36 and 0.35 s) but slower on
+    one thread for 128 at once (0.83 -> 1.05 s, bigger matrices than the bot's batches of
+    at most BATCH_MAX_SIZE=32). The 200M model's matrices keep both cores busy (a decoding
+    step is compute bound), so it keeps torch's count.
+    """
+    if requested:
+        return requested
+    if not str(device).startswith("cpu"):
+        return None
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    return 1 if parameters < SMALL_MODEL_PARAMETERS else None
+
+
 class BatchScheduler:
     """Decodes the requests it is given in batches, on a worker thread of its own.
 
@@ -98,6 +126,7 @@ class BatchScheduler:
         self._largest = 0
         self._closing = False
         self._threads: int | None = None  # torch threads the worker should use (None: as is)
+        self._default_threads = decoding_threads(model, device=device, requested=settings.threads)
         self._running_threads = 0
         self._condition = threading.Condition()
         self._thread = threading.Thread(target=self._run, name=f"model-batch-{name}", daemon=True)
@@ -161,8 +190,8 @@ class BatchScheduler:
 
     def use_threads(self, threads: int | None) -> None:
         """Have the worker decode on ``threads`` torch threads from its next step (``None``:
-        the count it started with). torch's thread count is per thread, so the worker sets it
-        itself."""
+        its own count, :func:`decoding_threads`). torch's thread count is per thread, so the
+        worker sets it itself."""
         with self._condition:
             self._threads = threads
 
@@ -195,7 +224,7 @@ class BatchScheduler:
             admitted = self._wait_for_work(running=batch is not None)
             if admitted is None:
                 return
-            wanted = self._threads or started_with
+            wanted = self._threads or self._default_threads or started_with
             if torch.get_num_threads() != wanted:
                 torch.set_num_threads(wanted)
             self._running_threads = wanted

@@ -19,7 +19,7 @@ from model.bootstrap import TINY_EXCHANGES
 from model.corpus import SEED_EXCHANGES
 from model.loading import ModelLoadError, ensure_default_model, folder_version, hub_version
 from model.prompt import format_prompt
-from model.service import GenerationSettings, LocalModel, ModelService, StopCutter
+from model.service import BatchSettings, GenerationSettings, LocalModel, ModelService, StopCutter
 
 
 @pytest.fixture(scope="module")
@@ -373,18 +373,42 @@ async def test_awaited_passing_thread_work_runs_on_a_thread_that_ends() -> None:
     assert thread is not threading.current_thread() and not thread.is_alive()
 
 
-async def test_the_service_lends_cores_to_a_trainer_and_takes_them_back(tiny_model_dir) -> None:
-    """torch's thread count is per thread: the batch worker itself switches, between steps."""
+async def test_a_small_model_decodes_on_one_thread_a_large_one_on_every_core(
+    tiny_model_dir,
+) -> None:
+    # A small model's decoding step is Python overhead: a second torch thread only spins
+    # against the event loop's. One under SMALL_MODEL_PARAMETERS decodes on one thread.
     import torch
 
-    from model.retrain import serving_beside_training
+    from model.batching import SMALL_MODEL_PARAMETERS, decoding_threads
 
     service = ModelService.load(tiny_model_dir, device="cpu")
     ask = [{"role": "user", "content": "Hello"}]
     try:
+        model = service.local.model
+        assert sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMETERS
+        await service.generate(messages=ask, max_new_tokens=4)
+        assert service.stats().threads == 1
+    finally:
+        await service.aclose()
+    large = torch.nn.Linear(8_000, 8_000)  # 64M parameters
+    assert decoding_threads(large, device="cpu", requested=0) is None  # torch's own count
+    assert decoding_threads(model, device="cpu", requested=3) == 3  # MODEL_THREADS wins
+    assert decoding_threads(model, device="cuda", requested=0) is None
+
+
+async def test_the_service_lends_cores_to_a_trainer_and_takes_them_back(tiny_model_dir) -> None:
+    """torch's thread count is per thread: the batch worker itself switches, between steps."""
+
+    from model.retrain import serving_beside_training
+
+    # Two threads asked for (the tiny model alone would decode on one, see below).
+    service = ModelService.load(tiny_model_dir, device="cpu", batch=BatchSettings(threads=2))
+    ask = [{"role": "user", "content": "Hello"}]
+    try:
         await service.generate(messages=ask, max_new_tokens=4)
         at_start = service.stats().threads
-        assert at_start == torch.get_num_threads()
+        assert at_start == 2
         with serving_beside_training(service, trainer_threads=max(1, (os.cpu_count() or 2) - 1)):
             await service.generate(messages=ask, max_new_tokens=4)
             assert service.stats().threads == 1
