@@ -404,17 +404,15 @@ class ReplyPipeline(PlatformRecords):
         if later is None:
             await shown_in.show("")
         try:
-            reply = await self._generate_shown(chat, message, shown_in, later)
-        except BaseException:
+            return await self._generate_shown(chat, message, shown_in, later)
+        except asyncio.CancelledError:
             if later is not None:
                 later.cancel()
+                later = None
             raise
-        if later is not None:
-            if shown_in.due:
-                await later  # posting now: the reply then edits it instead of posting twice
-            else:
-                later.cancel()  # still waiting: nothing was posted
-        return reply
+        finally:
+            if later is not None:
+                await shown_in.settle(later)
 
     async def _generate_shown(
         self,
@@ -600,6 +598,15 @@ class Placeholder:
         await asyncio.sleep(delay)
         self.due = True
         await self.show("")
+
+    async def settle(self, later: asyncio.Task[None]) -> None:
+        """Once the reply (or its failure) is known: a placeholder still waiting for its delay
+        is called off; one being posted is let finish, so the reply or the apology edits it
+        instead of going up beside it (a post cut short leaves its outcome unknown)."""
+        if self.due:
+            await later
+        else:
+            later.cancel()
 
     async def show(self, text: str) -> None:
         # A failed placeholder or edit must not cost the reply itself.

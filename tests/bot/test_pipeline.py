@@ -340,6 +340,37 @@ async def test_a_slow_whole_reply_shows_the_placeholder_while_it_waits(
     assert progress.texts == [""]
 
 
+async def test_a_model_failing_while_its_placeholder_goes_up_lets_the_post_finish(
+    database: Database,
+) -> None:
+    # Cut short, the post's outcome would be unknown: the placeholder on the platform but its
+    # id lost, and the apology posted beside it instead of into it.
+    events: list[str] = []
+
+    async def progress(*, text: str, in_reply_to: IncomingMessage) -> str:
+        events.append("posting")
+        await asyncio.sleep(0.2)
+        events.append("posted")
+        return "placeholder-1"
+
+    async def send(*, text: str, in_reply_to: IncomingMessage) -> str:
+        events.append(text)
+        return "apology-1"
+
+    class FailsLater:
+        version = "fails-later"
+
+        async def generate(self, *, messages: Any, max_new_tokens: int) -> str:
+            await asyncio.sleep(0.15)
+            raise RuntimeError("out of memory")
+
+    pipeline = pipeline_for(database, FailsLater(), placeholder_delay=0.1)
+    result = await pipeline.handle(make_message("question"), send=send, progress=progress)
+
+    assert result.outcome == Outcome.FAILED
+    assert events == ["posting", "posted", APOLOGY]
+
+
 async def test_a_reply_cancelled_before_the_delay_never_shows_a_placeholder(
     database: Database,
 ) -> None:
