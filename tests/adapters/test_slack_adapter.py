@@ -8,6 +8,7 @@ PostgreSQL). Nothing leaves the machine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -224,10 +225,20 @@ async def slack(
     api: FakeSlackWebApi,
     http_session: aiohttp.ClientSession,
 ) -> AsyncIterator[SlackHarness]:
-    pipeline = build_pipeline(database, tiny_model)
+    async with running_slack(build_pipeline(database, tiny_model), api, http_session) as harness:
+        yield harness
+
+
+@contextlib.asynccontextmanager
+async def running_slack(
+    pipeline: ReplyPipeline, api: FakeSlackWebApi, http: aiohttp.ClientSession
+) -> AsyncIterator[SlackHarness]:
+    """A started adapter serving ``pipeline`` against ``api``; stopped on the way out."""
     adapter = await start_adapter(api, pipeline)
-    yield SlackHarness(adapter=adapter, api=api, pipeline=pipeline, http=http_session)
-    await adapter.stop()
+    try:
+        yield SlackHarness(adapter=adapter, api=api, pipeline=pipeline, http=http)
+    finally:
+        await adapter.stop()
 
 
 def mention(text: str, *, ts: str, user: str = USER, thread_ts: str | None = None) -> dict:
@@ -288,13 +299,9 @@ async def test_a_quick_reply_is_posted_once_without_a_placeholder(
     # Ready before the placeholder delay: one chat.postMessage with the reply, no
     # placeholder to post and then edit (half the Web API calls, which Slack rate-limits).
     pipeline = build_pipeline(database, tiny_model, placeholder_delay=30.0)
-    adapter = await start_adapter(api, pipeline)
-    slack = SlackHarness(adapter=adapter, api=api, pipeline=pipeline, http=http_session)
-    try:
+    async with running_slack(pipeline, api, http_session) as slack:
         assert await slack.event(mention(RESET_QUESTION, ts="1700000001.000100")) == 200
         await slack.settled()
-    finally:
-        await adapter.stop()
 
     (reply,) = slack.api.posted()
     assert reply["thread_ts"] == "1700000001.000100"
@@ -1171,13 +1178,9 @@ async def test_a_mention_streams_into_the_placeholder_end_to_end(
     http_session: aiohttp.ClientSession,
 ) -> None:
     pipeline = build_pipeline(database, tiny_model, progress_interval=0.0)
-    adapter = await start_adapter(api, pipeline)
-    harness = SlackHarness(adapter=adapter, api=api, pipeline=pipeline, http=http_session)
-    try:
+    async with running_slack(pipeline, api, http_session) as harness:
         await harness.event(mention(RESET_QUESTION, ts="1700000140.000100"))
         await harness.settled()
-    finally:
-        await adapter.stop()
 
     (reply,) = api.posted()
     assert reply["posted_text"] == PLACEHOLDER and reply["text"] == RESET_ANSWER
@@ -1197,14 +1200,9 @@ async def test_a_model_failure_gets_an_apology_in_the_thread(
         ) -> str:
             raise RuntimeError("out of memory")
 
-    pipeline = build_pipeline(database, BrokenModel())
-    adapter = await start_adapter(api, pipeline)
-    harness = SlackHarness(adapter=adapter, api=api, pipeline=pipeline, http=http_session)
-    try:
+    async with running_slack(build_pipeline(database, BrokenModel()), api, http_session) as harness:
         await harness.event(mention(RESET_QUESTION, ts="1700000130.000100"))
         await harness.settled()
-    finally:
-        await adapter.stop()
     (reply,) = api.posted()
     assert reply["thread_ts"] == "1700000130.000100"
     assert reply["text"] == APOLOGY

@@ -102,34 +102,28 @@ class BotProcess:
 
 def answers_by_channel(database_url: str) -> dict[str, list[tuple[str, str | None]]]:
     """Per channel: the stored bot answers (text, delivery state)."""
-    database = Database(database_url)
-    try:
-        with database.session() as session:
-            rows = session.exec(
-                select(MessageRecord)
-                .join(ExchangeRecord, col(ExchangeRecord.answer_message_id) == MessageRecord.id)
-                .order_by(col(MessageRecord.id))
-            ).all()
-            found: dict[str, list[tuple[str, str | None]]] = {}
-            for row in rows:
-                found.setdefault(row.channel, []).append((row.text, row.delivery_state))
-            return found
-    finally:
-        database.dispose()
+    found: dict[str, list[tuple[str, str | None]]] = {}
+    for row in _answers(database_url):
+        found.setdefault(row.channel, []).append((row.text, row.delivery_state))
+    return found
 
 
 def answer_message_ids(database_url: str, channel: str) -> list[str | None]:
     """The platform message ids recorded for the stored bot answers in ``channel``."""
+    return [row.platform_message_id for row in _answers(database_url) if row.channel == channel]
+
+
+def _answers(database_url: str) -> list[MessageRecord]:
+    """The stored answers (the messages exchanges answer with), oldest first."""
     database = Database(database_url)
     try:
         with database.session() as session:
             rows = session.exec(
                 select(MessageRecord)
                 .join(ExchangeRecord, col(ExchangeRecord.answer_message_id) == MessageRecord.id)
-                .where(MessageRecord.channel == channel)
                 .order_by(col(MessageRecord.id))
             ).all()
-            return [row.platform_message_id for row in rows]
+            return list(rows)
     finally:
         database.dispose()
 
