@@ -217,7 +217,7 @@ async def _landed(
         # Posting the reply (perhaps twice) beats losing it.
         logger.warning("Slack: could not look for reply %d: %s", reply.answer_id, error)
         return []
-    question = _ts_key(reply.in_reply_to)
+    question = _ts_key(question_ts)
     ours = sorted(
         (
             message
