@@ -229,9 +229,16 @@ async def test_generation_runs_off_the_event_loop(serve: Any) -> None:
 
 
 async def test_a_full_queue_says_busy_at_once_and_the_rest_are_answered(serve: Any) -> None:
-    service = serve(max_batch=8, queue_size=16, max_wait=0.0)
+    # Replies long enough (150 tokens each) that no batch ends while the 64 are still being
+    # submitted: the bound below counts what one batch and the queue can hold at once.
+    service = serve(
+        max_batch=8,
+        queue_size=16,
+        max_wait=0.0,
+        generation=GenerationSettings(ignore_eos=True),
+    )
     results = await asyncio.gather(
-        *(service.generate(messages=user(QUESTIONS[i % 8]), max_new_tokens=32) for i in range(64)),
+        *(service.generate(messages=user(QUESTIONS[i % 8]), max_new_tokens=150) for i in range(64)),
         return_exceptions=True,
     )
     busy = [r for r in results if isinstance(r, ModelBusy)]
