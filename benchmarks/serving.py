@@ -29,8 +29,9 @@ waits for those before it, as 32 mentions in line do; in ``1`` each request is t
 Generated tokens: the random model's replies are 32 tokens each by construction; the default
 model's are counted by encoding each reply's text again (no row is credited for tokens it cut
 or left out). ``× (a)`` is the row's replies/s over (a)'s. ``% roof`` is tokens/s as a share of
-the compute roof: the best fp32 ``torch.mm`` of two 2048×2048 matrices on this machine
-(2·n³ FLOPs) over 2 FLOPs per parameter per token. ``floor s`` is the least time the row's
+the compute roof: the best fp32 product of two 2048×2048 matrices on this machine (2·n³
+FLOPs; MKL's ``torch.mm`` or oneDNN's, whichever is faster) over 2 FLOPs per parameter per
+token. ``floor s`` is the least time the row's
 arithmetic takes at that roof (benchmarks/serving_report.py). ``= (a)`` counts the replies
 equal to (a)'s (greedy decoding: batching must not change a reply). A row that takes under
 ``FAST_ROW_SECONDS`` (2 s) runs ``REPEATS`` (5) times (once with ``--quick``) and the run of
@@ -100,16 +101,28 @@ def log(text: str) -> None:
 
 
 def measure_roof(*, size: int = 2048, repeats: int = 8) -> float:
-    """The machine's fp32 matmul rate in FLOP/s: the best of ``repeats`` ``torch.mm``."""
+    """The machine's fp32 matmul rate in FLOP/s: the best of ``repeats`` products of two
+    ``size``-square matrices, by MKL's ``torch.mm`` and by oneDNN with the right-hand side
+    packed (model/fast_linear.py, which the service uses; on an AMD CPU MKL leaves AVX-512
+    unused, so oneDNN's is the higher roof there)."""
+    from model.fast_linear import PackedLinear, packing_available
+
     left = torch.randn(size, size)
     right = torch.randn(size, size)
     out = torch.empty(size, size)
-    torch.mm(left, right, out=out)  # first call: thread pool and page faults
+    products: list[Callable[[], object]] = [lambda: torch.mm(left, right, out=out)]
+    if packing_available():
+        linear = torch.nn.Linear(size, size, bias=False)
+        packed = PackedLinear.from_linear(linear)
+        products.append(lambda: packed(left))
     best = math.inf
-    for _ in range(repeats):
-        started = time.perf_counter()
-        torch.mm(left, right, out=out)
-        best = min(best, time.perf_counter() - started)
+    with torch.inference_mode():
+        for product in products:
+            product()  # first call: thread pool, page faults, JIT kernels
+            for _ in range(repeats):
+                started = time.perf_counter()
+                product()
+                best = min(best, time.perf_counter() - started)
     return 2 * size**3 / best
 
 
@@ -482,15 +495,15 @@ async def bench_model(name: str, path: Path, *, plan: Plan) -> ModelFigures:
 
 
 def model_parameters(model: Any) -> int:
-    """The model's parameters as saved: a head tied to the input embedding counts once, though
-    the service holds a transposed copy of it (model/fast_linear.py) that ``parameters()``
-    counts too."""
-    from model.fast_linear import TransposedLinear
+    """The model's parameters as saved: the service's packed linear layers
+    (model/fast_linear.py) hold their weights outside ``parameters()``, and a head tied to the
+    input embedding counts once, though the service holds a packed copy of it."""
+    from model.fast_linear import PackedLinear, packed_weights
 
-    counted = sum(p.numel() for p in model.parameters())
+    counted = sum(p.numel() for p in model.parameters()) + packed_weights(model)
     head = model.get_output_embeddings()
-    if isinstance(head, TransposedLinear) and getattr(model.config, "tie_word_embeddings", False):
-        counted -= head.weight_t.numel()
+    if isinstance(head, PackedLinear) and getattr(model.config, "tie_word_embeddings", False):
+        counted -= head.packed.numel()
     return counted
 
 

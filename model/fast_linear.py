@@ -1,30 +1,34 @@
-"""Linear layers with their weights held transposed, for decoding on the CPU in float32.
+"""Linear layers whose weights are packed once for oneDNN, for serving on the CPU in float32.
 
-``nn.Linear`` keeps its weight as ``[out, in]`` and hands it to MKL's sgemm to be used
-transposed; for the few rows a decoding step has, that layout is slow. The same product taken
-as ``x @ weight_t`` with ``weight_t`` a contiguous ``[in, out]`` copy is much faster there, and
-as fast for a prefill's hundreds of rows. Measured side by side (AMD EPYC, AVX2, torch 2.13 with
-MKL, 2 threads):
+``nn.Linear`` hands its ``[out, in]`` weight to MKL's sgemm on every call, which repacks it
+each time; for the few rows a decoding step has, that is most of the work, and on an AMD CPU
+MKL does not use AVX-512 at all. oneDNN (bundled with every x86 build of PyTorch, the library
+``torch.compile``'s CPU backend packs weights for) takes the weight reordered once, at load,
+into its own blocked layout (``torch.ops.mkldnn._reorder_linear_weight``) and multiplies with
+its own JIT kernels (``torch.ops.mkldnn._linear_pointwise``). Measured side by side (AMD EPYC
+Zen 5, AVX-512, torch 2.13 with MKL, 2 threads), the seven products of a 200M Llama layer
+(hidden 1024, intermediate 2816) over 16 layers of distinct weights, so that they come from
+memory as in a real step:
 
-* one ``[1024 -> 2816]`` matmul alone: 12.8 -> 21.1 GFLOP/s at 8 rows, 34.1 -> 43.4 at 32,
-  66.0 -> 66.3 at 800;
-* a 200M random Llama (``benchmarks/random_llama.py``: hidden 1024, 16 layers, intermediate
-  2816), medians of 6: a decoding step over a 40-position cache, 32 rows 513 -> 409 ms (1.25x),
-  8 rows 281 -> 233 ms (1.21x); a packed prefill of 800 tokens 6.4-6.6 -> 6.3 s (the same);
-  32 requests of 32 tokens through the model service (prefill and every step) 23.3 -> 20.8 s
-  (1.12x);
-* the default model (hidden 128) is too small to tell: its steps are Python overhead
-  (32 rows 9.1 vs 9.3 ms).
+* 1 row 42.3 -> 18.6-21.1 ms, 8 rows 68.8-78.7 -> 19.5-27.6 ms, 32 rows 118-155 -> 42.5 ms,
+  640 rows (a packed prefill) 1664-1699 -> 710-715 ms: 2.3-3.9x, up to 370 GFLOP/s where
+  MKL's ``torch.mm`` of 2048x2048 peaks at 200;
+* a decoding step of the whole 200M model (``benchmarks/random_llama.py``), 32 rows 146-263 ->
+  69-79 ms, 1 row 46-56 -> 27-29 ms; of the default model (hidden 128: its steps are dispatch
+  overhead) 32 rows 4.4 -> 2.3 ms;
+* the weights held transposed for MKL (``x @ weight_t``, what this module did before, 1.25x on
+  an AVX2 EPYC with MKL) measured 155 against ``nn.Linear``'s 146 ms for the 200M step here.
 
-The numbers are nearly the same: logits equal bit for bit from some 20 rows on, and a few
-float32 ulps apart for one row (another kernel: at most 1.4e-5 on the default model's logits of
-up to 24); greedy replies, batched or plain ``generate``, are the same tokens (32 prompts on
-the default model and on the 200M one).
+The products are float32 throughout (oneDNN's default strict fp math: no bf16 inside): against
+a float64 reference their error is 2.8-4.2e-6 where MKL's is 1.4-1.8e-6, and a row's product
+is mostly bit for bit the same alone and in a batch (MKL's is not), so batching changes greedy
+replies no more than before (tests/model/test_fast_linear.py compares them with plain
+``generate``).
 
-The model service (:meth:`model.service.ModelService.load`) converts the models it serves on
-the CPU in float32 (:func:`speeds_up`); CUDA and other dtypes keep ``nn.Linear``. Conversion is
-for serving only: the converted modules have no ``weight`` parameter, so a converted model
-cannot be saved, trained or have its weights tied again.
+The model service (:meth:`model.service.ModelService.load`) packs the models it serves on the
+CPU in float32 where oneDNN is present (:func:`speeds_up`); CUDA and other dtypes keep
+``nn.Linear``. Packing is for serving only: a packed layer has no ``weight`` parameter and no
+gradient, so a packed model cannot be saved, trained or have its weights tied again.
 """
 
 from __future__ import annotations
@@ -32,62 +36,77 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TransposedLinear", "speeds_up", "transpose_linear_layers"]
+__all__ = ["PackedLinear", "pack_linear_layers", "packing_available", "speeds_up"]
 
 
-class TransposedLinear(nn.Module):
-    """``nn.Linear``'s product with the weight held as ``weight_t`` (``[in, out]``,
-    contiguous)."""
+def packing_available() -> bool:
+    """Whether this build of PyTorch has oneDNN and its packed linear ops."""
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    return (
+        torch.backends.mkldnn.is_available()
+        and mkldnn is not None
+        and hasattr(mkldnn, "_reorder_linear_weight")
+        and hasattr(mkldnn, "_linear_pointwise")
+    )
 
-    weight_t: nn.Parameter
+
+class PackedLinear(nn.Module):
+    """``nn.Linear``'s product with the weight packed for oneDNN (``packed``, an opaque
+    ``torch._mkldnn`` tensor of shape ``[out, in]``)."""
+
     bias: nn.Parameter | None
 
-    def __init__(self, weight_t: nn.Parameter, bias: nn.Parameter | None = None) -> None:
+    def __init__(self, packed: torch.Tensor, bias: nn.Parameter | None = None) -> None:
         super().__init__()
-        self.in_features, self.out_features = weight_t.shape
-        self.weight_t = weight_t
+        self.out_features, self.in_features = packed.shape
+        # A plain attribute, not a parameter or buffer: an opaque tensor has no storage for
+        # state_dict, .to() or parameter counts to read.
+        self.packed = packed
         self.register_parameter("bias", bias)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> TransposedLinear:
-        """A copy of ``linear`` with its weight transposed (``linear`` is left as is; the bias
-        is shared)."""
-        weight = linear.weight
-        weight_t = weight.detach().t().contiguous()
-        return cls(nn.Parameter(weight_t, requires_grad=weight.requires_grad), linear.bias)
+    def from_linear(cls, linear: nn.Linear) -> PackedLinear:
+        """A packed copy of ``linear`` (``linear`` is left as is; the bias is shared)."""
+        weight = linear.weight.detach()
+        return cls(torch.ops.mkldnn._reorder_linear_weight(weight), linear.bias)
 
     @property
     def weight(self) -> torch.Tensor:
-        """The ``[out, in]`` weight, a view of ``weight_t`` (for code that reads it)."""
-        return self.weight_t.t()
+        """The ``[out, in]`` weight, unpacked into a new dense tensor (for code that reads it;
+        not for the hot path)."""
+        return self.packed.to_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # ``weight_t.t()`` is a transposed view, so this is ``x @ weight_t`` (plus the bias).
-        return F.linear(x, self.weight_t.t(), self.bias)
+        # "none": no fused activation. The op takes any leading dimensions.
+        return torch.ops.mkldnn._linear_pointwise(
+            x.contiguous(), self.packed, self.bias, "none", [], ""
+        )
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}"
+            f"bias={self.bias is not None}, packed for oneDNN"
         )
 
 
 def speeds_up(model: Any, device: str) -> bool:
-    """Whether :func:`transpose_linear_layers` helps ``model`` on ``device``: on the CPU, in
-    float32, where it was measured (CUDA and other dtypes are left as they are)."""
-    return device == "cpu" and getattr(model, "dtype", None) == torch.float32
+    """Whether :func:`pack_linear_layers` helps ``model`` on ``device``: on the CPU, in
+    float32, where it was measured, with oneDNN present (CUDA and other dtypes are left as
+    they are)."""
+    return (
+        device == "cpu" and getattr(model, "dtype", None) == torch.float32 and packing_available()
+    )
 
 
-def transpose_linear_layers(model: nn.Module) -> int:
+def pack_linear_layers(model: nn.Module) -> int:
     """Replace every ``nn.Linear`` in ``model`` (the decoder layers' projections and the
-    ``lm_head``) by a :class:`TransposedLinear`, in place; the number replaced.
+    ``lm_head``) by a :class:`PackedLinear`, in place; the number replaced.
 
-    One layer at a time, each original weight released once its copy is made, so memory never
-    holds more than one layer twice. A head tied to the input embedding gets a transposed copy
-    of its own (``vocab x hidden`` more floats) and the embedding stays as it is.
+    One layer at a time, each original weight released once its packed copy is made, so memory
+    never holds more than one layer twice. A head tied to the input embedding gets a packed
+    copy of its own (``vocab x hidden`` more floats) and the embedding stays as it is.
     """
     # Where each layer sits (a layer may sit in more than one place), found while all are
     # alive, so that the ids stay apart.
@@ -96,9 +115,16 @@ def transpose_linear_layers(model: nn.Module) -> int:
         for name, child in parent.named_children():
             if type(child) is nn.Linear:  # subclasses (quantized, LoRA...) are left alone
                 sites.setdefault(id(child), []).append((parent, name))
-    for places in sites.values():
-        first_parent, first_name = places[0]
-        converted = TransposedLinear.from_linear(getattr(first_parent, first_name))
-        for parent, name in places:
-            setattr(parent, name, converted)  # the last place gone, the original is freed
+    with torch.no_grad():
+        for places in sites.values():
+            first_parent, first_name = places[0]
+            packed = PackedLinear.from_linear(getattr(first_parent, first_name))
+            for parent, name in places:
+                setattr(parent, name, packed)  # the last place gone, the original is freed
     return len(sites)
+
+
+def packed_weights(model: nn.Module) -> int:
+    """The weights ``model``'s packed layers hold (they are not among its parameters)."""
+    layers = {id(m): m for m in model.modules() if isinstance(m, PackedLinear)}
+    return sum(m.packed.numel() for m in layers.values())

@@ -1,4 +1,4 @@
-"""Linear layers held transposed (model.fast_linear): the same logits and greedy replies, no
+"""Linear layers packed for oneDNN (model.fast_linear): the same logits and greedy replies, no
 second copy of the weights, and the service converting only where it helps."""
 
 from __future__ import annotations
@@ -13,7 +13,13 @@ import torch
 from torch import nn
 
 from model.corpus import SEED_EXCHANGES, load_starter_corpus
-from model.fast_linear import TransposedLinear, speeds_up, transpose_linear_layers
+from model.fast_linear import (
+    PackedLinear,
+    pack_linear_layers,
+    packed_weights,
+    packing_available,
+    speeds_up,
+)
 from model.kv_cache import roomy_cache
 from model.service import BatchSettings, LocalModel, ModelService
 from tests.model.test_batching import QUESTIONS, changed_copy, user
@@ -27,12 +33,12 @@ def original(tiny_model_dir: Path) -> LocalModel:
 @pytest.fixture(scope="module")
 def converted(tiny_model_dir: Path) -> LocalModel:
     local = LocalModel.load(tiny_model_dir, device="cpu")
-    transpose_linear_layers(local.model)
+    pack_linear_layers(local.model)
     return local
 
 
 def linears(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, nn.Linear | TransposedLinear)]
+    return [m for m in model.modules() if isinstance(m, nn.Linear | PackedLinear)]
 
 
 def storage_bytes(model: nn.Module) -> int:
@@ -58,17 +64,33 @@ def test_every_linear_layer_is_converted(original: LocalModel, converted: LocalM
     before = linears(original.model)
     after = linears(converted.model)
     assert len(after) == len(before) > 0
-    assert all(type(m) is TransposedLinear for m in after)
+    assert all(type(m) is PackedLinear for m in after)
     for old, new in zip(before, after, strict=True):
-        assert isinstance(old, nn.Linear) and isinstance(new, TransposedLinear)
-        assert new.weight_t.shape == (old.in_features, old.out_features)
-        assert new.weight_t.is_contiguous()
-        assert torch.equal(new.weight, old.weight)
-    # The embedding stays as it was; the (tied) head has a transposed copy of its own.
+        assert isinstance(old, nn.Linear) and isinstance(new, PackedLinear)
+        assert new.packed.layout == torch._mkldnn  # type: ignore[attr-defined]
+        assert (new.out_features, new.in_features) == tuple(old.weight.shape)
+        assert torch.equal(new.weight, old.weight)  # packing keeps every weight as it was
+    # The embedding stays as it was; the (tied) head has a packed copy of its own.
     embedding = converted.model.get_input_embeddings().weight
     assert torch.equal(embedding, original.model.get_input_embeddings().weight)
-    head = converted.model.lm_head
-    assert head.weight_t.data_ptr() != embedding.data_ptr()
+    assert isinstance(converted.model.lm_head, PackedLinear)
+
+
+def test_a_packed_layer_takes_what_nn_linear_takes() -> None:
+    generator = torch.Generator().manual_seed(0)
+    linear = nn.Linear(48, 20, bias=True)
+    packed = PackedLinear.from_linear(linear)
+    inputs = [
+        torch.randn(5, 48, generator=generator),  # rows
+        torch.randn(3, 7, 48, generator=generator),  # a batch of sequences
+        torch.randn(48, 6, generator=generator).t(),  # not contiguous
+        torch.randn(1, 48, generator=generator),
+    ]
+    with torch.inference_mode():
+        for x in inputs:
+            got, want = packed(x), linear(x)
+            assert got.shape == want.shape
+            assert (got - want).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("rows", [32, 1])
@@ -114,19 +136,20 @@ def test_no_second_copy_of_the_weights(tiny_model_dir: Path) -> None:
     tied = model.lm_head.weight is embedding
     head_copy = embedding.numel() if tied else 0
 
-    transpose_linear_layers(model)
+    pack_linear_layers(model)
     gc.collect()
 
     # Each original weight is gone (the tied head's is the embedding, which stays).
     alive = [ref() for ref in originals if ref() is not None]
     assert all(weight is embedding for weight in alive)
-    # Only the tied head's own copy is new: the parameters count it once, memory holds it once.
-    assert sum(p.numel() for p in model.parameters()) == count + head_copy
-    assert storage_bytes(model) == size + head_copy * embedding.element_size()
-    for module in linears(model):
-        assert isinstance(module, TransposedLinear)
-        weight_t = module.weight_t
-        assert weight_t.untyped_storage().nbytes() == weight_t.numel() * weight_t.element_size()
+    # The parameters left are the rest (embedding, norms); the packed layers hold the linear
+    # weights once each, and only the tied head's is a second copy.
+    assert all(isinstance(module, PackedLinear) for module in linears(model))
+    linear_weights = packed_weights(model)
+    left = sum(p.numel() for p in model.parameters())
+    assert left + linear_weights == count + head_copy
+    # What the parameters held of the linear weights is freed, the rest stays.
+    assert storage_bytes(model) == size - (count - left) * embedding.element_size()
 
 
 def test_the_service_converts_on_the_cpu_in_float32_only(
@@ -136,8 +159,8 @@ def test_the_service_converts_on_the_cpu_in_float32_only(
         return {type(m) for m in linears(service.local.model)}
 
     cases: list[tuple[dict[str, Any], set[type]]] = [
-        ({}, {TransposedLinear}),
-        ({"transpose_linear": False}, {nn.Linear}),
+        ({}, {PackedLinear}),
+        ({"pack_linear": False}, {nn.Linear}),
         ({"dtype": "bfloat16"}, {nn.Linear}),
     ]
     for options, expected in cases:
@@ -149,12 +172,24 @@ def test_the_service_converts_on_the_cpu_in_float32_only(
     assert speeds_up(original.model, "cpu") and not speeds_up(original.model, "cuda")
 
 
+def test_without_onednn_nothing_is_packed(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert not packing_available()
+    service = ModelService.load(tiny_model_dir, device="cpu")
+    try:
+        assert {type(m) for m in linears(service.local.model)} == {nn.Linear}
+    finally:
+        service.close()
+
+
 async def test_models_swapped_in_are_converted_too(tmp_path: Path, tiny_model_dir: Path) -> None:
     service = ModelService(LocalModel.load(tiny_model_dir, device="cpu"))
     try:
         assert {type(m) for m in linears(service.local.model)} == {nn.Linear}  # served as given
         version = await service.swap(changed_copy(tiny_model_dir, tmp_path / "new"))
-        assert {type(m) for m in linears(service.local.model)} == {TransposedLinear}
+        assert {type(m) for m in linears(service.local.model)} == {PackedLinear}
         reply = await service.generate(messages=user(SEED_EXCHANGES[0][0]), max_new_tokens=64)
         assert reply.text == SEED_EXCHANGES[0][1] and reply.model_version == version
     finally:
