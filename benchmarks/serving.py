@@ -83,6 +83,7 @@ from benchmarks.serving_report import (  # noqa: E402
 )
 from benchmarks.transformers_serve import transformers_serve  # noqa: E402
 from model.corpus import load_starter_corpus  # noqa: E402
+from model.fast_linear import model_parameters  # noqa: E402
 
 MODELS = ("default", "random200m")
 #: Seconds a row may take before it is reported as not measured.
@@ -492,19 +493,6 @@ async def bench_model(name: str, path: Path, *, plan: Plan) -> ModelFigures:
     # Last: the manager may change the model's attention implementation.
     await row("e", lambda: isolated(transformers_batch_manager, first), first)
     return figures
-
-
-def model_parameters(model: Any) -> int:
-    """The model's parameters as saved: the service's packed linear layers
-    (model/fast_linear.py) hold their weights outside ``parameters()``, and a head tied to the
-    input embedding counts once, though the service holds a packed copy of it."""
-    from model.fast_linear import PackedLinear, packed_weights
-
-    counted = sum(p.numel() for p in model.parameters()) + packed_weights(model)
-    head = model.get_output_embeddings()
-    if isinstance(head, PackedLinear) and getattr(model.config, "tie_word_embeddings", False):
-        counted -= head.packed.numel()
-    return counted
 
 
 def starter_questions(count: int) -> list[str]:

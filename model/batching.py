@@ -52,6 +52,7 @@ from model.batch_requests import (
     SchedulerClosed,
     SchedulerStats,
 )
+from model.fast_linear import model_parameters
 from model.kv_cache import cache_layers, left_pad, roomy_cache, unpack_rows
 
 logger = logging.getLogger(__name__)
@@ -97,8 +98,7 @@ def decoding_threads(model: Any, *, device: str, requested: int) -> int | None:
         return requested
     if not str(device).startswith("cpu"):
         return None
-    parameters = sum(parameter.numel() for parameter in model.parameters())
-    return 1 if parameters < SMALL_MODEL_PARAMETERS else None
+    return 1 if model_parameters(model) < SMALL_MODEL_PARAMETERS else None
 
 
 class BatchScheduler:

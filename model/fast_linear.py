@@ -38,7 +38,14 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["PackedLinear", "pack_linear_layers", "packing_available", "speeds_up"]
+__all__ = [
+    "PackedLinear",
+    "model_parameters",
+    "pack_linear_layers",
+    "packed_weights",
+    "packing_available",
+    "speeds_up",
+]
 
 
 def packing_available() -> bool:
@@ -128,3 +135,17 @@ def packed_weights(model: nn.Module) -> int:
     """The weights ``model``'s packed layers hold (they are not among its parameters)."""
     layers = {id(m): m for m in model.modules() if isinstance(m, PackedLinear)}
     return sum(m.packed.numel() for m in layers.values())
+
+
+def model_parameters(model: nn.Module) -> int:
+    """The parameters ``model`` was saved with, packed or not: its own (each shared one once)
+    and its packed layers' weights, less the packed copy of a head tied to the input
+    embedding (the embedding already counts it)."""
+    counted = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    counted += packed_weights(model)
+    output_embeddings = getattr(model, "get_output_embeddings", None)
+    head = output_embeddings() if callable(output_embeddings) else None
+    config = getattr(model, "config", None)
+    if isinstance(head, PackedLinear) and getattr(config, "tie_word_embeddings", False):
+        counted -= head.packed.numel()
+    return counted

@@ -15,6 +15,7 @@ from torch import nn
 from model.corpus import SEED_EXCHANGES, load_starter_corpus
 from model.fast_linear import (
     PackedLinear,
+    model_parameters,
     pack_linear_layers,
     packed_weights,
     packing_available,
@@ -150,6 +151,26 @@ def test_no_second_copy_of_the_weights(tiny_model_dir: Path) -> None:
     assert left + linear_weights == count + head_copy
     # What the parameters held of the linear weights is freed, the rest stays.
     assert storage_bytes(model) == size - (count - left) * embedding.element_size()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_packed_model_counts_the_parameters_it_was_saved_with(
+    tiny_model_dir: Path, tied: bool
+) -> None:
+    local = LocalModel.load(tiny_model_dir, device="cpu")
+    model: Any = local.model
+    if not tied and model.lm_head.weight is model.get_input_embeddings().weight:
+        model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+    saved = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    assert model_parameters(model) == saved
+
+    pack_linear_layers(model)
+
+    # parameters() lost the linear weights; the count does not (the decoding threads and the
+    # benchmark's roof read it).
+    assert sum(p.numel() for p in model.parameters()) < saved
+    assert model_parameters(model) == saved
 
 
 def test_the_service_converts_on_the_cpu_in_float32_only(

@@ -397,6 +397,21 @@ async def test_a_small_model_decodes_on_one_thread_a_large_one_on_every_core(
     assert decoding_threads(model, device="cuda", requested=0) is None
 
 
+def test_a_large_model_packed_for_serving_still_decodes_on_every_core(
+    tiny_model_dir, monkeypatch
+) -> None:
+    # Packing moves the linear weights out of parameters(); the model is no smaller for it.
+    import model.batching
+    from model.fast_linear import model_parameters, pack_linear_layers
+
+    local = LocalModel.load(tiny_model_dir, device="cpu")
+    saved = model_parameters(local.model)
+    pack_linear_layers(local.model)
+    left = sum(p.numel() for p in local.model.parameters())
+    monkeypatch.setattr(model.batching, "SMALL_MODEL_PARAMETERS", (left + saved) // 2)
+    assert model.batching.decoding_threads(local.model, device="cpu", requested=0) is None
+
+
 async def test_the_service_lends_cores_to_a_trainer_and_takes_them_back(tiny_model_dir) -> None:
     """torch's thread count is per thread: the batch worker itself switches, between steps."""
 
