@@ -12,8 +12,10 @@ import pytest
 import torch
 from torch import nn
 
+from model import fast_linear
 from model.corpus import SEED_EXCHANGES, load_starter_corpus
 from model.fast_linear import (
+    PACKED_LAYER_MIN_WEIGHTS,
     PackedLinear,
     model_parameters,
     pack_linear_layers,
@@ -34,7 +36,7 @@ def original(tiny_model_dir: Path) -> LocalModel:
 @pytest.fixture(scope="module")
 def converted(tiny_model_dir: Path) -> LocalModel:
     local = LocalModel.load(tiny_model_dir, device="cpu")
-    pack_linear_layers(local.model)
+    pack_linear_layers(local.model, smallest=0)  # every layer, however small
     return local
 
 
@@ -75,6 +77,20 @@ def test_every_linear_layer_is_converted(original: LocalModel, converted: LocalM
     embedding = converted.model.get_input_embeddings().weight
     assert torch.equal(embedding, original.model.get_input_embeddings().weight)
     assert isinstance(converted.model.lm_head, PackedLinear)
+
+
+def test_layers_too_small_to_gain_stay_nn_linear() -> None:
+    # oneDNN's call costs more than MKL's; below PACKED_LAYER_MIN_WEIGHTS it gains nothing.
+    side = int(PACKED_LAYER_MIN_WEIGHTS**0.5)
+    layers = [nn.Linear(side, side), nn.Linear(side, side - 1), nn.Linear(8, 8)]
+    assert layers[0].weight.numel() == PACKED_LAYER_MIN_WEIGHTS
+    model = nn.Sequential(*layers)
+
+    assert pack_linear_layers(model) == 1
+
+    assert [type(m) for m in model] == [PackedLinear, nn.Linear, nn.Linear]
+    assert pack_linear_layers(model, smallest=0) == 2
+    assert all(type(m) is PackedLinear for m in model)
 
 
 def test_a_packed_layer_takes_what_nn_linear_takes() -> None:
@@ -137,7 +153,7 @@ def test_no_second_copy_of_the_weights(tiny_model_dir: Path) -> None:
     tied = model.lm_head.weight is embedding
     head_copy = embedding.numel() if tied else 0
 
-    pack_linear_layers(model)
+    pack_linear_layers(model, smallest=0)
     gc.collect()
 
     # Each original weight is gone (the tied head's is the embedding, which stays).
@@ -165,7 +181,7 @@ def test_a_packed_model_counts_the_parameters_it_was_saved_with(
     saved = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     assert model_parameters(model) == saved
 
-    pack_linear_layers(model)
+    pack_linear_layers(model, smallest=0)
 
     # parameters() lost the linear weights; the count does not (the decoding threads and the
     # benchmark's roof read it).
@@ -173,6 +189,33 @@ def test_a_packed_model_counts_the_parameters_it_was_saved_with(
     assert model_parameters(model) == saved
 
 
+@pytest.fixture
+def pack_every_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service packs every layer of the tiny model (all under the threshold otherwise)."""
+    monkeypatch.setattr(fast_linear, "PACKED_LAYER_MIN_WEIGHTS", 0)
+
+
+def test_the_service_packs_the_layers_big_enough_to_gain(
+    tiny_model_dir: Path, original: LocalModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def served() -> list[type]:
+        service = ModelService.load(tiny_model_dir, device="cpu")
+        try:
+            return [type(m) for m in linears(service.local.model)]
+        finally:
+            service.close()
+
+    sizes = [m.weight.numel() for m in original.model.modules() if isinstance(m, nn.Linear)]
+    assert served() == [
+        PackedLinear if size >= PACKED_LAYER_MIN_WEIGHTS else nn.Linear for size in sizes
+    ]
+    # A threshold at the largest layer (the head) packs that one and leaves the others.
+    monkeypatch.setattr(fast_linear, "PACKED_LAYER_MIN_WEIGHTS", max(sizes))
+    assert served() == [PackedLinear if size == max(sizes) else nn.Linear for size in sizes]
+    assert served().count(PackedLinear) < len(sizes)
+
+
+@pytest.mark.usefixtures("pack_every_layer")
 def test_the_service_converts_on_the_cpu_in_float32_only(
     tiny_model_dir: Path, original: LocalModel
 ) -> None:
@@ -205,6 +248,7 @@ def test_without_onednn_nothing_is_packed(
         service.close()
 
 
+@pytest.mark.usefixtures("pack_every_layer")
 async def test_models_swapped_in_are_converted_too(tmp_path: Path, tiny_model_dir: Path) -> None:
     service = ModelService(LocalModel.load(tiny_model_dir, device="cpu"))
     try:

@@ -406,7 +406,7 @@ def test_a_large_model_packed_for_serving_still_decodes_on_every_core(
 
     local = LocalModel.load(tiny_model_dir, device="cpu")
     saved = model_parameters(local.model)
-    pack_linear_layers(local.model)
+    pack_linear_layers(local.model, smallest=0)
     left = sum(p.numel() for p in local.model.parameters())
     monkeypatch.setattr(model.batching, "SMALL_MODEL_PARAMETERS", (left + saved) // 2)
     assert model.batching.decoding_threads(local.model, device="cpu", requested=0) is None
