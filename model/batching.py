@@ -128,6 +128,10 @@ class BatchScheduler:
         self._threads: int | None = None  # torch threads the worker should use (None: as is)
         self._default_threads = decoding_threads(model, device=device, requested=settings.threads)
         self._running_threads = 0
+        # Read here, not on the worker: torch starts each new thread on the count last set
+        # anywhere in the process (one, after a small model's worker), where a thread that
+        # ran torch work before keeps its own (the process's).
+        self._every_core = torch.get_num_threads()
         self._condition = threading.Condition()
         self._thread = threading.Thread(target=self._run, name=f"model-batch-{name}", daemon=True)
         self._thread.start()
@@ -219,12 +223,11 @@ class BatchScheduler:
 
     def _run(self) -> None:
         batch: _Batch | None = None
-        started_with = torch.get_num_threads()
         while True:
             admitted = self._wait_for_work(running=batch is not None)
             if admitted is None:
                 return
-            wanted = self._threads or self._default_threads or started_with
+            wanted = self._threads or self._default_threads or self._every_core
             if torch.get_num_threads() != wanted:
                 torch.set_num_threads(wanted)
             self._running_threads = wanted

@@ -431,3 +431,31 @@ async def test_the_service_lends_cores_to_a_trainer_and_takes_them_back(tiny_mod
         assert service.stats().threads == at_start
     finally:
         await service.aclose()
+
+
+async def test_a_model_served_after_one_on_a_single_thread_decodes_on_every_core(
+    tiny_model_dir, monkeypatch
+) -> None:
+    # torch hands each new thread the count last set anywhere in the process: a scheduler
+    # that ran on one thread must not leave the next one (a hot swap's) on one.
+    import torch
+
+    import model.batching
+
+    every_core = torch.get_num_threads()
+    if every_core < 2:
+        pytest.skip("torch runs on one thread here: nothing to tell apart")
+    ask = [{"role": "user", "content": "Hello"}]
+    small = ModelService.load(tiny_model_dir, device="cpu", batch=BatchSettings(threads=1))
+    try:
+        await small.generate(messages=ask, max_new_tokens=4)
+        assert small.stats().threads == 1
+    finally:
+        await small.aclose()
+    monkeypatch.setattr(model.batching, "SMALL_MODEL_PARAMETERS", 0)  # the tiny one is large
+    large = ModelService.load(tiny_model_dir, device="cpu")
+    try:
+        await large.generate(messages=ask, max_new_tokens=4)
+        assert large.stats().threads == every_core
+    finally:
+        await large.aclose()
