@@ -125,6 +125,9 @@ class BatchScheduler:
         self._steps = 0
         self._largest = 0
         self._closing = False
+        #: How many waiting requests wake the worker (``None``: it is decoding and looks
+        #: between steps); read and set under the condition.
+        self._wake_at: int | None = 1
         self._threads: int | None = None  # torch threads the worker should use (None: as is)
         self._default_threads = decoding_threads(model, device=device, requested=settings.threads)
         self._running_threads = 0
@@ -189,7 +192,8 @@ class BatchScheduler:
             if len(self._pending) >= self.settings.queue_size:
                 raise ModelBusy(f"{len(self._pending)} requests are waiting for the model already")
             self._pending.append(request)
-            self._condition.notify()
+            if self._wake_at is not None and len(self._pending) >= self._wake_at:
+                self._condition.notify()
         return request
 
     def use_threads(self, threads: int | None) -> None:
@@ -252,13 +256,20 @@ class BatchScheduler:
             while not running and not self._pending:
                 if self._closing:
                     return None
+                self._wake_at = 1
                 self._condition.wait()
             room = self.settings.max_batch - self._active
             if not running and self.settings.max_wait > 0 and len(self._pending) < room:
                 # An idle model: let the requests arriving together share the first step.
+                # Woken only once they fill the batch: a wake-up per arrival takes the
+                # interpreter lock from the loop that is submitting the rest.
+                self._wake_at = room
                 until = time.monotonic() + self.settings.max_wait
                 while len(self._pending) < room and (left := until - time.monotonic()) > 0:
+                    if self._closing:
+                        break
                     self._condition.wait(left)
+            self._wake_at = None  # decoding: the worker looks at the queue between steps
             admitted: list[GenerationRequest] = []
             now = time.monotonic()
             while self._pending and len(admitted) < room:
