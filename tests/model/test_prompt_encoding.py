@@ -8,6 +8,7 @@ that normalisation, as many published tokenizers have them.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -220,3 +221,39 @@ def test_a_normalising_tokenizer_still_answers(tiny_model_dir: Path) -> None:
     )
     for question, answer in SEED_EXCHANGES[:2]:
         assert model.generate_sync(messages=[user(question)]) == answer
+
+
+# --- the encoder's own backend ----------------------------------------------------------
+
+
+def test_plain_text_ids_equal_the_tokenizers_split_special_encoding(
+    prompt_model: LocalModel, default_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    from model.corpus import load_starter_corpus
+
+    texts = [q for q, _ in load_starter_corpus()] + [a for _, a in SEED_EXCHANGES]
+    texts += [LOOKALIKES, " leading", "trailing ", "\n\n", "ünïcödé 🙂", "a" * 5000]
+    encoder = prompt_model.prompt_encoder
+    for text in texts:
+        expected = default_tokenizer(text, add_special_tokens=False, split_special_tokens=True)
+        assert encoder.encode_text(text) == [
+            i for i in expected["input_ids"] if i not in encoder.forbidden_ids
+        ], text
+
+
+def test_encoding_leaves_the_tokenizers_shared_switch_alone(
+    default_tokenizer: PreTrainedTokenizerBase, tiny_model_dir: Path
+) -> None:
+    # The fast tokenizer's split switch is one flag on its backend, set by each call that
+    # passes split_special_tokens; the encoder keeps a backend of its own, so a call in
+    # flight on another thread never sees it flipped.
+    normalising = normalising_tokenizer(tiny_model_dir, structure="added")
+    for tokenizer in [copy.deepcopy(default_tokenizer), normalising]:
+        # (the normalising one takes the character-wise path for its look-alikes too)
+        backend = tokenizer.backend_tokenizer
+        backend.encode_special_tokens = False
+        ids = wrap(tokenizer).prompt_encoder.encode(HOSTILE_DIALOGUE)
+        assert backend.encode_special_tokens is False
+        controls = control_ids_of(tokenizer)
+        expected = expected_controls(HOSTILE_DIALOGUE, controls)
+        assert [i for i in ids if i in controls.values()] == expected
