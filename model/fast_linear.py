@@ -26,9 +26,10 @@ replies no more than before (tests/model/test_fast_linear.py compares them with 
 ``generate``).
 
 The model service (:meth:`model.service.ModelService.load`) packs the models it serves on the
-CPU in float32 where oneDNN is present (:func:`speeds_up`); CUDA and other dtypes keep
-``nn.Linear``. Packing is for serving only: a packed layer has no ``weight`` parameter and no
-gradient, so a packed model cannot be saved, trained or have its weights tied again.
+CPU in float32 where oneDNN is present (:func:`speeds_up`), their layers of
+:data:`PACKED_LAYER_MIN_WEIGHTS` and more; CUDA and other dtypes keep ``nn.Linear``. Packing
+is for serving only: a packed layer has no ``weight`` parameter and no gradient, so a packed
+model cannot be saved, trained or have its weights tied again.
 """
 
 from __future__ import annotations
