@@ -128,10 +128,10 @@ def pack_linear_layers(model: nn.Module, *, smallest: int | None = None) -> int:
     never holds more than one layer twice. A head tied to the input embedding gets a packed
     copy of its own (``vocab x hidden`` more floats) and the embedding stays as it is.
     """
-    # Where each layer sits (a layer may sit in more than one place), found while all are
-    # alive, so that the ids stay apart.
     if smallest is None:
         smallest = PACKED_LAYER_MIN_WEIGHTS
+    # Where each layer sits (a layer may sit in more than one place), found while all are
+    # alive, so that the ids stay apart.
     sites: dict[int, list[tuple[nn.Module, str]]] = {}
     for parent in model.modules():
         for name, child in parent.named_children():
@@ -157,7 +157,7 @@ def model_parameters(model: nn.Module) -> int:
     """The parameters ``model`` was saved with, packed or not: its own (each shared one once)
     and its packed layers' weights, less the packed copy of a head tied to the input
     embedding (the embedding already counts it)."""
-    counted = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    counted = sum(p.numel() for p in model.parameters())  # parameters() lists a shared one once
     counted += packed_weights(model)
     output_embeddings = getattr(model, "get_output_embeddings", None)
     head = output_embeddings() if callable(output_embeddings) else None

@@ -62,13 +62,7 @@ class PromptEncoder:
         """``text`` as plain text: ids with no control or other special token among them."""
         if not text:
             return []
-        ids: list[int]
-        if self._plain is not None:
-            ids = self._plain.encode(text, add_special_tokens=False).ids
-        else:
-            ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)[
-                "input_ids"
-            ]
+        ids = self._plain_ids(text)
         if self.forbidden_ids.isdisjoint(ids):
             return ids
         return self._encode_around_forbidden(text)
@@ -114,15 +108,23 @@ class PromptEncoder:
         """``text`` encoded one character at a time, forbidden ids left out."""
         if not text:
             return []
-        batch: list[list[int]]
+        return [
+            token
+            for character in text
+            for token in self._plain_ids(character)
+            if token not in self.forbidden_ids
+        ]
+
+    def _plain_ids(self, text: str) -> list[int]:
+        """``text`` encoded as plain text (special tokens' text split), as is. One text a
+        call: the backend's ``encode_batch`` costs more for one (32 prompt fits 1.1 against
+        2.0 ms)."""
         if self._plain is not None:
-            encodings = self._plain.encode_batch(list(text), add_special_tokens=False)
-            batch = [encoding.ids for encoding in encodings]
-        else:
-            batch = self.tokenizer(list(text), add_special_tokens=False, split_special_tokens=True)[
-                "input_ids"
-            ]
-        return [token for ids in batch for token in ids if token not in self.forbidden_ids]
+            return self._plain.encode(text, add_special_tokens=False).ids
+        ids: list[int] = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)[
+            "input_ids"
+        ]
+        return ids
 
 
 def _plain_text_backend(tokenizer: Any) -> Tokenizer | None:
