@@ -29,6 +29,9 @@ class BatchSettings:
     #: torch threads the worker decodes on (0: by the model's size, see
     #: :func:`model.batching.decoding_threads`).
     threads: int = 0
+    #: Seconds between two hand-overs of a stream's new tokens to its reader (the first token
+    #: goes at once, the last ones when the reply ends); 0: every token as it comes.
+    stream_interval: float = 0.05
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -41,6 +44,8 @@ class BatchSettings:
             raise ValueError(f"timeout must be positive, not {self.timeout}")
         if self.threads < 0:
             raise ValueError(f"threads must not be negative, not {self.threads}")
+        if self.stream_interval < 0:
+            raise ValueError(f"stream_interval must not be negative, not {self.stream_interval}")
 
 
 @dataclass(frozen=True, kw_only=True)
