@@ -105,9 +105,11 @@ class Phase:
     model_ms: tuple[float, ...]
     work_ms: tuple[float, ...]
     ratio: float | None = None  # at once: its replies/s over those of one by one
-    #: CPU seconds the phase cost the bot process and this one (the fakes and the driver).
+    #: CPU seconds the phase cost the bot process, its model process (MODEL_PROCESS=separate)
+    #: and this one (the fakes and the driver).
     bot_cpu: float | None = None
     driver_cpu: float | None = None
+    model_cpu: float | None = None
 
     @property
     def replies_per_second(self) -> float:
@@ -137,11 +139,21 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def children_cpu_seconds(pid: int) -> float | None:
+    """CPU seconds process ``pid``'s children (the model process) have used; None off
+    Linux."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return None
+    return sum(cpu_seconds(int(child)) or 0.0 for child in children)
+
+
 def table(phases: Sequence[Phase]) -> str:
     header = (
         "| platform | model | mode | messages | total s | replies/s | ratio "
         "| work p50 ms | pipeline p50 ms | pipeline p99 ms | model p50 s | model p99 s "
-        "| bot CPU ms/reply | fakes CPU ms/reply |"
+        "| bot CPU ms/reply | model process CPU ms/reply | fakes CPU ms/reply |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for p in phases:
@@ -153,6 +165,7 @@ def table(phases: Sequence[Phase]) -> str:
             f"| {fmt(pct(p.pipeline_ms, 0.99))} | {fmt(pct(p.model_ms, 0.5), 2, scale=1e-3)} "
             f"| {fmt(pct(p.model_ms, 0.99), 2, scale=1e-3)} "
             f"| {fmt(per_reply(p.bot_cpu, p.messages))} "
+            f"| {fmt(per_reply(p.model_cpu, p.messages))} "
             f"| {fmt(per_reply(p.driver_cpu, p.messages))} |"
         )
     return "\n".join(lines)
@@ -299,10 +312,16 @@ async def phases_of(run: Run, *, label: tuple[str, str], plan: Plan) -> list[Pha
         ("at once", plan.concurrent, run.at_once),
     ):
         offset = run.read_log()
-        bot_before, driver_before = cpu_seconds(run.bot.process.pid), time.process_time()
+        pid = run.bot.process.pid
+        bot_before, driver_before = cpu_seconds(pid), time.process_time()
+        model_before = children_cpu_seconds(pid)
         seconds = await phase(count, within=plan.reply_within)
-        bot_after, driver_cpu = cpu_seconds(run.bot.process.pid), time.process_time()
+        bot_after, driver_cpu = cpu_seconds(pid), time.process_time()
+        model_after = children_cpu_seconds(pid)
         bot_cpu = None if bot_before is None or bot_after is None else bot_after - bot_before
+        model_cpu = (
+            None if model_before is None or model_after is None else model_after - model_before
+        )
         pipeline_ms, model_ms, work_ms = await run.split_since(offset, count)
         say(f"{'/'.join(label)}: {count} {mode} in {seconds:.2f} s")
         ratio = (count / seconds) / phases[0].replies_per_second if phases else None
@@ -318,6 +337,7 @@ async def phases_of(run: Run, *, label: tuple[str, str], plan: Plan) -> list[Pha
                 ratio,
                 bot_cpu=bot_cpu,
                 driver_cpu=driver_cpu - driver_before,
+                model_cpu=model_cpu,
             )
         )
     return phases

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     # torch threads the model decodes on; 0: one for a small model on the CPU (its steps are
     # Python overhead), else every core (model/batching.py decoding_threads).
     model_threads: int = Field(default=0, ge=0)
+    # Where the local model decodes: separate (a child process with its own interpreter lock,
+    # model/worker_process.py) or same (a thread of the bot's process).
+    model_process: Literal["separate", "same"] = "separate"
     # Where replies are generated: local (this process, MODEL_PATH) or remote (an
     # OpenAI-compatible completions server at MODEL_URL: vLLM, TGI, llama.cpp, transformers serve).
     model_backend: Literal["local", "remote"] = "local"

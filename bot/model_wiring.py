@@ -1,6 +1,7 @@
 """The composition root's model side: the reply generator ``chatbot run`` serves with.
 
-A local model (:class:`model.service.ModelService`, the default model built on first use) or,
+A local model (:class:`model.service.ModelService`, the default model built on first use; in a
+process of its own, :class:`model.worker_process.ModelProcess`, unless MODEL_PROCESS=same) or,
 with ``MODEL_BACKEND=remote``, the client of an OpenAI-compatible server
 (:class:`model.remote.RemoteModel`). Only :mod:`bot.cli` calls it.
 """
@@ -53,18 +54,30 @@ def load_generator(settings: Settings) -> ReplyGenerator:
             )
         from bot.retraining import serving_path
 
+        batch = BatchSettings(
+            max_batch=settings.batch_max_size,
+            max_wait=settings.batch_max_wait_ms / 1000,
+            queue_size=settings.model_queue_size,
+            timeout=settings.generation_timeout_seconds,
+            threads=settings.model_threads,
+        )
+        if settings.model_process == "separate":
+            from model.worker_process import ModelProcess
+
+            return ModelProcess(
+                serving_path(settings),
+                device=settings.model_device,
+                dtype=settings.model_dtype,
+                generation=generation,
+                batch=batch,
+                log_level=settings.log_level,
+            )
         return ModelService.load(
             serving_path(settings),
             device=settings.model_device,
             dtype=settings.model_dtype,
             generation=generation,
-            batch=BatchSettings(
-                max_batch=settings.batch_max_size,
-                max_wait=settings.batch_max_wait_ms / 1000,
-                queue_size=settings.model_queue_size,
-                timeout=settings.generation_timeout_seconds,
-                threads=settings.model_threads,
-            ),
+            batch=batch,
         )
     except ModelLoadError as error:
         raise CommandError(str(error)) from None
@@ -132,10 +145,11 @@ async def close_generator(generator: ReplyGenerator) -> None:
     """Let the model finish what it has and stop (the remote backend: close its session)."""
     from model.remote import RemoteModel
     from model.service import ModelService
+    from model.worker_process import ModelProcess
 
     if isinstance(generator, RemoteModel):
         await generator.close()
-    elif isinstance(generator, ModelService):
+    elif isinstance(generator, ModelService | ModelProcess):
         await generator.aclose()
 
 

@@ -138,7 +138,9 @@ def retrain_when_due(
 
 def serving_folder(generator: Any) -> Path | None:
     """The folder the model service serves from (``None`` for a remote model)."""
-    source = getattr(getattr(generator, "local", None), "source", "")
+    source = getattr(generator, "source", None) or getattr(
+        getattr(generator, "local", None), "source", ""
+    )
     return Path(source) if source else None
 
 

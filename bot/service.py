@@ -99,6 +99,8 @@ class ReplyPipeline(PlatformRecords):
         part, unique per pipeline); ``observer`` is told of every message handled."""
         self.store = store
         self.generator = generator
+        self._checked_generator: object = None
+        self._streaming: StreamingReplyGenerator | None = None
         self.options = options
         self.observer = observer
         self.instance = instance or instance_id()
@@ -424,14 +426,15 @@ class ReplyPipeline(PlatformRecords):
         """Generate, streaming edits into ``shown_in`` once its placeholder is up (``later``
         done, or ``None``: it went up first)."""
         limit = self.options.max_new_tokens
-        if not isinstance(self.generator, StreamingReplyGenerator):
+        streaming = self._streaming_generator()
+        if streaming is None:
             return self._as_reply(
                 await self.generator.generate(messages=chat, max_new_tokens=limit)
             )
         text = ""
         shown = ""
         last_update = time.monotonic()
-        stream = self.generator.stream(messages=chat, max_new_tokens=limit)
+        stream = streaming.stream(messages=chat, max_new_tokens=limit)
         async for piece in stream:
             text += piece
             now = time.monotonic()
@@ -447,6 +450,15 @@ class ReplyPipeline(PlatformRecords):
         if isinstance(stream, ReplyStream) and stream.reply is not None:
             return stream.reply
         return self._as_reply(text)
+
+    def _streaming_generator(self) -> StreamingReplyGenerator | None:
+        """The generator if it streams; checked once per generator (an isinstance check
+        against a runtime protocol inspects every member: some 10 microseconds a message)."""
+        generator = self.generator
+        if generator is not self._checked_generator:
+            self._checked_generator = generator
+            self._streaming = generator if isinstance(generator, StreamingReplyGenerator) else None
+        return self._streaming
 
     def _as_reply(self, generated: str | GeneratedReply) -> GeneratedReply:
         """A generator's answer as a :class:`GeneratedReply` (a plain string is ``version``'s)."""

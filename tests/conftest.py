@@ -139,3 +139,17 @@ def tiny_model(tiny_model_dir: Path):
     service = ModelService.load(tiny_model_dir, device="cpu")
     yield service
     service.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_token_by_token(tiny_model_dir: Path):
+    """The tiny model served with every token handed to its stream as it comes (the default
+    hands them over in runs): for tests of what a reader sees as a reply grows."""
+    from model.batch_requests import BatchSettings
+    from model.service import ModelService
+
+    service = ModelService.load(
+        tiny_model_dir, device="cpu", batch=BatchSettings(stream_interval=0.0)
+    )
+    yield service
+    service.close()

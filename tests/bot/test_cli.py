@@ -212,14 +212,41 @@ def test_generation_settings_reach_the_model(tmp_path, tiny_model_dir, monkeypat
     monkeypatch.setenv("GENERATION_TOP_P", "0.9")
     monkeypatch.setenv("GENERATION_REPETITION_PENALTY", "1.2")
     monkeypatch.setenv("GENERATION_STOP_STRINGS", "Customer:, ###")
+    expected = GenerationSettings(
+        temperature=0.7, top_p=0.9, repetition_penalty=1.2, stop_strings=("Customer:", "###")
+    )
+    monkeypatch.setenv("MODEL_PROCESS", "same")
     model = load_generator(load_settings(data_dir=tmp_path))
     assert isinstance(model, ModelService)
     try:
-        assert model.local.generation == GenerationSettings(
-            temperature=0.7, top_p=0.9, repetition_penalty=1.2, stop_strings=("Customer:", "###")
-        )
+        assert model.local.generation == expected
     finally:
         model.close()
+
+
+def test_the_local_model_decodes_in_a_process_of_its_own_by_default(
+    tmp_path, tiny_model_dir, monkeypatch
+) -> None:
+    from bot.cli import load_generator
+    from bot.config import load_settings
+    from model.service import GenerationSettings
+    from model.worker_process import ModelProcess
+
+    monkeypatch.setenv("MODEL_PATH", str(tiny_model_dir))
+    monkeypatch.setenv("GENERATION_TEMPERATURE", "0.7")
+    monkeypatch.setenv("BATCH_MAX_SIZE", "7")
+    model = load_generator(load_settings(data_dir=tmp_path))
+    assert isinstance(model, ModelProcess)
+    try:
+        child = model._child
+        assert child is not None and child.process.poll() is None  # a live child process
+        assert child.process.pid != os.getpid()
+        assert model.options.generation == GenerationSettings(temperature=0.7)
+        assert model.options.batch.max_batch == 7
+        assert model.version and model.source == str(tiny_model_dir)
+    finally:
+        model.close()
+    assert child.process.returncode == 0  # closed, not killed
 
 
 def test_generation_defaults_are_greedy(tmp_path) -> None:

@@ -227,7 +227,7 @@ async def test_an_unreachable_database_gets_a_clear_apology(tiny_model) -> None:
 
 
 async def test_progress_shows_a_placeholder_then_the_growing_reply(
-    database: Database, tiny_model
+    database: Database, tiny_model_token_by_token
 ) -> None:
     shown: list[str] = []
 
@@ -235,7 +235,9 @@ async def test_progress_shows_a_placeholder_then_the_growing_reply(
         shown.append(text)
 
     sender = RecordingSender()
-    pipeline = pipeline_for(database, tiny_model, progress_interval=0.0, placeholder_delay=0.0)
+    pipeline = pipeline_for(
+        database, tiny_model_token_by_token, progress_interval=0.0, placeholder_delay=0.0
+    )
     result = await pipeline.handle(make_message(RESET_QUESTION), send=sender, progress=progress)
 
     assert result.outcome == Outcome.ANSWERED

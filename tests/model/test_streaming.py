@@ -14,24 +14,20 @@ from model.corpus import SEED_EXCHANGES
 from model.service import ModelService, TokenFeed
 
 
-async def test_stream_yields_pieces_that_add_up_to_the_reply(tiny_model_dir: Path) -> None:
-    # Every token handed over as it comes (the default hands them over in runs, see below).
-    service = ModelService.load(
-        tiny_model_dir, device="cpu", batch=BatchSettings(stream_interval=0.0)
-    )
-    try:
-        question, answer = SEED_EXCHANGES[0]
-        messages = [{"role": "user", "content": question}]
-        stream = service.stream(messages=messages, max_new_tokens=64)
-        pieces = [piece async for piece in stream]
+async def test_stream_yields_pieces_that_add_up_to_the_reply(
+    tiny_model_token_by_token: ModelService,
+) -> None:
+    service = tiny_model_token_by_token  # the default hands tokens over in runs, see below
+    question, answer = SEED_EXCHANGES[0]
+    messages = [{"role": "user", "content": question}]
+    stream = service.stream(messages=messages, max_new_tokens=64)
+    pieces = [piece async for piece in stream]
 
-        assert isinstance(service, StreamingReplyGenerator)
-        assert len(pieces) > 1  # more than one piece: it streamed
-        assert "".join(pieces).strip() == answer
-        assert stream.reply is not None and stream.reply.text == answer
-        assert (await service.generate(messages=messages, max_new_tokens=64)).text == answer
-    finally:
-        service.close()
+    assert isinstance(service, StreamingReplyGenerator)
+    assert len(pieces) > 1  # more than one piece: it streamed
+    assert "".join(pieces).strip() == answer
+    assert stream.reply is not None and stream.reply.text == answer
+    assert (await service.generate(messages=messages, max_new_tokens=64)).text == answer
 
 
 async def test_a_failing_generation_ends_the_stream_with_its_error(
