@@ -24,7 +24,7 @@ import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 # The pipeline's contracts live in bot.contracts; importing them from here works too.
 from bot.contracts import (
@@ -67,7 +67,7 @@ from bot.storage.claims import (
     renew_instance_lease,
     set_reply_placeholder,
 )
-from bot.storage.history import history_in_turn
+from bot.storage.history import history_in_turn, record_incoming_in_turn
 from bot.storage.tables import MessageRecord
 
 logger = logging.getLogger(__name__)
@@ -149,13 +149,16 @@ class ReplyPipeline(PlatformRecords):
         if len(message.text) > limit:
             return await self._refuse(message, send=send)
 
-        # Dedupe and store, claimed by this instance, committed before anything can fail later.
+        # Dedupe and store, claimed by this instance, committed before anything can fail later;
+        # in the same call, the history when it is the message's turn.
         try:
-            stored = await self.store.run(
-                record_incoming,
+            stored, turns = await self.store.run(
+                record_incoming_in_turn,
                 message=message,
                 claimed_by=self.instance,
                 lease_seconds=self._lease_due(),
+                since=self._unanswered_since(),
+                limit=self.options.history_turns,
             )
         except StorageError:
             logger.exception("could not store an incoming %s message", message.platform)
@@ -180,6 +183,7 @@ class ReplyPipeline(PlatformRecords):
                 busy_state=AnswerState.REFUSED,
                 received=received,
                 store_time=store_time,
+                turns=turns,
             )
         except ModelBusy:
             # Told to try again: not answered later behind the user's back (state refused).
@@ -276,17 +280,22 @@ class ReplyPipeline(PlatformRecords):
         busy_state: AnswerState = AnswerState.UNANSWERED,
         received: float | None = None,
         store_time: StoreTime | None = None,
+        turns: list[Turn] | None = None,
     ) -> tuple[GeneratedReply, int, int | None]:
         """Generate and store the reply to ``stored`` (claimed by this instance), in its
         conversation's turn; returns the reply, the stored answer's id and the exchange id.
         A busy model leaves the message in ``busy_state``. ``received`` is the
         ``time.perf_counter()`` the message arrived at and ``store_time`` the run time of its
-        store calls so far, for the timing log line."""
+        store calls so far, for the timing log line; ``turns`` its history, when read in its
+        turn already."""
         assert stored.id is not None
         started = time.perf_counter()
         received = started if received is None else received
         try:
-            turns, looked = await self._history_in_turn(stored)
+            if turns is None:
+                turns, looked = await self._history_in_turn(stored)
+            else:
+                looked = time.perf_counter()
             fetched = time.perf_counter()
             chat = to_chat_messages(turns, system_prompt=self.options.system_prompt)
             asked = time.perf_counter()
@@ -334,6 +343,10 @@ class ReplyPipeline(PlatformRecords):
         assert answer.id is not None
         return generated, answer.id, exchange.id
 
+    def _unanswered_since(self) -> datetime:
+        """Messages stored before this are too old to wait for: they are never answered."""
+        return utcnow() - timedelta(seconds=self.options.unanswered_max_age)
+
     async def _history_in_turn(self, stored: MessageRecord) -> tuple[list[Turn], float]:
         """The conversation's history up to ``stored``, read once the earlier messages of the
         conversation are answered (waiting at most ``turn_wait`` seconds), so the prompt holds
@@ -345,7 +358,7 @@ class ReplyPipeline(PlatformRecords):
         assert stored.id is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.options.turn_wait
-        since = utcnow() - timedelta(seconds=self.options.unanswered_max_age)
+        since = self._unanswered_since()
         condition = self._turns.get(stored.conversation_id)
         if condition is None:
             condition = asyncio.Condition()

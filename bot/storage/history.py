@@ -11,6 +11,7 @@ from sqlmodel import Session, SQLModel, col, select
 
 from bot.conversation import IncomingMessage, Role, Turn
 from bot.storage.database import run_statement
+from bot.storage.records import record_incoming
 from bot.storage.tables import (
     AnswerState,
     ConversationRecord,
@@ -96,6 +97,35 @@ def history_in_turn(
     return conversation_history(
         session=session, conversation_id=conversation_id, up_to_message_id=message_id, limit=limit
     )
+
+
+def record_incoming_in_turn(
+    *,
+    session: Session,
+    message: IncomingMessage,
+    claimed_by: str,
+    lease_seconds: float | None,
+    since: datetime,
+    limit: int,
+) -> tuple[MessageRecord | None, list[Turn] | None]:
+    """:func:`bot.storage.records.record_incoming` (committed first, as alone), then for a
+    message to answer :func:`history_in_turn`: one call where two would each queue for the
+    store's thread, the second behind every message that arrived meanwhile. The history is
+    ``None`` for a duplicate, a message not to answer, or while an earlier turn waits."""
+    stored = record_incoming(
+        session=session, message=message, claimed_by=claimed_by, lease_seconds=lease_seconds
+    )
+    if stored is None or stored.answer_state != AnswerState.PENDING.value:
+        return stored, None
+    assert stored.id is not None
+    turns = history_in_turn(
+        session=session,
+        conversation_id=stored.conversation_id,
+        message_id=stored.id,
+        since=since,
+        limit=limit,
+    )
+    return stored, turns
 
 
 def bot_is_in_conversation(*, session: Session, message: IncomingMessage) -> bool:

@@ -133,6 +133,42 @@ async def test_the_model_sees_the_conversation_history(database: Database, tiny_
     ]
 
 
+class CountingStore(Store):
+    """A store that counts its calls."""
+
+    def __init__(self, database: Database) -> None:
+        super().__init__(database)
+        self.calls: list[str] = []
+
+    async def run(self, function: Any, /, **kwargs: Any) -> Any:
+        self.calls.append(function.__name__)
+        return await super().run(function, **kwargs)
+
+
+async def test_a_new_message_reaches_the_model_after_one_store_call(
+    database: Database, tiny_model
+) -> None:
+    """Storing a message and reading its history are one trip through the store's thread:
+    with many messages at once, a second trip would queue behind every message arrived."""
+    store = CountingStore(database)
+    calls_at_generation: list[list[str]] = []
+
+    class Noting(RecordingModel):
+        async def generate(self, **kwargs: Any) -> Any:
+            calls_at_generation.append(list(store.calls))
+            return await super().generate(**kwargs)
+
+    generator = Noting(tiny_model)
+    pipeline = ReplyPipeline(store=store, generator=generator, options=PipelineOptions())
+    sender = RecordingSender()
+    await pipeline.handle(make_message("Hello", thread="T-one-trip"), send=sender)
+    await pipeline.handle(make_message(RESET_QUESTION, thread="T-one-trip"), send=sender)
+
+    assert [len(calls) for calls in calls_at_generation] == [1, 4]  # 1 + answer, delivery
+    assert calls_at_generation[1][-1] == calls_at_generation[0][0]
+    assert generator.prompts[1][-2] == {"role": "assistant", "content": sender.texts[0]}
+
+
 async def test_a_failing_model_apologises_logs_once_and_keeps_the_message(
     database: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
