@@ -4,15 +4,18 @@ For each platform and model, one bot process (SQLite in a temporary ``DATA_DIR``
 at the model folder, ``LOG_LEVEL=INFO``) serves the test suite's fakes: Slack in HTTP mode
 against the fake Web API (signed Events API ``app_mention`` requests posted to the bot), Discord
 against the fake REST API and gateway (guild-channel mentions as MESSAGE_CREATE dispatches).
-After a warm-up mention it measures
+After a warm-up (a mention, then one round of 32 at once: the first round of each kind pays
+one-off costs, such as the connection pools growing) it measures, 3 times over, alternating
 
 - ``one by one``: 8 mentions, each sent when the previous reply is posted;
 - ``at once``: 32 mentions sent together, each from another user in another channel, so they
   are separate conversations rather than one conversation's ordered turns.
 
 Both phases ask the same starter-corpus questions (the first phase's 8, four times over in the
-second), so a reply costs the same in both. ``ratio`` = ``(32 / t_at_once) / (8 / t_one_by_one)``;
-the target is at least 8 on every platform and model.
+second), so a reply costs the same in both. Each phase's time is the median of its runs (the
+table lists each run: this machine's neighbours move single runs by a third).
+``ratio`` = ``(32 / t_at_once) / (8 / t_one_by_one)``; the target is at least 8 on every
+platform and model.
 
 Timing: a reply is done when the bot's database records it delivered (polled every 10 ms); its
 time is that of the bot's last post or edit of it on the fake, so the polling does not count.
@@ -30,6 +33,7 @@ Usage::
 
     python benchmarks/serving_end_to_end.py                       # default + random 200M model
     python benchmarks/serving_end_to_end.py --quick --models default --platforms slack
+    python benchmarks/serving_end_to_end.py --models default --repeats 5
     python benchmarks/serving_end_to_end.py --models /path/to/model-folder --keep-logs logs/
 
 The platforms' fakes and drivers are in benchmarks/end_to_end_platforms.py.
@@ -48,12 +52,14 @@ import json
 import math
 import os
 import re
+import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlmodel import select
 
@@ -104,12 +110,13 @@ class Phase:
     pipeline_ms: tuple[float, ...]
     model_ms: tuple[float, ...]
     work_ms: tuple[float, ...]
-    ratio: float | None = None  # at once: its replies/s over those of one by one
-    #: CPU seconds the phase cost the bot process, its model process (MODEL_PROCESS=separate)
-    #: and this one (the fakes and the driver).
+    ratio: float | None = None  # at once: its replies/s over those of one by one (medians)
+    #: CPU seconds one run of the phase cost the bot process, its model process
+    #: (MODEL_PROCESS=separate) and this one (the fakes and the driver), on average.
     bot_cpu: float | None = None
     driver_cpu: float | None = None
     model_cpu: float | None = None
+    rounds: tuple[float, ...] = ()  # each repeat's seconds (``seconds`` is their median)
 
     @property
     def replies_per_second(self) -> float:
@@ -151,7 +158,7 @@ def children_cpu_seconds(pid: int) -> float | None:
 
 def table(phases: Sequence[Phase]) -> str:
     header = (
-        "| platform | model | mode | messages | total s | replies/s | ratio "
+        "| platform | model | mode | messages | total s (median) | each run s | replies/s | ratio "
         "| work p50 ms | pipeline p50 ms | pipeline p99 ms | model p50 s | model p99 s "
         "| bot CPU ms/reply | model process CPU ms/reply | fakes CPU ms/reply |"
     )
@@ -160,6 +167,7 @@ def table(phases: Sequence[Phase]) -> str:
         ratio = "" if p.ratio is None else f"{p.ratio:.2f}"
         lines.append(
             f"| {p.platform} | {p.model} | {p.mode} | {p.messages} | {p.seconds:.2f} "
+            f"| {' '.join(f'{r:.2f}' for r in p.rounds)} "
             f"| {p.replies_per_second:.2f} | {ratio} | {fmt(pct(p.work_ms, 0.5))} "
             f"| {fmt(pct(p.pipeline_ms, 0.5))} "
             f"| {fmt(pct(p.pipeline_ms, 0.99))} | {fmt(pct(p.model_ms, 0.5), 2, scale=1e-3)} "
@@ -280,6 +288,7 @@ class Plan:
     sequential: int
     concurrent: int
     warmup: int
+    repeats: int  # runs of each phase (alternating); each phase's time is the median
     reply_within: float  # seconds a phase may take
     questions: Sequence[str]
     keep_logs: Path | None = None  # where the bots' logs are copied
@@ -304,26 +313,24 @@ async def measure(
 
 
 async def phases_of(run: Run, *, label: tuple[str, str], plan: Plan) -> list[Phase]:
+    """Warm up (``plan.warmup`` mentions one by one, then one round at once), then each phase
+    ``plan.repeats`` times, alternating; each phase's time is its median."""
     if plan.warmup:
         await run.one_by_one(plan.warmup, within=plan.reply_within)
-    phases: list[Phase] = []
-    for mode, count, phase in (
+        await run.at_once(plan.concurrent, within=plan.reply_within)
+    modes = (
         ("one by one", plan.sequential, run.one_by_one),
         ("at once", plan.concurrent, run.at_once),
-    ):
-        offset = run.read_log()
-        pid = run.bot.process.pid
-        bot_before, driver_before = cpu_seconds(pid), time.process_time()
-        model_before = children_cpu_seconds(pid)
-        seconds = await phase(count, within=plan.reply_within)
-        bot_after, driver_cpu = cpu_seconds(pid), time.process_time()
-        model_after = children_cpu_seconds(pid)
-        bot_cpu = None if bot_before is None or bot_after is None else bot_after - bot_before
-        model_cpu = (
-            None if model_before is None or model_after is None else model_after - model_before
-        )
-        pipeline_ms, model_ms, work_ms = await run.split_since(offset, count)
-        say(f"{'/'.join(label)}: {count} {mode} in {seconds:.2f} s")
+    )
+    samples: dict[str, list[Sample]] = {mode: [] for mode, _, _ in modes}
+    for _ in range(plan.repeats):
+        for mode, count, phase in modes:
+            samples[mode].append(await sample(run, phase, count, plan=plan))
+            say(f"{'/'.join(label)}: {count} {mode} in {samples[mode][-1].seconds:.2f} s")
+    phases: list[Phase] = []
+    for mode, count, _ in modes:
+        taken = samples[mode]
+        seconds = statistics.median(s.seconds for s in taken)
         ratio = (count / seconds) / phases[0].replies_per_second if phases else None
         phases.append(
             Phase(
@@ -331,16 +338,62 @@ async def phases_of(run: Run, *, label: tuple[str, str], plan: Plan) -> list[Pha
                 mode,
                 count,
                 seconds,
-                pipeline_ms,
-                model_ms,
-                work_ms,
+                tuple(ms for s in taken for ms in s.pipeline_ms),
+                tuple(ms for s in taken for ms in s.model_ms),
+                tuple(ms for s in taken for ms in s.work_ms),
                 ratio,
-                bot_cpu=bot_cpu,
-                driver_cpu=driver_cpu - driver_before,
-                model_cpu=model_cpu,
+                bot_cpu=mean_of(s.bot_cpu for s in taken),
+                driver_cpu=mean_of(s.driver_cpu for s in taken),
+                model_cpu=mean_of(s.model_cpu for s in taken),
+                rounds=tuple(s.seconds for s in taken),
             )
         )
     return phases
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One run of a phase."""
+
+    seconds: float
+    pipeline_ms: tuple[float, ...]
+    model_ms: tuple[float, ...]
+    work_ms: tuple[float, ...]
+    bot_cpu: float | None
+    driver_cpu: float | None
+    model_cpu: float | None
+
+
+async def sample(run: Run, phase: Any, count: int, *, plan: Plan) -> Sample:
+    offset = run.read_log()
+    pid = run.bot.process.pid
+    bot_before, driver_before = cpu_seconds(pid), time.process_time()
+    model_before = children_cpu_seconds(pid)
+    seconds = await phase(count, within=plan.reply_within)
+    bot_after, driver_after = cpu_seconds(pid), time.process_time()
+    model_after = children_cpu_seconds(pid)
+    pipeline_ms, model_ms, work_ms = await run.split_since(offset, count)
+    return Sample(
+        seconds,
+        pipeline_ms,
+        model_ms,
+        work_ms,
+        bot_cpu=None if bot_before is None or bot_after is None else bot_after - bot_before,
+        driver_cpu=driver_after - driver_before,
+        model_cpu=(
+            None if model_before is None or model_after is None else model_after - model_before
+        ),
+    )
+
+
+def mean_of(values: Iterable[float | None]) -> float | None:
+    """The mean, or None when any is None."""
+    taken = list(values)
+    return (
+        None
+        if any(v is None for v in taken)
+        else statistics.fmean(v for v in taken if v is not None)
+    )
 
 
 # --------------------------------------------------------------------------- models
@@ -410,6 +463,7 @@ async def run_all(args: argparse.Namespace) -> list[Phase]:
         sequential=args.sequential,
         concurrent=args.concurrent,
         warmup=args.warmup,
+        repeats=args.repeats,
         reply_within=args.timeout,
         questions=[question for question, _ in load_starter_corpus()[: args.sequential]],
         keep_logs=args.keep_logs,
@@ -420,7 +474,11 @@ async def run_all(args: argparse.Namespace) -> list[Phase]:
         if choice.max_new_tokens is not None:
             env.setdefault("MAX_NEW_TOKENS", str(choice.max_new_tokens))
         for name in platforms:
-            channels = plan.warmup + plan.sequential + plan.concurrent
+            channels = (
+                plan.warmup
+                + (plan.concurrent if plan.warmup else 0)
+                + plan.repeats * (plan.sequential + plan.concurrent)
+            )
             platform = Slack() if name == "slack" else Discord(channels=channels)
             phases += await measure(
                 platform, model_name=choice.name, model=choice.folder, env=env, plan=plan
@@ -430,12 +488,17 @@ async def run_all(args: argparse.Namespace) -> list[Phase]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="2 one by one, 8 at once")
+    parser.add_argument("--quick", action="store_true", help="2 one by one, 8 at once, once")
     parser.add_argument("--models", default="default,random-200m", help="comma-separated")
     parser.add_argument("--platforms", default="slack,discord", help="comma-separated")
     parser.add_argument("--sequential", type=int, default=None, help="mentions one by one (8)")
     parser.add_argument("--concurrent", type=int, default=None, help="mentions at once (32)")
-    parser.add_argument("--warmup", type=int, default=1, help="unmeasured mentions first")
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="unmeasured mentions first (then one round at once)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="runs of each phase, medians (3; --quick 1)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=None, help="MAX_NEW_TOKENS")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per phase")
     parser.add_argument(
@@ -452,11 +515,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.sequential = args.sequential or (2 if args.quick else 8)
     args.concurrent = args.concurrent or (8 if args.quick else 32)
+    args.repeats = args.repeats or (1 if args.quick else 3)
 
     phases = asyncio.run(run_all(args))
     print(table(phases))
     for p in phases:
-        if len(p.pipeline_ms) != p.messages:
+        if len(p.pipeline_ms) != p.messages * len(p.rounds):
             print(f"{p.platform}, {p.model}, {p.mode}: {len(p.pipeline_ms)} split lines logged")
     results = checks(phases)
     print()

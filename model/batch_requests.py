@@ -30,8 +30,10 @@ class BatchSettings:
     #: :func:`model.batching.decoding_threads`).
     threads: int = 0
     #: Seconds between two hand-overs of a stream's new tokens to its reader (the first token
-    #: goes at once, the last ones when the reply ends); 0: every token as it comes.
-    stream_interval: float = 0.05
+    #: goes at once, the last ones when the reply ends); 0: every token as it comes. The bot
+    #: shows a reply's progress at most once a second; against 0.05 s, 32 replies at once
+    #: cost the model process 5.3-5.8 ms of CPU each instead of 5.9-7.0.
+    stream_interval: float = 0.25
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
