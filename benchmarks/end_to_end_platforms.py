@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,19 +39,20 @@ SECRET = "benchmark-signing-secret"
 
 
 class StampedList(list[T]):
-    """A fake's request log that also notes when each request came in (the fakes append a
-    request to their log as it arrives, before answering it)."""
+    """A fake's request log that also notes, for each channel the bot posted or edited a
+    message in, when it last did (the fakes append a request to their log as it arrives,
+    before answering it): the driver looks that up each poll without scanning the log."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.stamps: list[float] = []
+        self.posted_at: dict[str, float] = {}
+        self.channel_of: Callable[[T], str | None] = lambda _request: None
 
     def append(self, item: T) -> None:
-        self.stamps.append(time.monotonic())
+        channel = self.channel_of(item)
+        if channel is not None:
+            self.posted_at[channel] = time.monotonic()
         super().append(item)
-
-    def newest_first(self) -> list[tuple[float, T]]:
-        return list(zip(self.stamps, self, strict=False))[::-1]
 
 
 class Platform:
@@ -61,6 +63,7 @@ class Platform:
     def __init__(self, requests: StampedList[Any]) -> None:
         self.bot: BotProcess | None = None
         self.requests = requests  # the fake's log of the bot's requests
+        requests.channel_of = self.posts_in
 
     async def start(self, *, folder: Path, model: Path, env: dict[str, str]) -> BotProcess:
         """Start the fake, then the bot, and wait until it serves."""
@@ -84,8 +87,7 @@ class Platform:
 
     def last_post_at(self, channel: str) -> float | None:
         """When the bot last posted or edited a message in ``channel`` (monotonic)."""
-        found = (at for at, r in self.requests.newest_first() if self.posts_in(r) == channel)
-        return next(found, None)
+        return self.requests.posted_at.get(channel)
 
     async def open(self) -> dict[str, str]:
         """Start the fake; the bot's settings for it."""
