@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +70,24 @@ class GenerationTimeout(TimeoutError):
     @classmethod
     def after(cls, seconds: float) -> GenerationTimeout:
         return cls(f"the model did not finish within {seconds:g} s")
+
+
+#: Seconds past the scheduler's own deadline before a caller stops waiting on its own (the
+#: worker notices a deadline only between two steps).
+DEADLINE_SLACK = 5.0
+
+
+@contextlib.asynccontextmanager
+async def caller_deadline(settings: BatchSettings) -> AsyncIterator[None]:
+    """Within the block, a caller waits at most its request's timeout and :data:`DEADLINE_SLACK`;
+    past that it gets :class:`GenerationTimeout`, as when the worker notices the deadline."""
+    try:
+        async with asyncio.timeout(settings.timeout + DEADLINE_SLACK):
+            yield
+    except GenerationTimeout:
+        raise
+    except TimeoutError:
+        raise GenerationTimeout.after(settings.timeout) from None
 
 
 class SchedulerClosed(RuntimeError):

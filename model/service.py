@@ -41,6 +41,7 @@ from model.batch_requests import (
     GenerationTimeout,
     SchedulerClosed,
     SchedulerStats,
+    caller_deadline,
     settle,
 )
 from model.batching import BatchScheduler
@@ -72,9 +73,6 @@ T = TypeVar("T")
 #: share one prefill, where a round trip through a thread each would stagger them. Longer ones
 #: are fitted on a thread.
 INLINE_FIT_CHARS = 4_000
-#: Seconds past the scheduler's own deadline before the caller stops waiting on its own (the
-#: worker notices a deadline only between two steps).
-DEADLINE_SLACK = 5.0
 
 
 class _TokenSink(Protocol):
@@ -293,7 +291,7 @@ class ModelService:
         shown = local.reply_filter()  # as reply_text cuts the whole reply
         text = ""
         try:
-            async with asyncio.timeout(self._wait_limit):
+            async with caller_deadline(self.batch):
                 async for raw in streamer:
                     if piece := shown.feed(raw):
                         text += piece
@@ -305,20 +303,11 @@ class ModelService:
                     if tail := shown.finish():
                         text += tail
                         yield tail
-        except GenerationTimeout:
-            raise
-        except TimeoutError:
-            raise GenerationTimeout.after(self.batch.timeout) from None
         finally:
             request.cancel()
         into.reply = GeneratedReply(
             text=text.strip(), model_version=engine.version, note=prompt.note
         )
-
-    @property
-    def _wait_limit(self) -> float:
-        """How long a caller waits on its own (the worker notices a deadline between steps)."""
-        return self.batch.timeout + DEADLINE_SLACK
 
     async def _prompt(
         self, engine: _Engine, messages: Sequence[Mapping[str, str]], max_new_tokens: int
@@ -331,12 +320,8 @@ class ModelService:
         return await asyncio.to_thread(local.fit_prompt, messages, max_new_tokens=max_new_tokens)
 
     async def _result(self, request: GenerationRequest) -> list[int]:
-        try:
-            return await asyncio.wait_for(asyncio.shield(request.done), self._wait_limit)
-        except GenerationTimeout:
-            raise
-        except TimeoutError:
-            raise GenerationTimeout.after(self.batch.timeout) from None
+        async with caller_deadline(self.batch):
+            return await asyncio.shield(request.done)
 
     # --- hot swap and shutdown --------------------------------------------------------------
 

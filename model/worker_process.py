@@ -44,15 +44,18 @@ from pathlib import Path
 from typing import Any
 
 from bot.contracts import GeneratedReply, ModelBusy, ReplyStream
-from model.batch_requests import BatchSettings, GenerationTimeout, SchedulerStats
+from model.batch_requests import (
+    BatchSettings,
+    GenerationTimeout,
+    SchedulerStats,
+    caller_deadline,
+)
 from model.generation import GenerationSettings
 from model.loading import ModelLoadError
 from model.prompt import PromptFormatError
 
 logger = logging.getLogger(__name__)
 
-#: Seconds past the scheduler's own deadline before a caller stops waiting on its own.
-DEADLINE_SLACK = 5.0
 #: Seconds the child may take to load its model (building nothing: the folder exists).
 START_TIMEOUT = 600.0
 #: Seconds ``close`` waits for the child to finish the requests in flight and exit.
@@ -164,14 +167,9 @@ class ModelProcess:
         :class:`ModelProcessError` when the child stopped meanwhile."""
         request_id, pending = self._submit(messages, max_new_tokens, streamed=False)
         try:
-            reply: GeneratedReply = await asyncio.wait_for(
-                asyncio.shield(pending.done), self._wait_limit
-            )
+            async with caller_deadline(self.batch):
+                reply: GeneratedReply = await asyncio.shield(pending.done)
             return reply
-        except GenerationTimeout:
-            raise
-        except TimeoutError:
-            raise GenerationTimeout.after(self.batch.timeout) from None
         finally:
             self._forget(request_id)
 
@@ -187,14 +185,10 @@ class ModelProcess:
         request_id, pending = self._submit(messages, max_new_tokens, streamed=True)
         assert pending.pieces is not None
         try:
-            async with asyncio.timeout(self._wait_limit):
+            async with caller_deadline(self.batch):
                 while (piece := await pending.pieces.get()) is not None:
                     yield piece
                 into.reply = await pending.done  # raises what the generation raised
-        except GenerationTimeout:
-            raise
-        except TimeoutError:
-            raise GenerationTimeout.after(self.batch.timeout) from None
         finally:
             self._forget(request_id)
 
@@ -256,10 +250,6 @@ class ModelProcess:
                 child.connection.close()
 
     # --- requests -------------------------------------------------------------------------
-
-    @property
-    def _wait_limit(self) -> float:
-        return self.batch.timeout + DEADLINE_SLACK
 
     def _submit(
         self, messages: Sequence[Mapping[str, str]], max_new_tokens: int, *, streamed: bool
@@ -355,17 +345,23 @@ class ModelProcess:
             except (EOFError, OSError):
                 break
             self._stats = stats
-            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, ...]]] = {}
             for event in batch:
                 if event[0] == "swapped":  # new requests go to it from now on
                     self.version, self.source = event[2], event[3]
-                pending = self._pending.get(event[1])
-                if pending is not None:
-                    by_loop.setdefault(pending.loop, []).append(event)
-            for loop, events in by_loop.items():
-                with contextlib.suppress(RuntimeError):  # that loop is closed
-                    loop.call_soon_threadsafe(self._deliver, events)
+            self._hand_to_loops(batch)
         self._child_stopped(child)
+
+    def _hand_to_loops(self, events: list[tuple[Any, ...]]) -> None:
+        """From the reader thread: each request's events to its event loop, one wake-up per
+        loop (an event of a request nobody waits for any more is dropped)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, ...]]] = {}
+        for event in events:
+            pending = self._pending.get(event[1])
+            if pending is not None:
+                by_loop.setdefault(pending.loop, []).append(event)
+        for loop, taken in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed
+                loop.call_soon_threadsafe(self._deliver, taken)
 
     def _deliver(self, events: list[tuple[Any, ...]]) -> None:
         """On the requests' event loop: give each its piece, reply or error."""
@@ -413,12 +409,9 @@ class ModelProcess:
             logger.warning("the model process serves %s again", self.version)
 
     def _fail_pending(self, reason: str) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, ...]]] = {}
-        for request_id, pending in list(self._pending.items()):
-            by_loop.setdefault(pending.loop, []).append(("error", request_id, "error", reason))
-        for loop, events in by_loop.items():
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._deliver, events)
+        self._hand_to_loops(
+            [("error", request_id, "error", reason) for request_id in self._pending]
+        )
 
 
 # --- the child process ----------------------------------------------------------------------
