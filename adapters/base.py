@@ -7,7 +7,7 @@ platform-shaped goes past the adapter.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from bot.conversation import IncomingMessage
 from bot.service import PipelineResult, ProgressSink, ReplySender
@@ -69,4 +69,14 @@ class Adapter(Protocol):
     def request_stop(self, *, drain_within: float) -> None:
         """Stop taking new events, let the replies in flight finish (at most ``drain_within``
         seconds), close the connection; :meth:`run` then returns 0. Safe to call twice."""
+        ...
+
+
+@runtime_checkable
+class ConnectsFirst(Protocol):
+    """An adapter that connects before it serves (Discord's gateway): its platform's state
+    (guilds, channels, members) arrives only then."""
+
+    async def wait_until_ready(self) -> None:
+        """Return once connected and the platform's first state is in."""
         ...

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from bot.config import ConfigurationError, Settings, load_settings
+from bot.heap import settle_heap
 from bot.model_wiring import (
     CommandError,
     close_generator,
@@ -497,6 +498,8 @@ async def _serve_adapters(
     handled = (signal.SIGTERM, signal.SIGINT)
     for signum in handled:
         loop.add_signal_handler(signum, on_signal, signum)
+    settle_heap()
+    settling = asyncio.create_task(_settle_heap_once_connected(adapters))
     maintenance = asyncio.create_task(
         pipeline.maintain(
             platforms=[adapter.name for adapter in adapters],
@@ -523,11 +526,24 @@ async def _serve_adapters(
     finally:
         stop.set()
         stopping.cancel()
+        settling.cancel()
         for signum in handled:
             loop.remove_signal_handler(signum)
         with contextlib.suppress(asyncio.CancelledError):
             await maintenance
         await pipeline.close()
+
+
+async def _settle_heap_once_connected(adapters: Sequence[Adapter]) -> None:
+    """Settle the heap again once the adapters that connect first are connected: the
+    platform's state they were sent (Discord's guilds, channels, members) is as long-lived as
+    the libraries settled before serving."""
+    from adapters.base import ConnectsFirst
+
+    connecting = [adapter for adapter in adapters if isinstance(adapter, ConnectsFirst)]
+    if connecting:
+        await asyncio.gather(*(adapter.wait_until_ready() for adapter in connecting))
+        settle_heap()
 
 
 def _tolerant_console_streams() -> None:
