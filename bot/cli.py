@@ -530,6 +530,8 @@ async def _serve_adapters(
         for signum in handled:
             loop.remove_signal_handler(signum)
         with contextlib.suppress(asyncio.CancelledError):
+            await settling
+        with contextlib.suppress(asyncio.CancelledError):
             await maintenance
         await pipeline.close()
 
@@ -542,7 +544,10 @@ async def _settle_heap_once_connected(adapters: Sequence[Adapter]) -> None:
 
     connecting = [adapter for adapter in adapters if isinstance(adapter, ConnectsFirst)]
     if connecting:
-        await asyncio.gather(*(adapter.wait_until_ready() for adapter in connecting))
+        # One that never connects (it failed, or stopped first) has no state to settle.
+        await asyncio.gather(
+            *(adapter.wait_until_ready() for adapter in connecting), return_exceptions=True
+        )
         settle_heap()
 
 
